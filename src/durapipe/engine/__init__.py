@@ -1,0 +1,5 @@
+"""The engine: the only part of durapipe that touches the DBOS singleton."""
+
+from .app import App, Pipeline, RunHandle, RunResult, RunStatus
+
+__all__ = ["App", "Pipeline", "RunHandle", "RunResult", "RunStatus"]

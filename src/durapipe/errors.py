@@ -1,0 +1,145 @@
+"""The durapipe exception tree.
+
+::
+
+    DurapipeError                 every error durapipe raises on purpose
+    ├── BuildError                a pipeline that cannot run (caught when built or registered)
+    │   └── PlanError             a goal-driven Flow that cannot be planned
+    ├── StateError                a state value that cannot be stored as JSON, or a missing key
+    ├── RunError                  a run that did not finish normally
+    │   ├── NodeFailed            a node raised; ``cause`` holds the original error text
+    │   ├── NodeTimeout           a node ran past ``node.timeout(seconds)``
+    │   ├── GateRejected          a human said no at a gate
+    │   ├── RunCancelled          the run was cancelled
+    │   └── PipelineChanged       the run was started by a pipeline of another shape
+    ├── UnknownRun                no run with that id in this app
+    ├── UnknownGate               the run is not waiting at that gate
+    ├── AppStateError             the App was used in the wrong state (e.g. registered after launch)
+    └── ModelError                a model call failed or returned an unusable answer
+
+Every error keeps its details in ``self.data`` (a JSON object), so it survives DBOS's
+portable JSON serializer and pickling alike: :func:`from_portable` rebuilds the original
+class from what DBOS stored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DurapipeError(Exception):
+    """Base class. ``message`` says what went wrong and how to fix it; ``data`` holds details."""
+
+    def __init__(self, message: str, **data: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.data: dict[str, Any] = data
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self).__name__, self.message, self.data))
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __getattr__(self, name: str) -> Any:
+        # Details such as ``err.node`` or ``err.key`` read straight from ``data``.
+        data = self.__dict__.get("data")
+        if data is not None and name in data:
+            return data[name]
+        raise AttributeError(name)
+
+
+class BuildError(DurapipeError):
+    """The pipeline cannot run. The message names the node path and the fix."""
+
+
+class PlanError(BuildError):
+    """A Flow whose goals cannot be reached from its steps and inputs."""
+
+
+class StateError(DurapipeError):
+    """A state value that cannot be stored, or a key a node needs that is not in state."""
+
+
+class RunError(DurapipeError):
+    """A run did not finish normally."""
+
+
+class NodeFailed(RunError):
+    """A node raised. ``node`` is ``path:name``; ``cause`` the original error's type and text."""
+
+
+class NodeTimeout(RunError):
+    """A node ran past its ``timeout(seconds)``."""
+
+
+class GateRejected(RunError):
+    """A gate was answered with a rejection."""
+
+
+class RunCancelled(RunError):
+    """The run was cancelled."""
+
+
+class PipelineChanged(RunError):
+    """The run was recorded by a pipeline of another shape; replaying it would run new code."""
+
+
+class UnknownRun(DurapipeError):
+    """No run with that id belongs to this app."""
+
+
+class UnknownGate(DurapipeError):
+    """The run is not waiting at the named gate."""
+
+
+class AppStateError(DurapipeError):
+    """The App was used in a state that does not allow the call."""
+
+
+class ModelError(DurapipeError):
+    """A model call failed or gave an answer that cannot be used."""
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    out = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+def _error_class(name: str) -> type[DurapipeError] | None:
+    for cls in _all_subclasses(DurapipeError):
+        if cls.__name__ == name:
+            return cls
+    return None
+
+
+def _rebuild(name: str, message: str, data: dict[str, Any]) -> DurapipeError:
+    cls = _error_class(name) or DurapipeError
+    return cls(message, **data)
+
+
+def from_portable(exc: BaseException) -> BaseException:
+    """Turn DBOS's ``PortableWorkflowError`` back into the durapipe error it was stored from.
+
+    Anything that was not a durapipe error is returned unchanged.
+    """
+    name = getattr(exc, "name", None)
+    message = getattr(exc, "message", None)
+    if isinstance(exc, DurapipeError) or not isinstance(name, str) or not isinstance(message, str):
+        return exc
+    cls = _error_class(name)
+    if cls is None:
+        return exc
+    data = getattr(exc, "data", None)
+    return cls(message, **(data if isinstance(data, dict) else {}))
+
+
+def error_text(exc: BaseException) -> str:
+    """``Type: message`` of an error, also for one that came back from the database."""
+    name = getattr(exc, "name", None)
+    message = getattr(exc, "message", None)
+    if type(exc).__name__ == "PortableWorkflowError" and isinstance(name, str):
+        return f"{name}: {message}"
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,447 @@
+"""The pipeline IR: frozen dataclasses, one class per node kind.
+
+Operators build new trees and never mutate. Node paths are positional: the root is ``0``,
+its children ``0.0``, ``0.1``, ... in :meth:`Node.children` order, so a path names the
+same node in every process that builds the same pipeline. The JSON shape and the content
+hash are derived from the dataclass fields, never written by hand.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+import string
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+from .errors import BuildError
+
+StateFn = Callable[[dict[str, Any]], Any]
+
+
+def callable_name(f: Any) -> str:
+    """A stable text name for a function: ``module:qualname``."""
+    module = getattr(f, "__module__", None) or "?"
+    qual = getattr(f, "__qualname__", None) or getattr(f, "__name__", None) or type(f).__name__
+    return f"{module}:{qual}"
+
+
+def _shape_value(v: Any) -> Any:
+    if isinstance(v, Node):
+        return v.shape()
+    if isinstance(v, (list, tuple)):
+        return [_shape_value(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _shape_value(x) for k, x in v.items()}
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    if isinstance(v, type):
+        return callable_name(v)
+    if callable(v) and not hasattr(v, "generate"):
+        return callable_name(v)
+    name = getattr(v, "name", None)
+    return name if isinstance(name, str) else type(v).__name__
+
+
+@dataclass(frozen=True)
+class Node:
+    """Base of every node. Supports ``>>``, ``|``, ``//``, ``*`` and ``.timeout()``."""
+
+    kind: ClassVar[str] = "node"
+
+    def children(self) -> tuple[Node, ...]:
+        return ()
+
+    @property
+    def label(self) -> str:
+        """The name used in step names: ``<path>:<label>``."""
+        return self.kind
+
+    # -- operators --------------------------------------------------------------------
+    def __rshift__(self, other: Any) -> Seq:
+        return Seq(_flatten(Seq, (self, as_node(other, "right side of >>"))))
+
+    def __rrshift__(self, other: Any) -> Seq:
+        return Seq(_flatten(Seq, (as_node(other, "left side of >>"), self)))
+
+    def __or__(self, other: Any) -> Parallel:
+        return Parallel(_flatten(Parallel, (self, as_node(other, "right side of |"))))
+
+    def __ror__(self, other: Any) -> Parallel:
+        return Parallel(_flatten(Parallel, (as_node(other, "left side of |"), self)))
+
+    def __floordiv__(self, other: Any) -> Fallback:
+        return Fallback(_flatten(Fallback, (self, as_node(other, "right side of //"))))
+
+    def __rfloordiv__(self, other: Any) -> Fallback:
+        return Fallback(_flatten(Fallback, (as_node(other, "left side of //"), self)))
+
+    def __mul__(self, times: Any) -> Loop:
+        if isinstance(times, Until):
+            return Loop(self, until=times)
+        if isinstance(times, bool) or not isinstance(times, int) or times < 1:
+            raise BuildError(
+                f"{self.label} * {times!r}: a loop takes a whole number >= 1 or until(pred, max=n)"
+            )
+        return Loop(self, times=times)
+
+    __rmul__ = __mul__
+
+    def timeout(self, seconds: float) -> Timeout:
+        """Fail this node with ``NodeTimeout`` when it runs longer than ``seconds``."""
+        if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or seconds <= 0:
+            raise BuildError(f"{self.label}.timeout({seconds!r}): seconds must be a number > 0")
+        return Timeout(self, float(seconds))
+
+    # -- derived data -----------------------------------------------------------------
+    def shape(self) -> dict[str, Any]:
+        """The JSON shape: kind plus every field, children nested, functions by name."""
+        out: dict[str, Any] = {"kind": self.kind}
+        for f in fields(self):
+            out[f.name] = _shape_value(getattr(self, f.name))
+        return out
+
+    def digest(self) -> str:
+        """A content hash of the shape: equal pipelines hash equal in every process."""
+        text = json.dumps(self.shape(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def walk(self, path: str = "0") -> Iterator[tuple[str, Node]]:
+        """Every node of the tree with its path, parents first."""
+        yield path, self
+        for i, child in enumerate(self.children()):
+            yield from child.walk(f"{path}.{i}")
+
+    def _replace(self, **changes: Any) -> Any:
+        new = copy.copy(self)
+        for k, v in changes.items():
+            object.__setattr__(new, k, v)
+        return new
+
+
+def _flatten(cls: type[Node], nodes: tuple[Node, ...]) -> tuple[Node, ...]:
+    out: list[Node] = []
+    for n in nodes:
+        if type(n) is cls:
+            out.extend(n.children())
+        else:
+            out.append(n)
+    return tuple(out)
+
+
+def as_node(x: Any, where: str = "pipeline") -> Node:
+    """Coerce a bare callable to :class:`Fn`; anything else that is not a node is a BuildError."""
+    if isinstance(x, Node):
+        return x
+    if isinstance(x, Until):
+        raise BuildError(f"{where}: until(...) goes after '*', as in node * until(pred, max=10)")
+    if callable(x) and not isinstance(x, type):
+        return Fn(x)
+    raise BuildError(
+        f"{where}: {x!r} (a {type(x).__name__}) is not a node; use Agent(...), fn(f), "
+        "transform(f) or a function taking the state dict"
+    )
+
+
+def template_keys(text: str) -> tuple[str, ...]:
+    """The ``{key}`` names an instruction reads from state, in order."""
+    keys: list[str] = []
+    for _, name, _, _ in string.Formatter().parse(text):
+        if name is None:
+            continue
+        root = name.split(".")[0].split("[")[0]
+        if not root or root.isdigit():
+            raise BuildError(f"instruction {text!r}: placeholders must name a state key, as {{topic}}")
+        if root not in keys:
+            keys.append(root)
+    return tuple(keys)
+
+
+# -- leaf nodes ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, init=False)
+class Agent(Node):
+    """One LLM call (plus tool calls) as durable steps.
+
+    >>> writer = Agent("writer").instruct("Write about {topic}.").writes("draft")
+    """
+
+    kind: ClassVar[str] = "agent"
+    name: str
+    model_ref: Any = None
+    instruction: str | None = None
+    output_key: str | None = None
+    max_retries: int = 0
+    tool_fns: tuple[Callable[..., Any], ...] = ()
+    output_model: type | None = None
+
+    def __init__(self, name: str, model: Any = None) -> None:
+        if not isinstance(name, str) or not name.strip():
+            raise BuildError(f"Agent({name!r}): the name must be a non-empty string")
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "model_ref", model)
+        object.__setattr__(self, "instruction", None)
+        object.__setattr__(self, "output_key", None)
+        object.__setattr__(self, "max_retries", 0)
+        object.__setattr__(self, "tool_fns", ())
+        object.__setattr__(self, "output_model", None)
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+    @property
+    def key(self) -> str:
+        """The state key the agent's answer is written to (its name unless ``writes`` says)."""
+        return self.output_key or self.name
+
+    def instruct(self, text: str) -> Agent:
+        if not isinstance(text, str):
+            raise BuildError(f"Agent {self.name!r}.instruct(): the instruction must be a string")
+        template_keys(text)
+        return self._replace(instruction=text)  # type: ignore[no-any-return]
+
+    def writes(self, key: str) -> Agent:
+        if not isinstance(key, str) or not key:
+            raise BuildError(f"Agent {self.name!r}.writes({key!r}): the key must be a non-empty string")
+        return self._replace(output_key=key)  # type: ignore[no-any-return]
+
+    def retries(self, n: int) -> Agent:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise BuildError(f"Agent {self.name!r}.retries({n!r}): retries must be an int >= 0")
+        return self._replace(max_retries=n)  # type: ignore[no-any-return]
+
+    def model(self, m: Any) -> Agent:
+        return self._replace(model_ref=m)  # type: ignore[no-any-return]
+
+    def tools(self, *fns: Callable[..., Any]) -> Agent:
+        for f in fns:
+            if not callable(f):
+                raise BuildError(f"Agent {self.name!r}.tools(): {f!r} is not a function")
+        return self._replace(tool_fns=tuple(fns))  # type: ignore[no-any-return]
+
+    def output(self, schema: type) -> Agent:
+        if not (isinstance(schema, type) and hasattr(schema, "model_validate")):
+            raise BuildError(f"Agent {self.name!r}.output(): give a pydantic BaseModel class")
+        return self._replace(output_model=schema)  # type: ignore[no-any-return]
+
+    def reads(self) -> tuple[str, ...]:
+        return template_keys(self.instruction) if self.instruction else ()
+
+
+@dataclass(frozen=True)
+class Fn(Node):
+    """A function step: ``func(state) -> dict | None`` (sync or async), run as a DBOS step."""
+
+    kind: ClassVar[str] = "fn"
+    func: Callable[..., Any]
+    name: str | None = None
+    max_retries: int = 0
+    reads: tuple[str, ...] | None = None
+    writes: tuple[str, ...] | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or getattr(self.func, "__name__", "fn")
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.func)
+
+
+@dataclass(frozen=True)
+class Transform(Node):
+    """A pure state function run inline on every replay: no checkpoint, no DB write."""
+
+    kind: ClassVar[str] = "transform"
+    func: Callable[..., Any]
+    name: str | None = None
+    reads: tuple[str, ...] | None = None
+    writes: tuple[str, ...] | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or getattr(self.func, "__name__", "transform")
+
+
+@dataclass(frozen=True)
+class Sleep(Node):
+    """Durable sleep."""
+
+    kind: ClassVar[str] = "sleep"
+    seconds: float
+
+
+# -- composite nodes ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Seq(Node):
+    kind: ClassVar[str] = "seq"
+    nodes: tuple[Node, ...]
+
+    def children(self) -> tuple[Node, ...]:
+        return self.nodes
+
+
+@dataclass(frozen=True)
+class Parallel(Node):
+    """All branches run concurrently; their writes are merged in branch order."""
+
+    kind: ClassVar[str] = "parallel"
+    branches: tuple[Node, ...]
+
+    def children(self) -> tuple[Node, ...]:
+        return self.branches
+
+
+@dataclass(frozen=True)
+class Fallback(Node):
+    """Try each attempt in order; the first success wins."""
+
+    kind: ClassVar[str] = "fallback"
+    attempts: tuple[Node, ...]
+
+    def children(self) -> tuple[Node, ...]:
+        return self.attempts
+
+
+@dataclass(frozen=True)
+class Until:
+    """Loop condition for ``node * until(pred, max=10)``."""
+
+    pred: Callable[[dict[str, Any]], Any]
+    max: int = 10
+
+    def __post_init__(self) -> None:
+        if not callable(self.pred):
+            raise BuildError(f"until({self.pred!r}): the predicate must be a function of state")
+        if isinstance(self.max, bool) or not isinstance(self.max, int) or self.max < 1:
+            raise BuildError(f"until(..., max={self.max!r}): max must be an int >= 1")
+
+
+@dataclass(frozen=True)
+class Loop(Node):
+    kind: ClassVar[str] = "loop"
+    body: Node
+    times: int | None = None
+    until: Until | None = None
+
+    def children(self) -> tuple[Node, ...]:
+        return (self.body,)
+
+    def shape(self) -> dict[str, Any]:
+        out = {"kind": self.kind, "body": self.body.shape(), "times": self.times}
+        if self.until is not None:
+            out["until"] = {"pred": callable_name(self.until.pred), "max": self.until.max}
+        return out
+
+
+@dataclass(frozen=True)
+class Route(Node):
+    kind: ClassVar[str] = "route"
+    selector: str | Callable[[dict[str, Any]], Any]
+    branches: tuple[tuple[Any, Node], ...]
+    default: Node | None = None
+
+    def children(self) -> tuple[Node, ...]:
+        nodes = tuple(n for _, n in self.branches)
+        return nodes + ((self.default,) if self.default is not None else ())
+
+    def shape(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "selector": _shape_value(self.selector),
+            "branches": [[_shape_value(v), n.shape()] for v, n in self.branches],
+            "default": self.default.shape() if self.default is not None else None,
+        }
+
+
+@dataclass(frozen=True)
+class Race(Node):
+    kind: ClassVar[str] = "race"
+    branches: tuple[Node, ...]
+
+    def children(self) -> tuple[Node, ...]:
+        return self.branches
+
+
+@dataclass(frozen=True)
+class Timeout(Node):
+    kind: ClassVar[str] = "timeout"
+    body: Node
+    seconds: float
+
+    def children(self) -> tuple[Node, ...]:
+        return (self.body,)
+
+    @property
+    def label(self) -> str:
+        return f"timeout({self.body.label})"
+
+
+@dataclass(frozen=True)
+class MapOver(Node):
+    kind: ClassVar[str] = "map"
+    items_key: str
+    body: Node
+    output_key: str
+    concurrency: int | None = None
+    item_key: str = "item"
+
+    def children(self) -> tuple[Node, ...]:
+        return (self.body,)
+
+
+@dataclass(frozen=True)
+class Dispatch(Node):
+    """Fire-and-continue: start each task as a background child workflow."""
+
+    kind: ClassVar[str] = "dispatch"
+    tasks: tuple[Node, ...]
+    names: tuple[str, ...]
+    on_complete: Callable[..., Any] | None = None
+    on_error: Callable[..., Any] | None = None
+    progress_key: str | None = None
+    max_tasks: int | None = None
+    queue: str | None = None
+
+    def children(self) -> tuple[Node, ...]:
+        return self.tasks
+
+
+@dataclass(frozen=True)
+class Join(Node):
+    """Barrier: wait for the named background tasks (all pending ones when none named)."""
+
+    kind: ClassVar[str] = "join"
+    names: tuple[str, ...] = ()
+    timeout_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Gate(Node):
+    """Human approval: the run suspends durably until approved or rejected."""
+
+    kind: ClassVar[str] = "gate"
+    name: str
+    message: str
+    when: Callable[[dict[str, Any]], Any] | None = None
+    timeout_seconds: float | None = None
+    approvers: tuple[str, ...] | None = None
+    on_timeout: str = "reject"
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+
+__all__ = [
+    "Agent", "Dispatch", "Fallback", "Fn", "Gate", "Join", "Loop", "MapOver", "Node",
+    "Parallel", "Race", "Route", "Seq", "Sleep", "Timeout", "Transform", "Until",
+    "as_node", "callable_name", "template_keys",
+]

