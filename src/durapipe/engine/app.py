@@ -32,6 +32,7 @@ from . import interpreter
 from .interpreter import WORKFLOW_NAME, run_pipeline
 
 _NAME_RE = re.compile(r"^[a-z0-9_-]{3,256}$")
+_INSTANCE_RE = re.compile(r"#\d+")
 
 
 class RunStatus(str, enum.Enum):
@@ -70,8 +71,9 @@ class Registered:
     nodes: dict[str, Node] = field(repr=False, compare=False)
 
     def node_at(self, path: str) -> Node:
+        """The node at a path; instance marks (``#3`` for a loop pass or map item) are ignored."""
         try:
-            return self.nodes[path]
+            return self.nodes[_INSTANCE_RE.sub("", path)]
         except KeyError:
             raise BuildError(f"pipeline {self.name!r} has no node at path {path!r}") from None
 

@@ -5,6 +5,9 @@ the pipeline up by name in the launched App, refuses to replay a run recorded by
 pipeline of another shape, and walks the IR with one handler per node type. I/O nodes
 (Agent, fn) are DBOS steps named ``<path>:<label>``; pure nodes run inline.
 
+Paths of dynamic instances carry a mark: pass 2 of a loop body at ``0.3`` runs at
+``0.3.0#2``, map item 5 at ``0.4.0#5``; :meth:`Registered.node_at` ignores the marks.
+
 Determinism: DBOS numbers a workflow's operations in the order they start, so concurrent
 code inside one workflow must start its operations in an order that does not depend on
 timing. Parallel branches that start at most one operation (a step) run inline under
