@@ -15,7 +15,7 @@ import psycopg
 def sql(url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
     """Run one query against a test database and return its rows."""
     with psycopg.connect(url, autocommit=True) as con:
-        cur = con.execute(query, params)  # type: ignore[arg-type]
+        cur = con.execute(query, params or None)  # type: ignore[arg-type]
         return cur.fetchall() if cur.description else []
 
 

@@ -1,0 +1,53 @@
+"""Crash recovery: SIGKILL a process mid-run, start it again, nothing finished runs twice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dbutil import lines, spawn, sql, wait_for
+
+SCRIPT = Path(__file__).parent / "scripts" / "crash_pipeline.py"
+
+
+def crash_at_step_four(database_url: str, log: Path) -> None:
+    proc = spawn(SCRIPT, database_url, str(log), "crash")
+    try:
+        wait_for(lambda: "blocked-at-4" in lines(log), timeout=60, what="step 4 to start")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert lines(log) == ["step1", "step2", "step3", "blocked-at-4"]
+
+
+@pytest.mark.slow
+def test_sigkill_after_step_three_resumes_without_repeating(database_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "effects.log"
+    crash_at_step_four(database_url, log)
+    status = sql(database_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid='crash-run'")
+    assert status == [("PENDING",)]
+
+    again = spawn(SCRIPT, database_url, str(log), "recover")
+    out, _ = again.communicate(timeout=120)
+    assert again.returncode == 0, out
+    assert "RESULT" in out
+    assert [x for x in lines(log) if x.startswith("step")] == [f"step{i}" for i in range(1, 6)]
+    rows = sql(database_url, "SELECT function_name FROM dbos.operation_outputs "
+                             "WHERE workflow_uuid='crash-run' ORDER BY function_id")
+    assert [r[0] for r in rows] == [f"0.{i}:step{i + 1}" for i in range(5)]
+    assert sql(database_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid='crash-run'") == [("SUCCESS",)]
+
+
+@pytest.mark.slow
+def test_changed_pipeline_shape_refuses_to_replay(database_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "effects.log"
+    crash_at_step_four(database_url, log)
+    again = spawn(SCRIPT, database_url, str(log), "changed")
+    out, _ = again.communicate(timeout=120)
+    assert again.returncode == 0, out
+    assert "ERROR PipelineChanged" in out
+    assert "its shape changed" in out and "'five'" in out
+    # Nothing ran against the old history: no step of the new code executed.
+    assert [x for x in lines(log) if x.startswith("step")] == ["step1", "step2", "step3"]
+    assert sql(database_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid='crash-run'") == [("ERROR",)]
