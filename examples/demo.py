@@ -27,7 +27,7 @@ published: list[str] = []
 
 def publish_to_cms(state: dict[str, Any]) -> dict[str, Any]:
     published.append(state["html"])
-    return {"url": f"https://blog.example/posts/{zlib.crc32(state["html"].encode()) % 10_000}"}
+    return {"url": f"https://blog.example/posts/{zlib.crc32(state['html'].encode()) % 10_000}"}
 
 
 writer = Agent("content_writer").instruct("Write a blog post about {topic}.").writes("draft")
