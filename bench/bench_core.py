@@ -6,11 +6,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from common import interleave, median, p95, table
 from dbos import DBOS
 
 from durapipe import App, fn, transform
-
-from common import interleave, median, p95, table
 
 ROUNDS = 200
 

@@ -8,9 +8,7 @@ from typing import Any
 
 import pytest
 
-from durapipe import (
-    Agent, App, BuildError, FakeModel, NodeFailed, RunStatus, StateError, fn, transform,
-)
+from durapipe import Agent, App, BuildError, FakeModel, NodeFailed, RunStatus, StateError, fn, transform
 from durapipe.errors import AppStateError, UnknownRun
 
 

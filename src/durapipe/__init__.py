@@ -12,8 +12,15 @@
 from .builder import fn, transform
 from .engine import App, Pipeline, RunHandle, RunResult, RunStatus
 from .errors import (
-    BuildError, DurapipeError, GateRejected, ModelError, NodeFailed, NodeTimeout, RunCancelled,
-    RunError, StateError,
+    BuildError,
+    DurapipeError,
+    GateRejected,
+    ModelError,
+    NodeFailed,
+    NodeTimeout,
+    RunCancelled,
+    RunError,
+    StateError,
 )
 from .ir import Agent, Node
 from .models import FakeModel

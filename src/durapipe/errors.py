@@ -102,7 +102,8 @@ class ModelError(DurapipeError):
 
 
 def _all_subclasses(cls: type) -> list[type]:
-    out = [cls]
+    out: list[type] = [cls]
+    sub: type
     for sub in cls.__subclasses__():
         out.extend(_all_subclasses(sub))
     return out

@@ -246,7 +246,7 @@ class Fn(Node):
 
     @property
     def label(self) -> str:
-        return self.name or getattr(self.func, "__name__", "fn")
+        return self.name or str(getattr(self.func, "__name__", "fn"))
 
     @property
     def is_async(self) -> bool:
@@ -265,7 +265,7 @@ class Transform(Node):
 
     @property
     def label(self) -> str:
-        return self.name or getattr(self.func, "__name__", "transform")
+        return self.name or str(getattr(self.func, "__name__", "transform"))
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from .errors import BuildError
-from .ir import (
-    Agent, Dispatch, Fn, Gate, Join, MapOver, Node, Parallel, Seq, Transform,
-)
+from .ir import Agent, Dispatch, Fn, Gate, Join, MapOver, Node, Parallel, Seq, Transform
 
 
 @dataclass(frozen=True)
@@ -104,7 +102,7 @@ class Checker:
     def dispatch(self, node: Dispatch, path: str, avail: Avail) -> Avail:
         known = {name for name, _, _ in avail.pending}
         pending = list(avail.pending)
-        for i, (name, task) in enumerate(zip(node.names, node.tasks)):
+        for i, (name, task) in enumerate(zip(node.names, node.tasks, strict=True)):
             if name in known:
                 raise BuildError(
                     f"dispatch {path}: task name {name!r} is already used by an earlier dispatch; "

@@ -23,8 +23,15 @@ from dbos._serialization import DBOSPortableJSONSerializer
 
 from .. import validate
 from ..errors import (
-    AppStateError, BuildError, DurapipeError, RunCancelled, RunError, StateError, UnknownRun,
-    error_text, from_portable,
+    AppStateError,
+    BuildError,
+    DurapipeError,
+    RunCancelled,
+    RunError,
+    StateError,
+    UnknownRun,
+    error_text,
+    from_portable,
 )
 from ..ir import Node, as_node
 from ..state import State, check_inputs

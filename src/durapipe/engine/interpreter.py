@@ -26,9 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from dbos import DBOS, SetWorkflowID
 from dbos._error import DBOSMaxStepRetriesExceeded
 
-from ..errors import (
-    DurapipeError, NodeFailed, PipelineChanged, StateError, error_text, from_portable,
-)
+from ..errors import DurapipeError, NodeFailed, PipelineChanged, StateError, error_text, from_portable
 from ..ir import Agent, Fn, Node, Parallel, Seq, Sleep, Transform
 from ..models import ModelRequest, ModelResponse, resolve_model
 from ..state import State, check_updates, render
@@ -127,7 +125,7 @@ def step_options(where: str, retries: int) -> dict[str, Any]:
 async def run_step(where: str, retries: int, body: Callable[[], Any]) -> Any:
     """Run ``body`` as one DBOS step named ``where``; wrap failures into durapipe errors."""
     try:
-        return await DBOS.run_step_async(step_options(where, retries), body)  # type: ignore[arg-type]
+        return await DBOS.run_step_async(step_options(where, retries), body)  # type: ignore[call-overload]
     except Exception as exc:
         raise node_error(exc, where) from exc
 
@@ -238,7 +236,7 @@ async def gather_branches(
     for i, r in enumerate(results):
         if isinstance(r, BaseException):
             raise node_error(r, f"{path}.{i}:{branches[i].label}") from r
-    return [r for r in results]
+    return [r for r in results if not isinstance(r, BaseException)]
 
 
 @handles(Parallel)
