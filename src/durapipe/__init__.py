@@ -12,14 +12,15 @@
 from .builder import fn, transform
 from .engine import App, Pipeline, RunHandle, RunResult, RunStatus
 from .errors import (
-    BuildError, DurapipeError, GateRejected, ModelError, NodeFailed, NodeTimeout, RunCancelled,
-    RunError, StateError,
+    BuildError, DurapipeError, GateRejected, ModelError, NodeFailed, NodeTimeout, PlanError,
+    RunCancelled, RunError, StateError,
 )
 from .ir import Agent, Node
 from .models import FakeModel
+from .planner import Flow, Plan, Step
 
 __all__ = [
-    "Agent", "App", "BuildError", "DurapipeError", "FakeModel", "GateRejected", "ModelError",
-    "Node", "NodeFailed", "NodeTimeout", "Pipeline", "RunCancelled", "RunError", "RunHandle",
-    "RunResult", "RunStatus", "StateError", "fn", "transform",
+    "Agent", "App", "BuildError", "DurapipeError", "FakeModel", "Flow", "GateRejected", "ModelError",
+    "Node", "NodeFailed", "NodeTimeout", "Pipeline", "Plan", "PlanError", "RunCancelled", "RunError",
+    "RunHandle", "RunResult", "RunStatus", "StateError", "Step", "fn", "transform",
 ]
