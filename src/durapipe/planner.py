@@ -173,6 +173,12 @@ class Plan:
         return "\n".join(out)
 
 
+def at_path(exc: PlanError, path: str) -> PlanError:
+    """The same PlanError, naming the flow by its node path."""
+    message = exc.message.removeprefix("Flow: ")
+    return PlanError(f"flow {path}: {message}", **{**exc.data, "path": path})
+
+
 def _mid(key: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in key)
 
@@ -309,4 +315,4 @@ def _cycle_links(steps: tuple[Step, ...], cycle: list[int],
     return links
 
 
-__all__ = ["Flow", "Plan", "PlannedStep", "Step"]
+__all__ = ["Flow", "Plan", "PlannedStep", "Step", "at_path"]

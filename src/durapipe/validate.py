@@ -14,7 +14,7 @@ from .errors import BuildError, PlanError
 from .ir import (
     Agent, Dispatch, Fn, Gate, Join, MapOver, Node, Parallel, Seq, Transform,
 )
-from .planner import Flow, Plan, PlannedStep, Step
+from .planner import Flow, Plan, PlannedStep, Step, at_path
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ class Checker:
         try:
             plan = node.plan(inputs=inputs)
         except PlanError as exc:
-            raise PlanError(f"flow {path}: {exc.message}", **{**exc.data, "path": path}) from None
+            raise at_path(exc, path) from None
         self.required |= plan.reads - avail.keys
         for planned in plan.steps:
             ready = set(planned.needs) | _upstream_outputs(planned, plan)

@@ -20,9 +20,9 @@ from typing import Any
 
 from dbos import DBOS
 
-from ..errors import DurapipeError, NodeFailed, NodeTimeout, StateError
+from ..errors import DurapipeError, NodeFailed, NodeTimeout, PlanError, StateError
 from ..ir import Agent, Fn
-from ..planner import Flow, PlannedStep, Step
+from ..planner import Flow, PlannedStep, Step, at_path
 from ..state import State
 from .interpreter import RunContext, handles, node_error
 
@@ -70,7 +70,10 @@ async def _step(ctx: RunContext, node: Step, path: str, state: State) -> State:
 
 @handles(Flow)
 async def _flow(ctx: RunContext, node: Flow, path: str, state: State) -> State:
-    plan = node.plan(inputs=state)
+    try:
+        plan = node.plan(inputs=state)
+    except PlanError as exc:
+        raise at_path(exc, path) from None
     state = dict(state)
     updates: State = {}
     waiting = list(plan.steps)
