@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from dbutil import lines, spawn, sql, wait_for
 
 SCRIPT = Path(__file__).with_name("flow_crash_script.py")

@@ -96,7 +96,7 @@ def test_random_dags_plan_and_run_correctly(make_app: Callable[..., App]) -> Non
     with app:
         handles = [p.start(inputs) for p in pipelines]
         results = [h.result(timeout=60).state for h in handles]
-    for n, ((_, steps, goals, chosen), state) in enumerate(zip(cases, results)):
+    for n, ((_, steps, _, chosen), state) in enumerate(zip(cases, results, strict=True)):
         runs = [(s, start, end) for dag, s, start, end in LOG if dag == f"dag{n}"]
         assert sorted(s for s, _, _ in runs) == sorted(chosen)  # each chosen step exactly once
         span = {s: (start, end) for s, start, end in runs}

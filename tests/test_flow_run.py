@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from durapipe import Agent, App, FakeModel, Flow, NodeFailed, Step, fn
 from dbutil import sql
+from durapipe import Agent, App, FakeModel, Flow, NodeFailed, Step, fn
 
 Fn = Callable[[dict[str, Any]], Any]
 

@@ -143,7 +143,7 @@ class Plan:
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
         def line(r: tuple[str, ...]) -> str:
-            return "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
+            return "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
 
         out = [line(header), line(tuple("-" * w for w in widths)), *map(line, rows)]
         out.append(f"goals: {', '.join(self.goals)}")
@@ -309,7 +309,7 @@ class Flow(Node):
 def _cycle_links(steps: tuple[Step, ...], cycle: list[int],
                  given: frozenset[str]) -> list[tuple[int, int, str]]:
     links = []
-    for a, b in zip(cycle, cycle[1:]):
+    for a, b in zip(cycle, cycle[1:], strict=False):
         key = next(k for k in steps[a].needs if k in steps[b].outputs and k not in given)
         links.append((a, b, key))
     return links

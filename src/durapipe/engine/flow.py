@@ -95,7 +95,7 @@ async def _flow(ctx: RunContext, node: Flow, path: str, state: State) -> State:
                                             polling_interval_sec=POLL_SECONDS)
         planned, _ = running.pop(first.workflow_id)
         try:
-            out: State = await DBOS.get_result_async(first.workflow_id)
+            out: State = await DBOS.get_result_async(first.workflow_id) or {}
         except BaseException as exc:
             error = node_error(exc, f"{path}.{planned.index}:{planned.name}")
             if running:  # the flow failed: stop the steps still in flight
