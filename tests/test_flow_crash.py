@@ -1,5 +1,5 @@
 """SIGKILL mid-flow with two steps done and two in flight: the restart finishes the flow and
-runs nothing twice that had finished."""
+runs nothing twice that had finished. Also: the onboarding example runs."""
 
 from __future__ import annotations
 
@@ -49,3 +49,15 @@ def test_crash_mid_flow_resumes_without_rerunning_done_steps(database_url: str, 
     assert effects.index("e start") > max(effects.index(f"{n} end") for n in "abcd")
     status = sql(database_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid = 'crash-1'")
     assert status == [("SUCCESS",)]
+
+
+@pytest.mark.slow
+def test_onboarding_example_runs(database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DURAPIPE_DATABASE_URL", database_url)
+    proc = spawn(Path(__file__).parents[1] / "examples" / "onboarding.py")
+    out, _ = proc.communicate(timeout=90)
+    assert proc.returncode == 0, out
+    assert "not needed: upsell-offer" in out and "    s0 -- document_url --> s3" in out
+    run = out.split("run:\n", 1)[1]
+    assert run.index("start  complete-onboarding") > run.index("end    generate-documents")
+    assert "onboarding_complete: True" in out and "offer" not in run
