@@ -18,15 +18,17 @@ from .errors import (
     ModelError,
     NodeFailed,
     NodeTimeout,
+    PlanError,
     RunCancelled,
     RunError,
     StateError,
 )
 from .ir import Agent, Node
 from .models import FakeModel
+from .planner import Flow, Plan, Step
 
 __all__ = [
-    "Agent", "App", "BuildError", "DurapipeError", "FakeModel", "GateRejected", "ModelError",
-    "Node", "NodeFailed", "NodeTimeout", "Pipeline", "RunCancelled", "RunError", "RunHandle",
-    "RunResult", "RunStatus", "StateError", "fn", "transform",
+    "Agent", "App", "BuildError", "DurapipeError", "FakeModel", "Flow", "GateRejected", "ModelError",
+    "Node", "NodeFailed", "NodeTimeout", "Pipeline", "Plan", "PlanError", "RunCancelled", "RunError",
+    "RunHandle", "RunResult", "RunStatus", "StateError", "Step", "fn", "transform",
 ]

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .errors import BuildError
+from .errors import BuildError, PlanError
 from .ir import Agent, Dispatch, Fn, Gate, Join, MapOver, Node, Parallel, Seq, Transform
+from .planner import Flow, Plan, PlannedStep, Step, at_path
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,12 @@ class Checker:
             return self.dispatch(node, path, avail)
         if isinstance(node, Join):
             return self.join(node, path, avail)
+        if isinstance(node, Flow):
+            return self.goal_flow(node, path, avail)
+        if isinstance(node, Step):
+            self.need(path, node, node.needs, avail)
+            self.flow(node.node, f"{path}.0", avail.add(node.needs))
+            return avail.add(node.outputs)
         # Every other composite: each child starts from the same state; what any writes
         # may be there afterwards.
         out = avail
@@ -127,6 +134,44 @@ class Checker:
             if not node.names or name in node.names:
                 avail = avail.add(None) if opaque else avail.add(keys)
         return avail
+
+
+    def goal_flow(self, node: Flow, path: str, avail: Avail) -> Avail:
+        """Plan the flow from what upstream provides; its reads and writes come from the plan."""
+        if avail.opaque:
+            # Upstream may write anything: the flow is planned at run time from the state.
+            return avail
+        inputs = avail.keys
+        if self.inputs is None:
+            # Inputs are inferred: a need no step produces becomes a pipeline input.
+            produced = {k for s in node.steps for k in s.outputs}
+            inputs |= {k for s in node.steps for k in s.needs if k not in produced}
+        try:
+            plan = node.plan(inputs=inputs)
+        except PlanError as exc:
+            raise at_path(exc, path) from None
+        self.required |= plan.reads - avail.keys
+        for planned in plan.steps:
+            ready = set(planned.needs) | _upstream_outputs(planned, plan)
+            self.flow(node.steps[planned.index].node, f"{path}.{planned.index}.0",
+                      avail.add(frozenset(ready)))
+        return avail.add(plan.writes)
+
+
+def _upstream_outputs(planned: PlannedStep, plan: Plan) -> set[str]:
+    """Every key written by the steps a planned step transitively waits for."""
+    out: set[str] = set()
+    seen: set[str] = set()
+    todo = list(planned.after)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        dep = plan.step(name)
+        out |= set(dep.outputs)
+        todo.extend(dep.after)
+    return out
 
 
 def check(node: Node, inputs: list[str] | tuple[str, ...] | None = None) -> frozenset[str]:

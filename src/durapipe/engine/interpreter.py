@@ -280,3 +280,6 @@ async def run_pipeline(
     if path == "0":
         return {**state, **updates}
     return updates
+
+
+from . import flow as _flow_handlers  # noqa: E402,F401  (registers the Flow and Step handlers)

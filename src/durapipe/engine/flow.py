@@ -1,0 +1,106 @@
+"""Handlers for goal-driven flows: each chosen step starts as soon as its needs are in state.
+
+Every chosen step runs as a child workflow with the stable id ``<root>/<path>.<i>:<step>``.
+The flow itself is one sequential loop, so its DBOS operations start in an order that does
+not depend on timing:
+
+1. start every step whose needs are now in state, in plan order (``start_child``);
+2. ``DBOS.wait_first_async`` over the running children: a recorded step whose output is
+   the id of a finished child, so replay after a crash sees the same "what finished next";
+3. ``DBOS.get_result_async`` of that child (recorded), merge its writes, go to 1.
+
+This is cheaper than ``DBOS.asyncio_wait`` over ``get_result`` futures: one query per poll
+covers every running child (``get_result`` polls each child once per second), and no
+operation is started from a concurrent task, so the numbering cannot depend on timing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dbos import DBOS
+
+from ..errors import DurapipeError, NodeFailed, NodeTimeout, PlanError, StateError
+from ..ir import Agent, Fn
+from ..planner import Flow, PlannedStep, Step, at_path
+from ..state import State
+from .interpreter import RunContext, handles, node_error
+
+POLL_SECONDS = 0.05
+_RETRIED = (NodeFailed, NodeTimeout)
+
+
+def _renamed(exc: BaseException, step: Step, path: str) -> BaseException:
+    """The same error class, its message prefixed with the step's name."""
+    if not isinstance(exc, DurapipeError):
+        return exc
+    if exc.data.get("step") == step.name:
+        return exc
+    data: dict[str, Any] = {**exc.data, "step": step.name, "step_path": path}
+    return type(exc)(f"step {step.name!r} ({path}) failed: {exc.message}", **data)
+
+
+@handles(Step)
+async def _step(ctx: RunContext, node: Step, path: str, state: State) -> State:
+    body = f"{path}.0"
+    # Fn and Agent retry inside their own DBOS step; other nodes are re-run here, each
+    # attempt under its own instance mark so its operations have names of their own.
+    attempts = 1 if isinstance(node.node, (Fn, Agent)) else node.retries + 1
+    updates: State = {}
+    for attempt in range(attempts):
+        where = body if attempt == 0 else f"{body}#{attempt}"
+        try:
+            updates = await ctx.execute(node.node, where, state)
+            break
+        except _RETRIED as exc:
+            if attempt + 1 == attempts:
+                raise _renamed(exc, node, path) from exc
+        except Exception as exc:
+            raise _renamed(node_error(exc, f"{where}:{node.node.label}"), node, path) from exc
+    missing = [k for k in node.outputs if k not in updates]
+    if missing:
+        raise StateError(
+            f"step {node.name!r} ({path}) finished without writing its declared output "
+            f"{missing[0]!r} (it wrote: {sorted(updates)}); return it from the step or remove "
+            "it from outputs=[...]",
+            step=node.name, key=missing[0], node=path,
+        )
+    return updates
+
+
+@handles(Flow)
+async def _flow(ctx: RunContext, node: Flow, path: str, state: State) -> State:
+    try:
+        plan = node.plan(inputs=state)
+    except PlanError as exc:
+        raise at_path(exc, path) from None
+    state = dict(state)
+    updates: State = {}
+    waiting = list(plan.steps)
+    running: dict[str, tuple[PlannedStep, Any]] = {}  # child id -> (step, handle)
+    while waiting or running:
+        for planned in [p for p in waiting if all(k in state for k in p.needs)]:
+            waiting.remove(planned)
+            step = node.steps[planned.index]
+            child_id = await ctx.start_child(step, f"{path}.{planned.index}", dict(state))
+            running[child_id] = (planned, await DBOS.retrieve_workflow_async(child_id, False))
+        if not running:
+            stuck = waiting[0]
+            raise StateError(
+                f"flow {path}: step {stuck.name!r} can never start: its needs "
+                f"{[k for k in stuck.needs if k not in state]} are not in state",
+                node=path, step=stuck.name,
+            )
+        first = await DBOS.wait_first_async([h for _, h in running.values()],
+                                            polling_interval_sec=POLL_SECONDS)
+        planned, _ = running.pop(first.workflow_id)
+        try:
+            out: State = await DBOS.get_result_async(first.workflow_id) or {}
+        except BaseException as exc:
+            error = node_error(exc, f"{path}.{planned.index}:{planned.name}")
+            if running:  # the flow failed: stop the steps still in flight
+                await DBOS.cancel_workflows_async(list(running), cancel_children=True)
+            raise error from exc
+        state.update(out)
+        updates.update(out)
+    return updates
