@@ -8,14 +8,14 @@ from typing import Any
 
 import pydantic
 import pytest
-from dbutil import sql
-from fake_gemini import Error, FakeGemini, Stream, calls_reply, text_reply
 from google import genai
 from google.genai import types
 
+from dbutil import sql
 from durapipe import Agent, App, ModelError
 from durapipe.engine import agent as agent_engine
 from durapipe.models import FakeModel, GeminiModel, ModelRequest, ModelResponse, default_model, resolve_model
+from fake_gemini import Error, FakeGemini, Stream, calls_reply, text_reply
 
 KEY = "sk-test-SECRET-7f3a"
 

@@ -264,7 +264,8 @@ class GeminiModel:
         contents, config = self._contents(request), self._config(request)
         chunks = await self._with_retries(lambda: client.aio.models.generate_content_stream(
             model=self.name, contents=contents, config=config))
-        text, calls = "", ()
+        text = ""
+        calls: tuple[ToolCall, ...] = ()
         last: ModelResponse | None = None
         async for chunk in chunks:
             if not chunk.candidates:
