@@ -25,6 +25,12 @@ class Error:
 
 
 @dataclass
+class Delay:
+    seconds: float
+    body: dict[str, Any]
+
+
+@dataclass
 class Stream:
     chunks: list[dict[str, Any]]
 
@@ -110,6 +116,9 @@ class FakeGemini:
         if item == HOLD:
             self._release.wait(60)
             return
+        if isinstance(item, Delay):
+            self._release.wait(item.seconds)
+            item = item.body
         try:
             if isinstance(item, Error):
                 self._send(h, item.code, {"error": {"code": item.code, "message": item.message,

@@ -15,7 +15,7 @@ from dbutil import sql
 from durapipe import Agent, App, ModelError
 from durapipe.engine import agent as agent_engine
 from durapipe.models import FakeModel, GeminiModel, ModelRequest, ModelResponse, default_model, resolve_model
-from fake_gemini import Error, FakeGemini, Stream, calls_reply, text_reply
+from fake_gemini import Delay, Error, FakeGemini, Stream, calls_reply, text_reply
 
 KEY = "sk-test-SECRET-7f3a"
 
@@ -124,6 +124,14 @@ def test_429_is_retried_then_succeeds(server: FakeGemini) -> None:
     response = asyncio.run(gemini(server).generate(ModelRequest(agent="a", prompt="hi")))
     assert response.text == "ok"
     assert len(server.requests) == 3
+
+
+def test_timeout_is_retried(server: FakeGemini) -> None:
+    server.reply(Delay(1.0, text_reply("late")), text_reply("on time"))
+    client = genai.Client(api_key=KEY, http_options=types.HttpOptions(base_url=server.url, timeout=300))
+    model = GeminiModel("gemini-2.5-flash", client, initial_delay=0.01)
+    assert asyncio.run(model.generate(ModelRequest(agent="a", prompt="hi"))).text == "on time"
+    assert len(server.requests) == 2
 
 
 def test_5xx_gives_up_after_max_attempts(server: FakeGemini) -> None:
