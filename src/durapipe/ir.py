@@ -178,6 +178,7 @@ class Agent(Node):
     max_retries: int = 0
     tool_fns: tuple[Callable[..., Any], ...] = ()
     output_model: type | None = None
+    turn_limit: int = 10
 
     def __init__(self, name: str, model: Any = None) -> None:
         if not isinstance(name, str) or not name.strip():
@@ -189,6 +190,7 @@ class Agent(Node):
         object.__setattr__(self, "max_retries", 0)
         object.__setattr__(self, "tool_fns", ())
         object.__setattr__(self, "output_model", None)
+        object.__setattr__(self, "turn_limit", 10)
 
     @property
     def label(self) -> str:
@@ -219,10 +221,20 @@ class Agent(Node):
         return self._replace(model_ref=m)  # type: ignore[no-any-return]
 
     def tools(self, *fns: Callable[..., Any]) -> Agent:
+        """Offer typed functions (sync or async) to the model through function calling."""
+        from .models.tools import make_tools
+
         for f in fns:
             if not callable(f):
                 raise BuildError(f"Agent {self.name!r}.tools(): {f!r} is not a function")
+        make_tools(tuple(fns), self.name)  # a signature that cannot become a schema fails here
         return self._replace(tool_fns=tuple(fns))  # type: ignore[no-any-return]
+
+    def max_turns(self, n: int) -> Agent:
+        """Bound the model requests of one run of this agent (tool loops and output retries)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise BuildError(f"Agent {self.name!r}.max_turns({n!r}): the bound must be an int >= 1")
+        return self._replace(turn_limit=n)  # type: ignore[no-any-return]
 
     def output(self, schema: type) -> Agent:
         if not (isinstance(schema, type) and hasattr(schema, "model_validate")):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,8 +27,7 @@ from dbos._error import DBOSMaxStepRetriesExceeded
 
 from ..errors import DurapipeError, NodeFailed, PipelineChanged, StateError, error_text, from_portable
 from ..ir import Agent, Fn, Node, Parallel, Seq, Sleep, Transform
-from ..models import ModelRequest, ModelResponse, resolve_model
-from ..state import State, check_updates, render
+from ..state import State, check_updates
 
 if TYPE_CHECKING:
     from .app import App, Registered
@@ -165,28 +163,6 @@ async def _transform(ctx: RunContext, node: Transform, path: str, state: State) 
     return check_updates(out, where)
 
 
-@handles(Agent)
-async def _agent(ctx: RunContext, node: Agent, path: str, state: State) -> State:
-    where = f"{path}:{node.label}"
-    prompt = render(node.instruction or "", state, f"agent {where}")
-    app_model = ctx.app.model
-    model_ref = app_model if app_model is not None else node.model_ref
-    model_name = model_ref if isinstance(model_ref, str) else None
-
-    async def call_model() -> dict[str, Any]:
-        model = resolve_model(model_ref, node.name)  # looked up inside the step
-        started = time.perf_counter()
-        response: ModelResponse = await model.generate(
-            ModelRequest(agent=node.name, prompt=prompt, model=model_name)
-        )
-        record = response.to_json()
-        record["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
-        return record
-
-    record = await run_step(where, node.max_retries, call_model)
-    return {node.key: record["text"]}
-
-
 @handles(Sleep)
 async def _sleep(ctx: RunContext, node: Sleep, path: str, state: State) -> State:
     await DBOS.sleep_async(node.seconds)
@@ -213,7 +189,7 @@ def single_op(node: Node) -> bool:
     if isinstance(node, Fn):
         return True
     if isinstance(node, Agent):
-        return not node.tool_fns
+        return not node.tool_fns and node.output_model is None
     if isinstance(node, Seq):
         ops = [c for c in node.nodes if not isinstance(c, Transform)]
         return len(ops) <= 1 and all(single_op(c) for c in ops)
@@ -282,4 +258,5 @@ async def run_pipeline(
     return updates
 
 
+from . import agent as _agent  # noqa: E402,F401  (registers the Agent handler)
 from . import flow as _flow_handlers  # noqa: E402,F401  (registers the Flow and Step handlers)

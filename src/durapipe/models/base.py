@@ -3,10 +3,18 @@
 Requests and responses are plain dataclasses whose ``to_json`` is what a step records, so
 SQL can read text, model, token usage and latency of every call. API keys live in model
 clients, never in requests, responses or state.
+
+A conversation is the rendered ``prompt`` (the first user turn) followed by ``messages``,
+each a JSON object in one provider-neutral form:
+
+- ``{"role": "model", "text": str, "tool_calls": [ToolCall.to_json(), ...]}``
+- ``{"role": "tool", "results": [{"name": str, "id": str | None, "response": {...}}]}``
+- ``{"role": "user", "text": str}`` (e.g. a request to fix an invalid structured answer)
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -22,9 +30,21 @@ class ToolSpec:
 
 @dataclass(frozen=True)
 class ToolCall:
+    """A function call the model asked for. ``signature`` is an opaque provider token
+    (Gemini's thought signature, base64) that must be sent back with the call."""
+
     name: str
     args: dict[str, Any]
     id: str | None = None
+    signature: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ToolCall:
+        return cls(name=data["name"], args=dict(data.get("args") or {}), id=data.get("id"),
+                   signature=data.get("signature"))
 
 
 @dataclass(frozen=True)
@@ -41,6 +61,8 @@ class ModelRequest:
 
 @dataclass(frozen=True)
 class ModelResponse:
+    """One answer. ``output_tokens`` includes thinking tokens (they are billed as output)."""
+
     text: str
     model: str
     input_tokens: int = 0
@@ -55,7 +77,7 @@ class ModelResponse:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelResponse:
-        calls = tuple(ToolCall(**c) for c in data.get("tool_calls") or ())
+        calls = tuple(ToolCall.from_json(c) for c in data.get("tool_calls") or ())
         keep = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "tool_calls"}
         return cls(**keep, tool_calls=calls)
 
@@ -67,5 +89,13 @@ class Model(Protocol):
     name: str
 
     async def generate(self, request: ModelRequest) -> ModelResponse: ...
+
+
+@runtime_checkable
+class StreamingModel(Model, Protocol):
+    """A model that can also stream: ``stream(request)`` yields growing snapshots of the
+    answer (``text`` is the text so far); the last one is the complete response."""
+
+    def stream(self, request: ModelRequest) -> AsyncIterator[ModelResponse]: ...
 
 
