@@ -9,8 +9,9 @@
 'Hi!'
 """
 
-from .builder import fn, transform
+from .builder import dispatch, fn, join, transform
 from .engine import App, Pipeline, RunHandle, RunResult, RunStatus
+from .engine.dispatch import progress
 from .errors import (
     BuildError, DurapipeError, GateRejected, ModelError, NodeFailed, NodeTimeout, RunCancelled,
     RunError, StateError,
@@ -21,5 +22,5 @@ from .models import FakeModel
 __all__ = [
     "Agent", "App", "BuildError", "DurapipeError", "FakeModel", "GateRejected", "ModelError",
     "Node", "NodeFailed", "NodeTimeout", "Pipeline", "RunCancelled", "RunError", "RunHandle",
-    "RunResult", "RunStatus", "StateError", "fn", "transform",
+    "RunResult", "RunStatus", "StateError", "dispatch", "fn", "join", "progress", "transform",
 ]
