@@ -53,8 +53,8 @@ def outline_keywords(state: dict[str, Any]) -> dict[str, Any]:
     return {"outline": words[-1]}
 
 
-def look_at_progress(state: dict[str, Any]) -> dict[str, Any]:
-    return {"progress_seen_by_formatter": state["seo_progress"]}
+def record_progress(state: dict[str, Any]) -> dict[str, Any]:
+    return {"seo_progress_at_end": state["seo_progress"]}
 
 
 publisher = fn(publish_to_cms, reads=["html"], writes=["published"])
@@ -69,7 +69,7 @@ PATTERNS = {
     "progress": writer
     >> dispatch(fn(outline_keywords, writes=["outline"]) >> seo_optimizer, names=["seo"],
                 progress_key="seo_progress")
-    >> formatter >> join() >> fn(look_at_progress, writes=["progress_seen_by_formatter"]),
+    >> formatter >> join() >> fn(record_progress, writes=["seo_progress_at_end"]),
 }
 
 
