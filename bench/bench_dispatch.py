@@ -89,7 +89,7 @@ def section(database_url: str) -> str:
             dp_j = join_p.run({}).state["join_ms"]
             raw_j = _raw(raw_join)
             if i >= 3:  # warm-up rounds are dropped
-                for k, v in zip(samples, (dp_d, raw_d, dp_j, raw_j)):
+                for k, v in zip(samples, (dp_d, raw_d, dp_j, raw_j), strict=True):
                     samples[k].append(v)
     med = {k: statistics.median(v) for k, v in samples.items()}
     rows = [

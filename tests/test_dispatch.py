@@ -211,7 +211,7 @@ def test_max_tasks_bounds_concurrency(make_app: MakeApp, database_url: str) -> N
         state = p.run({}, run_id="r").state
     assert {state[f"t{i}"] for i in range(3)} == {0, 1, 2}
     spans = sorted(steps(database_url, f"r/0.0.{i}:t{i}")[f"0.0.{i}:t{i}"] for i in range(3))
-    for (_, end), (start, _) in zip(spans, spans[1:]):
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
         assert end <= start  # never two at once
     queue = sql(database_url, "SELECT DISTINCT queue_name FROM dbos.workflow_status "
                               "WHERE workflow_uuid LIKE 'r/%%'")

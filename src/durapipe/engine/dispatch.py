@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,7 +107,7 @@ async def read_progress(child_id: str) -> Any:
 def _progress_updates(tasks: list[Task], values: list[Any], state: State) -> State:
     """A one-task dispatch shows its task's value; a larger one ``{task name: value}``."""
     out: State = {}
-    for task, value in zip(tasks, values):
+    for task, value in zip(tasks, values, strict=True):
         key = task.node.progress_key
         if not key:
             continue
@@ -221,7 +221,7 @@ async def _dispatch(ctx: RunContext, node: Dispatch, path: str, state: State) ->
                 "inside the loop body)", node=path, task=name,
             )
     queue = await _queue_for(ctx, node)
-    for i, (name, task_node) in enumerate(zip(node.names, node.tasks)):
+    for i, name in enumerate(node.names):
         tpath = f"{path}.{i}"
         task = Task(name, tpath, f"{ctx.root}/{tpath}:{name}", node, _parent_path(path))
         args = (ctx.pipeline.name, ctx.pipeline.version, dict(state), tpath, ctx.root, name)
@@ -268,7 +268,8 @@ async def join_tasks(
         deadline: float = await run_step(f"{path}:deadline", 0, lambda: time.time() + timeout)
         # Futures are created before asyncio_wait runs; it takes its operation number first,
         # then they take theirs in list order: the numbering does not depend on timing.
-        futures = [asyncio.ensure_future(_await_result(t.child_id)) for t in tasks]
+        futures: list[Awaitable[Any]] = [
+            asyncio.ensure_future(_await_result(t.child_id)) for t in tasks]
         done, _ = await DBOS.asyncio_wait(futures, timeout=max(0.0, deadline - time.time()))
         timed_out = {i for i, f in enumerate(futures) if f not in done}
         for i in sorted(timed_out):
@@ -276,7 +277,7 @@ async def join_tasks(
         results = await asyncio.gather(*futures, return_exceptions=True)
     merged: State = {}
     failure: BaseException | None = None
-    for i, (task, result) in enumerate(zip(tasks, results)):
+    for i, (task, result) in enumerate(zip(tasks, results, strict=True)):
         del ctx.tasks[task.name]
         if i in timed_out:
             await _announce(task, "timed_out")
