@@ -9,8 +9,9 @@
 'Hi!'
 """
 
-from .builder import fn, transform
+from .builder import dispatch, fn, join, transform
 from .engine import App, Pipeline, RunHandle, RunResult, RunStatus
+from .engine.dispatch import progress
 from .errors import (
     BuildError,
     DurapipeError,
@@ -28,7 +29,8 @@ from .models import FakeModel
 from .planner import Flow, Plan, Step
 
 __all__ = [
-    "Agent", "App", "BuildError", "DurapipeError", "FakeModel", "Flow", "GateRejected", "ModelError",
-    "Node", "NodeFailed", "NodeTimeout", "Pipeline", "Plan", "PlanError", "RunCancelled", "RunError",
-    "RunHandle", "RunResult", "RunStatus", "StateError", "Step", "fn", "transform",
+    "Agent", "App", "BuildError", "DurapipeError", "FakeModel", "Flow", "GateRejected",
+    "ModelError", "Node", "NodeFailed", "NodeTimeout", "Pipeline", "Plan", "PlanError",
+    "RunCancelled", "RunError", "RunHandle", "RunResult", "RunStatus", "StateError", "Step",
+    "dispatch", "fn", "join", "progress", "transform",
 ]

@@ -14,6 +14,7 @@
     │   └── PipelineChanged       the run was started by a pipeline of another shape
     ├── UnknownRun                no run with that id in this app
     ├── UnknownGate               the run is not waiting at that gate
+    ├── UnknownTask               no dispatch starts a background task of that name
     ├── AppStateError             the App was used in the wrong state (e.g. registered after launch)
     └── ModelError                a model call failed or returned an unusable answer
 
@@ -91,6 +92,10 @@ class UnknownRun(DurapipeError):
 
 class UnknownGate(DurapipeError):
     """The run is not waiting at the named gate."""
+
+
+class UnknownTask(DurapipeError):
+    """No dispatch of the app starts a background task of that name."""
 
 
 class AppStateError(DurapipeError):

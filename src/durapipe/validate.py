@@ -119,7 +119,9 @@ class Checker:
             known.add(name)
             after = self.flow(task, f"{path}.{i}", avail)
             pending.append((name, after.keys - avail.keys, after.opaque))
-        return replace(avail, pending=tuple(pending))
+        out = replace(avail, pending=tuple(pending))
+        # The latest progress value (None until a task publishes one) is in state at once.
+        return out.add((node.progress_key,)) if node.progress_key else out
 
     def join(self, node: Join, path: str, avail: Avail) -> Avail:
         names = {name for name, _, _ in avail.pending}

@@ -30,12 +30,13 @@ from ..errors import (
     RunError,
     StateError,
     UnknownRun,
+    UnknownTask,
     error_text,
     from_portable,
 )
-from ..ir import Node, as_node
+from ..ir import Dispatch, Node, as_node
 from ..state import State, check_inputs
-from . import interpreter
+from . import dispatch, interpreter
 from .interpreter import WORKFLOW_NAME, run_pipeline
 
 _NAME_RE = re.compile(r"^[a-z0-9_-]{3,256}$")
@@ -133,6 +134,7 @@ class App:
         self._extra_config = dict(dbos_config or {})
         self._pipelines: dict[str, Registered] = {}
         self._launched = False
+        self._listen: list[str] | None = None
 
     # -- registry -----------------------------------------------------------------------
     def pipeline(self, name: str, node: Any, inputs: list[str] | None = None) -> Pipeline:
@@ -198,6 +200,8 @@ class App:
         interpreter.set_current_app(self)
         DBOS(config=self.dbos_config())
         try:
+            if self._listen is not None:
+                DBOS.listen_queues(self._listen)
             DBOS.launch()
         except Exception:
             interpreter.set_current_app(None)
@@ -246,6 +250,17 @@ class App:
         status = await DBOS.get_workflow_status_async(run_id)
         self._check_run(run_id, status)
         return RunHandle(self, run_id)
+
+    def listen_queues(self, *names: str) -> None:
+        """Dequeue background work only from these DBOS queues (none: run no queued work).
+
+        Call before launch; e.g. a web process that starts runs but leaves queued dispatch
+        tasks to worker processes. Recovery of its own runs still happens.
+        """
+        if self._launched:
+            raise AppStateError(f"app {self.name!r}: listen_queues() must be called before launch",
+                                app=self.name)
+        self._listen = list(names)
 
     def _check_run(self, run_id: str, status: Any) -> None:
         if status is None or status.name != WORKFLOW_NAME or (
@@ -423,3 +438,30 @@ class RunHandle:
                 raise
             _raise_run_error(self.run_id, exc)
             raise
+
+    def _check_task(self, name: str) -> None:
+        names = {n for reg in self.app.pipelines.values() for _, node in reg.node.walk()
+                 if isinstance(node, Dispatch) for n in node.names}
+        if name not in names:
+            raise UnknownTask(
+                f"run {self.run_id!r}: no dispatch of app {self.app.name!r} starts a task named "
+                f"{name!r} (task names: {sorted(names)})", run_id=self.run_id, task=name,
+            )
+
+    def progress(self, name: str) -> Any:
+        """The latest value background task ``name`` published with ``durapipe.progress``.
+
+        ``None`` until the task is dispatched and publishes; read live, not checkpointed.
+        """
+        self._check_task(name)
+        info = DBOS.get_event(self.run_id, dispatch.event_key(name), timeout_seconds=0)
+        if not isinstance(info, dict):
+            return None
+        return DBOS.get_event(info["child"], dispatch.PROGRESS_EVENT, timeout_seconds=0)
+
+    async def progress_async(self, name: str) -> Any:
+        self._check_task(name)
+        info = await DBOS.get_event_async(self.run_id, dispatch.event_key(name), timeout_seconds=0)
+        if not isinstance(info, dict):
+            return None
+        return await DBOS.get_event_async(info["child"], dispatch.PROGRESS_EVENT, timeout_seconds=0)

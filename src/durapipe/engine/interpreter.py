@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from dbos import DBOS, SetWorkflowID
@@ -36,6 +36,13 @@ WORKFLOW_NAME = "durapipe.run"
 N = TypeVar("N", bound=Node)
 Handler = Callable[["RunContext", Any, str, State], Awaitable[State]]
 HANDLERS: dict[type[Node], Handler] = {}
+# Extension points: BETWEEN_HOOKS run before each node of a sequence after the first
+# ``(ctx, seq_path, state) -> updates``; FINISH_HOOKS when a workflow's node is done
+# ``(ctx, path, state) -> updates``. Both run sequentially, so their DBOS operations keep
+# a deterministic order.
+Hook = Callable[["RunContext", str, State], Awaitable[State]]
+BETWEEN_HOOKS: list[Hook] = []
+FINISH_HOOKS: list[Hook] = []
 
 _current: dict[str, App] = {}
 
@@ -69,6 +76,8 @@ class RunContext:
     app: App
     pipeline: Registered
     root: str
+    # Background tasks started by dispatch in this workflow and not joined yet, by name.
+    tasks: dict[str, Any] = field(default_factory=dict)
 
     async def execute(self, node: Node, path: str, state: State) -> State:
         """Run one node; return the state updates it made."""
@@ -175,6 +184,11 @@ async def _sleep(ctx: RunContext, node: Sleep, path: str, state: State) -> State
 async def _seq(ctx: RunContext, node: Seq, path: str, state: State) -> State:
     updates: State = {}
     for i, child in enumerate(node.nodes):
+        for hook in BETWEEN_HOOKS if i else ():
+            extra = await hook(ctx, path, state)
+            if extra:
+                state = {**state, **extra}
+                updates.update(extra)
         out = await ctx.execute(child, f"{path}.{i}", state)
         if out:
             state = {**state, **out}
@@ -235,10 +249,8 @@ async def _parallel(ctx: RunContext, node: Parallel, path: str, state: State) ->
 
 # -- the workflow -----------------------------------------------------------------------
 
-@DBOS.workflow(name=WORKFLOW_NAME)
-async def run_pipeline(
-    pipeline: str, version: str, state: State, path: str = "0", root: str | None = None
-) -> State:
+def open_pipeline(pipeline: str, version: str) -> tuple[App, Registered]:
+    """The launched App and the registered pipeline a workflow runs; refuse another shape."""
     app = current_app()
     registered = app.registered(pipeline)
     if registered.version != version:
@@ -249,14 +261,32 @@ async def run_pipeline(
             "the old code, or fork them to the new version deliberately",
             pipeline=pipeline, recorded=version, current=registered.version,
         )
+    return app, registered
+
+
+async def finish(ctx: RunContext, path: str, state: State, updates: State) -> State:
+    """Run the FINISH_HOOKS of a workflow whose node returned ``updates``."""
+    for hook in FINISH_HOOKS:
+        extra = await hook(ctx, path, {**state, **updates})
+        if extra:
+            updates = {**updates, **extra}
+    return updates
+
+
+@DBOS.workflow(name=WORKFLOW_NAME)
+async def run_pipeline(
+    pipeline: str, version: str, state: State, path: str = "0", root: str | None = None
+) -> State:
+    app, registered = open_pipeline(pipeline, version)
     run_id = DBOS.workflow_id or ""
     ctx = RunContext(app=app, pipeline=registered, root=root or run_id)
     node = registered.node_at(path)
-    updates = await ctx.execute(node, path, state)
+    updates = await finish(ctx, path, state, await ctx.execute(node, path, state))
     if path == "0":
         return {**state, **updates}
     return updates
 
 
 from . import agent as _agent  # noqa: E402,F401  (registers the Agent handler)
+from . import dispatch as _dispatch  # noqa: E402,F401  (registers the dispatch/join handlers)
 from . import flow as _flow_handlers  # noqa: E402,F401  (registers the Flow and Step handlers)

@@ -1,0 +1,337 @@
+"""dispatch / join: background tasks as durable child workflows, and their progress.
+
+A dispatched task runs in its own DBOS workflow ``durapipe.task`` with the stable id
+``<run id>/<task path>:<task name>``, started directly (``DBOS.start_workflow_async``) or
+enqueued on a DBOS queue when the dispatch has ``queue=`` or ``max_tasks=``. The
+dispatching workflow keeps a table of its pending tasks (``RunContext.tasks``); a replay
+rebuilds it, because dispatch re-runs and finds its child starts recorded.
+
+Audit contract: the dispatching workflow sets the DBOS event ``dispatch:<task name>`` to
+``{"child", "path", "status", "at"}``; status is ``running`` at dispatch, then one of
+``joined``, ``failed``, ``timed_out`` or ``auto_joined`` (joined when the workflow ended).
+
+Progress: a task publishes with :func:`progress` (from a fn, an agent's model step, or
+workflow code of the task); the value is the DBOS event ``durapipe.progress`` of the task
+workflow (its history is in ``workflow_events_history``). The dispatching sequence reads
+it before each later node with ``DBOS.get_event_async``, which is checkpointed, so a
+replay sees the value the first execution saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dbos import DBOS, SetEnqueueOptions, SetWorkflowID, WorkflowSerializationFormat
+from dbos._context import get_local_dbos_context, snapshot_step_context
+from dbos._core import set_event as _dbos_set_event
+from dbos._dbos import _get_dbos_instance
+
+from ..errors import DurapipeError, NodeFailed, RunError, error_text, from_portable
+from ..ir import Dispatch, Join
+from ..state import State, check_updates
+from .interpreter import (
+    BETWEEN_HOOKS,
+    FINISH_HOOKS,
+    RunContext,
+    finish,
+    handles,
+    node_error,
+    open_pipeline,
+    run_step,
+)
+
+TASK_WORKFLOW = "durapipe.task"
+PROGRESS_EVENT = "durapipe.progress"
+# How often a join polls a task's status; DBOS's get_result polls once a second.
+RESULT_POLL_SEC = 0.05
+QUEUE_POLL_SEC = 0.1
+
+
+def event_key(name: str) -> str:
+    """The DBOS event of the dispatching workflow that records a task's fate."""
+    return f"dispatch:{name}"
+
+
+@dataclass
+class Task:
+    """A background task started by a dispatch and not joined yet."""
+
+    name: str
+    path: str
+    child_id: str
+    node: Dispatch
+    scope: str  # path of the sequence holding the dispatch: its later nodes see progress
+
+
+# -- progress -------------------------------------------------------------------------------
+
+def _progress_value(value: Any) -> Any:
+    return check_updates({"progress": value}, "durapipe.progress()")["progress"]
+
+
+def progress(value: Any) -> None:
+    """Publish the latest partial result of the background task this code runs in.
+
+    Call it from a ``fn`` (sync or async) or from a model step of a dispatched task; the
+    dispatch's ``progress_key`` then shows the value to later nodes of the main pipeline,
+    and ``RunHandle.progress(name)`` reads it live. The value must be JSON.
+
+    >>> def optimize(state):
+    ...     for i, chunk in enumerate(chunks):
+    ...         durapipe.progress({"done": i + 1, "of": len(chunks)})
+    """
+    value = _progress_value(value)
+    ctx = get_local_dbos_context()
+    if ctx is None or not (ctx.is_workflow() or ctx.is_step()):
+        raise DurapipeError(
+            "durapipe.progress() was called outside a running pipeline; call it from a fn or "
+            "agent step of a dispatched task"
+        )
+    # DBOS's public set_event refuses to run on a thread with an event loop; an async fn
+    # runs on the workflow's loop, so the (short) event write is made directly.
+    _dbos_set_event(_get_dbos_instance(), snapshot_step_context(), PROGRESS_EVENT, value,
+                    serialization_type=WorkflowSerializationFormat.DEFAULT)
+
+
+async def progress_async(value: Any) -> None:
+    """:func:`progress` for async code that should not block its event loop (e.g. streaming)."""
+    value = _progress_value(value)
+    if get_local_dbos_context() is None:
+        raise DurapipeError("durapipe.progress_async() was called outside a running pipeline")
+    await DBOS.set_event_async(PROGRESS_EVENT, value)
+
+
+async def read_progress(child_id: str) -> Any:
+    """The latest progress value of a task workflow, checkpointed when read in a workflow."""
+    return await DBOS.get_event_async(child_id, PROGRESS_EVENT, timeout_seconds=0)
+
+
+def _progress_updates(tasks: list[Task], values: list[Any], state: State) -> State:
+    """A one-task dispatch shows its task's value; a larger one ``{task name: value}``."""
+    out: State = {}
+    for task, value in zip(tasks, values, strict=True):
+        key = task.node.progress_key
+        if not key:
+            continue
+        if len(task.node.names) == 1:
+            out[key] = value
+        else:
+            current = out.get(key, state.get(key))
+            out[key] = {**(current if isinstance(current, dict) else {}), task.name: value}
+    return out
+
+
+async def _refresh_progress(ctx: RunContext, seq_path: str, state: State) -> State:
+    tasks = [t for t in ctx.tasks.values() if t.node.progress_key and t.scope == seq_path]
+    values = [await read_progress(t.child_id) for t in tasks]
+    return _progress_updates(tasks, values, state)
+
+
+# -- the task workflow ----------------------------------------------------------------------
+
+def _parent_path(path: str) -> str:
+    return path.rsplit(".", 1)[0]
+
+
+async def _call(cb: Callable[..., Any], *args: Any) -> None:
+    out = cb(*args)
+    if inspect.isawaitable(out):
+        await out
+
+
+@DBOS.workflow(name=TASK_WORKFLOW)
+async def run_task(
+    pipeline: str, version: str, state: State, path: str, root: str, name: str
+) -> State:
+    """One dispatched task: run its node, then its callback.
+
+    The callbacks are steps in the tail of the task's own workflow: that runs them once per
+    finished task (a recorded step is never re-run, also after a crash), in whichever
+    worker runs the task, without the main pipeline waiting for them; and a join that
+    returns has seen its tasks' callbacks done.
+    """
+    app, registered = open_pipeline(pipeline, version)
+    ctx = RunContext(app=app, pipeline=registered, root=root)
+    node = registered.node_at(path)
+    owner = registered.node_at(_parent_path(path))
+    assert isinstance(owner, Dispatch)
+    where = f"{path}:{name}"
+    try:
+        updates = await finish(ctx, path, state, await ctx.execute(node, path, state))
+        if owner.on_complete is not None:
+            on_complete = owner.on_complete
+
+            async def complete() -> None:
+                await _call(on_complete, name, updates)
+            await run_step(f"{path}:on_complete", 0, complete)
+    except Exception as exc:
+        err = node_error(exc, where)
+        if owner.on_error is not None:
+            on_error = owner.on_error
+
+            async def failed() -> None:
+                await _call(on_error, name, err)
+            await run_step(f"{path}:on_error", 0, failed)
+        raise err from exc
+    return updates
+
+
+# -- dispatch -------------------------------------------------------------------------------
+
+# (database, queue name) -> partitioned: queues this process registered already.
+_queues_ready: dict[tuple[str, str], bool] = {}
+
+
+async def _queue_for(ctx: RunContext, node: Dispatch) -> tuple[str, bool] | None:
+    """The queue a dispatch enqueues on, registered if needed, and whether it is partitioned.
+
+    ``max_tasks`` is per dispatch instance: the queue has that partition concurrency and
+    each dispatch instance enqueues on a partition of its own. A queue registered before
+    (by the user, or another dispatch) keeps its settings.
+    """
+    if node.queue is None and node.max_tasks is None:
+        return None
+    name = node.queue or f"durapipe-{ctx.app.dbos_name}-max{node.max_tasks}"
+    key = (ctx.app.database_url, name)
+    if key not in _queues_ready:
+        queue = await DBOS.register_queue_async(
+            name, partition_concurrency=node.max_tasks, polling_interval_sec=QUEUE_POLL_SEC,
+            on_conflict="never_update",
+        )
+        _queues_ready[key] = any(
+            getattr(queue, a, None) is not None
+            for a in ("_partition_concurrency", "_partition_worker_concurrency",
+                      "_partition_limiter")
+        )
+    return name, _queues_ready[key]
+
+
+async def _announce(task: Task, status: str) -> None:
+    await DBOS.set_event_async(event_key(task.name), {
+        "child": task.child_id, "path": task.path, "status": status,
+        "at": int(time.time() * 1000),
+    })
+
+
+@handles(Dispatch)
+async def _dispatch(ctx: RunContext, node: Dispatch, path: str, state: State) -> State:
+    for name in node.names:
+        if name in ctx.tasks:
+            raise RunError(
+                f"dispatch {path}: background task {name!r} from {ctx.tasks[name].path} is still "
+                "pending; join it before dispatching a task of the same name again (e.g. "
+                "inside the loop body)", node=path, task=name,
+            )
+    queue = await _queue_for(ctx, node)
+    for i, name in enumerate(node.names):
+        tpath = f"{path}.{i}"
+        task = Task(name, tpath, f"{ctx.root}/{tpath}:{name}", node, _parent_path(path))
+        args = (ctx.pipeline.name, ctx.pipeline.version, dict(state), tpath, ctx.root, name)
+        with SetWorkflowID(task.child_id):
+            if queue is None:
+                await DBOS.start_workflow_async(run_task, *args)
+            else:
+                qname, partitioned = queue
+                with SetEnqueueOptions(queue_partition_key=f"{ctx.root}/{path}" if partitioned else None):
+                    await DBOS.enqueue_workflow_async(qname, run_task, *args)
+        ctx.tasks[name] = task
+        await _announce(task, "running")
+    if not node.progress_key:
+        return {}
+    return {node.progress_key: None if len(node.names) == 1 else dict.fromkeys(node.names)}
+
+
+# -- join -----------------------------------------------------------------------------------
+
+async def _await_result(workflow_id: str) -> Any:
+    """``DBOS.get_result_async`` with a shorter poll: one checkpointed ``DBOS.getResult``."""
+    step_ctx = snapshot_step_context(reserve_sleep_id=False)
+    sys_db = _get_dbos_instance()._sys_db
+
+    async def wait() -> Any:
+        return await sys_db.await_workflow_result_async(workflow_id, RESULT_POLL_SEC)
+
+    return await sys_db.call_coroutine_as_step(wait, "DBOS.getResult", step_ctx)
+
+
+async def join_tasks(
+    ctx: RunContext, tasks: list[Task], path: str, timeout: float | None, status: str,
+    state: State,
+) -> State:
+    """Wait for ``tasks``; merge their writes in dispatch order; record each task's fate."""
+    if not tasks:
+        return {}
+    timed_out: set[int] = set()
+    if timeout is None:
+        results = await asyncio.gather(*(_await_result(t.child_id) for t in tasks),
+                                       return_exceptions=True)
+    else:
+        # The deadline is a recorded step: a restarted join waits only what is left.
+        deadline: float = await run_step(f"{path}:deadline", 0, lambda: time.time() + timeout)
+        # Futures are created before asyncio_wait runs; it takes its operation number first,
+        # then they take theirs in list order: the numbering does not depend on timing.
+        futures: list[Awaitable[Any]] = [
+            asyncio.ensure_future(_await_result(t.child_id)) for t in tasks]
+        done, _ = await DBOS.asyncio_wait(futures, timeout=max(0.0, deadline - time.time()))
+        timed_out = {i for i, f in enumerate(futures) if f not in done}
+        for i in sorted(timed_out):
+            await DBOS.cancel_workflow_async(tasks[i].child_id)
+        results = await asyncio.gather(*futures, return_exceptions=True)
+    merged: State = {}
+    failure: BaseException | None = None
+    for i, (task, result) in enumerate(zip(tasks, results, strict=True)):
+        del ctx.tasks[task.name]
+        if i in timed_out:
+            await _announce(task, "timed_out")
+        elif isinstance(result, BaseException):
+            await _announce(task, "failed")
+            if task.node.on_error is None and failure is None:
+                cause = from_portable(result)
+                failure = NodeFailed(
+                    f"join {path}: background task {task.name!r} ({task.child_id}) failed: "
+                    f"{cause if isinstance(cause, DurapipeError) else error_text(cause)}",
+                    node=f"{task.path}:{task.name}", task=task.name, child=task.child_id,
+                    cause=error_text(cause),
+                )
+        else:
+            merged.update(result or {})
+            await _announce(task, status)
+    if failure is not None:
+        raise failure
+    with_progress = [t for t in tasks if t.node.progress_key]
+    values = [await read_progress(t.child_id) for t in with_progress]
+    return {**merged, **_progress_updates(with_progress, values, state)}
+
+
+@handles(Join)
+async def _join(ctx: RunContext, node: Join, path: str, state: State) -> State:
+    if node.names:
+        missing = [n for n in node.names if n not in ctx.tasks]
+        if missing:
+            raise RunError(
+                f"join {path}: no background task named {missing[0]!r} is pending here "
+                f"(pending: {sorted(ctx.tasks)}); a task is joined once, in the workflow that "
+                "dispatched it (a dispatch inside a parallel branch is joined in that branch)",
+                node=path, task=missing[0],
+            )
+        tasks = [t for t in ctx.tasks.values() if t.name in node.names]
+    else:
+        tasks = list(ctx.tasks.values())
+    return await join_tasks(ctx, tasks, f"{path}:join", node.timeout_seconds, "joined", state)
+
+
+async def _auto_join(ctx: RunContext, path: str, state: State) -> State:
+    """A workflow that ends with tasks pending joins them: their writes are not lost."""
+    if not ctx.tasks:
+        return {}
+    return await join_tasks(ctx, list(ctx.tasks.values()), f"{path}:end", None, "auto_joined",
+                            state)
+
+
+BETWEEN_HOOKS.append(_refresh_progress)
+FINISH_HOOKS.append(_auto_join)
