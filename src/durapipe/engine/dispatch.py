@@ -34,6 +34,7 @@ from dbos._dbos import _get_dbos_instance
 from ..errors import DurapipeError, NodeFailed, RunError, error_text, from_portable
 from ..ir import Dispatch, Join
 from ..state import State, check_updates
+from .agent import reset_partial_sink, set_partial_sink
 from .interpreter import (
     BETWEEN_HOOKS,
     FINISH_HOOKS,
@@ -144,6 +145,10 @@ async def _call(cb: Callable[..., Any], *args: Any) -> None:
         await out
 
 
+async def _publish_partial_text(where: str, text: str) -> None:
+    await progress_async(text)
+
+
 @DBOS.workflow(name=TASK_WORKFLOW)
 async def run_task(
     pipeline: str, version: str, state: State, path: str, root: str, name: str
@@ -161,8 +166,15 @@ async def run_task(
     owner = registered.node_at(_parent_path(path))
     assert isinstance(owner, Dispatch)
     where = f"{path}:{name}"
+    # Agents in a task with a progress_key publish their partial text as they stream it.
+    token = set_partial_sink(_publish_partial_text) if owner.progress_key else None
     try:
-        updates = await finish(ctx, path, state, await ctx.execute(node, path, state))
+        try:
+            result = await ctx.execute(node, path, state)
+        finally:
+            if token is not None:
+                reset_partial_sink(token)
+        updates = await finish(ctx, path, state, result)
         if owner.on_complete is not None:
             on_complete = owner.on_complete
 
