@@ -47,6 +47,7 @@ def publish_to_cms(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def outline_keywords(state: dict[str, Any]) -> dict[str, Any]:
+    """Publishes how far it got; the seo agent after it then streams its text as progress."""
     words = state["draft"].split()
     for i in range(1, len(words) + 1):
         progress({"words_scanned": i, "of": len(words)})

@@ -30,5 +30,7 @@ def test_blog_publishing_patterns(database_url: str) -> None:
         assert state["email_status"] == email
     assert results["callbacks"]["email_status"] == email
     assert blog.NOTIFICATIONS == ["email_sender done: ['email_status']"]
-    assert results["progress"]["seo_progress_at_end"] == {"words_scanned": 6, "of": 6}
+    # The fn published {"words_scanned": i, ...}; the agent after it streams its text, so the
+    # latest progress value at the end is the agent's whole answer.
+    assert results["progress"]["seo_progress_at_end"] == seo
     assert results["progress"]["seo"] == seo and results["progress"]["outline"] == "agents"

@@ -39,6 +39,7 @@ from .interpreter import (
     BETWEEN_HOOKS,
     FINISH_HOOKS,
     RunContext,
+    await_child,
     finish,
     handles,
     node_error,
@@ -48,8 +49,6 @@ from .interpreter import (
 
 TASK_WORKFLOW = "durapipe.task"
 PROGRESS_EVENT = "durapipe.progress"
-# How often a join polls a task's status; DBOS's get_result polls once a second.
-RESULT_POLL_SEC = 0.05
 QUEUE_POLL_SEC = 0.1
 
 
@@ -260,17 +259,6 @@ async def _dispatch(ctx: RunContext, node: Dispatch, path: str, state: State) ->
 
 # -- join -----------------------------------------------------------------------------------
 
-async def _await_result(workflow_id: str) -> Any:
-    """``DBOS.get_result_async`` with a shorter poll: one checkpointed ``DBOS.getResult``."""
-    step_ctx = snapshot_step_context(reserve_sleep_id=False)
-    sys_db = _get_dbos_instance()._sys_db
-
-    async def wait() -> Any:
-        return await sys_db.await_workflow_result_async(workflow_id, RESULT_POLL_SEC)
-
-    return await sys_db.call_coroutine_as_step(wait, "DBOS.getResult", step_ctx)
-
-
 async def join_tasks(
     ctx: RunContext, tasks: list[Task], path: str, timeout: float | None, status: str,
     state: State,
@@ -280,7 +268,7 @@ async def join_tasks(
         return {}
     timed_out: set[int] = set()
     if timeout is None:
-        results = await asyncio.gather(*(_await_result(t.child_id) for t in tasks),
+        results = await asyncio.gather(*(await_child(t.child_id) for t in tasks),
                                        return_exceptions=True)
     else:
         # The deadline is a recorded step: a restarted join waits only what is left.
@@ -288,7 +276,7 @@ async def join_tasks(
         # Futures are created before asyncio_wait runs; it takes its operation number first,
         # then they take theirs in list order: the numbering does not depend on timing.
         futures: list[Awaitable[Any]] = [
-            asyncio.ensure_future(_await_result(t.child_id)) for t in tasks]
+            asyncio.ensure_future(await_child(t.child_id)) for t in tasks]
         done, _ = await DBOS.asyncio_wait(futures, timeout=max(0.0, deadline - time.time()))
         timed_out = {i for i, f in enumerate(futures) if f not in done}
         for i in sorted(timed_out):

@@ -24,7 +24,7 @@ from ..errors import DurapipeError, NodeFailed, NodeTimeout, PlanError, StateErr
 from ..ir import Agent, Fn
 from ..planner import Flow, PlannedStep, Step, at_path
 from ..state import State
-from .interpreter import RunContext, handles, node_error
+from .interpreter import RunContext, await_child, handles, node_error
 
 POLL_SECONDS = 0.05
 _RETRIED = (NodeFailed, NodeTimeout)
@@ -82,8 +82,8 @@ async def _flow(ctx: RunContext, node: Flow, path: str, state: State) -> State:
         for planned in [p for p in waiting if all(k in state for k in p.needs)]:
             waiting.remove(planned)
             step = node.steps[planned.index]
-            child_id = await ctx.start_child(step, f"{path}.{planned.index}", dict(state))
-            running[child_id] = (planned, await DBOS.retrieve_workflow_async(child_id, False))
+            handle = await ctx.start_child(step, f"{path}.{planned.index}", dict(state))
+            running[handle.workflow_id] = (planned, handle)
         if not running:
             stuck = waiting[0]
             raise StateError(
@@ -93,9 +93,9 @@ async def _flow(ctx: RunContext, node: Flow, path: str, state: State) -> State:
             )
         first = await DBOS.wait_first_async([h for _, h in running.values()],
                                             polling_interval_sec=POLL_SECONDS)
-        planned, _ = running.pop(first.workflow_id)
+        planned, done = running.pop(first.workflow_id)
         try:
-            out: State = await DBOS.get_result_async(first.workflow_id) or {}
+            out: State = await await_child(done) or {}
         except BaseException as exc:
             error = node_error(exc, f"{path}.{planned.index}:{planned.name}")
             if running:  # the flow failed: stop the steps still in flight

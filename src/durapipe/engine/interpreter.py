@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from dbos import DBOS, SetWorkflowID
-from dbos._error import DBOSMaxStepRetriesExceeded
+from dbos._context import snapshot_step_context
+from dbos._dbos import _get_dbos_instance
+from dbos._error import (
+    DBOSAwaitedWorkflowCancelledError,
+    DBOSMaxStepRetriesExceeded,
+    DBOSWorkflowCancelledError,
+)
 
 from ..errors import DurapipeError, NodeFailed, PipelineChanged, StateError, error_text, from_portable
 from ..ir import Agent, Fn, Node, Parallel, Seq, Sleep, Transform
@@ -91,13 +97,12 @@ class RunContext:
     def child_id(self, path: str, node: Node) -> str:
         return f"{self.root}/{path}:{node.label}"
 
-    async def start_child(self, node: Node, path: str, state: State) -> str:
-        """Start a subtree as a child workflow with a stable id; return that id."""
+    async def start_child(self, node: Node, path: str, state: State) -> Any:
+        """Start a subtree as a child workflow with a stable id; return its DBOS handle."""
         with SetWorkflowID(self.child_id(path, node)):
-            handle = await DBOS.start_workflow_async(
+            return await DBOS.start_workflow_async(
                 run_pipeline, self.pipeline.name, self.pipeline.version, state, path, self.root
             )
-        return handle.workflow_id
 
 
 # -- errors -----------------------------------------------------------------------------
@@ -115,6 +120,35 @@ def node_error(exc: BaseException, where: str) -> BaseException:
         return exc  # durapipe errors as they are; cancellation and friends untouched
     cause = error_text(exc)
     return NodeFailed(f"node {where} failed{suffix}: {cause}", node=where, cause=cause)
+
+
+# How often a wait on a child workflow that runs elsewhere polls its status (DBOS's own
+# get_result polls once a second).
+RESULT_POLL_SEC = 0.05
+
+
+def await_child(handle: Any) -> Awaitable[Any]:
+    """The result of a child workflow, recorded as one ``DBOS.getResult`` operation.
+
+    Like ``DBOS.get_result_async``, the operation takes its number when this is *called*
+    (not when the child finishes), so a list of waits gathered in order is numbered the
+    same on replay. A child running in this process wakes the wait directly; one running
+    elsewhere (or recovered) is polled every ``RESULT_POLL_SEC``.
+    """
+    workflow_id = handle if isinstance(handle, str) else handle.workflow_id
+    task = getattr(handle, "task", None)
+    step_ctx = snapshot_step_context(reserve_sleep_id=False)
+    sys_db = _get_dbos_instance()._sys_db
+
+    async def wait() -> Any:
+        if task is not None:
+            try:
+                return await asyncio.shield(task)
+            except (DBOSWorkflowCancelledError, DBOSAwaitedWorkflowCancelledError):
+                pass  # the database has the final word on a cancelled child
+        return await sys_db.await_workflow_result_async(workflow_id, RESULT_POLL_SEC)
+
+    return sys_db.call_coroutine_as_step(wait, "DBOS.getResult", step_ctx)
 
 
 def _no_retry_for_durapipe_errors(exc: BaseException) -> bool:
@@ -220,8 +254,8 @@ async def gather_branches(
         if single_op(branch):
             runs.append(ctx.execute(branch, bpath, dict(state)))
         else:
-            child_id = await ctx.start_child(branch, bpath, dict(state))
-            runs.append(DBOS.get_result_async(child_id))
+            handle = await ctx.start_child(branch, bpath, dict(state))
+            runs.append(await_child(handle))
     results = await asyncio.gather(*runs, return_exceptions=True)
     for i, r in enumerate(results):
         if isinstance(r, BaseException):
