@@ -9,8 +9,9 @@
 'Hi!'
 """
 
-from .builder import fn, transform
+from .builder import fn, gate, map_over, race, route, sleep, transform, until
 from .engine import App, Pipeline, RunHandle, RunResult, RunStatus
+from .engine.gates import PendingGate
 from .errors import (
     BuildError, DurapipeError, GateRejected, ModelError, NodeFailed, NodeTimeout, RunCancelled,
     RunError, StateError,
@@ -22,4 +23,5 @@ __all__ = [
     "Agent", "App", "BuildError", "DurapipeError", "FakeModel", "GateRejected", "ModelError",
     "Node", "NodeFailed", "NodeTimeout", "Pipeline", "RunCancelled", "RunError", "RunHandle",
     "RunResult", "RunStatus", "StateError", "fn", "transform",
+    "PendingGate", "gate", "map_over", "race", "route", "sleep", "until",
 ]

@@ -14,6 +14,7 @@
     │   └── PipelineChanged       the run was started by a pipeline of another shape
     ├── UnknownRun                no run with that id in this app
     ├── UnknownGate               the run is not waiting at that gate
+    ├── ApprovalRefused           the answer came from someone not among the gate's approvers
     ├── AppStateError             the App was used in the wrong state (e.g. registered after launch)
     └── ModelError                a model call failed or returned an unusable answer
 
@@ -91,6 +92,10 @@ class UnknownRun(DurapipeError):
 
 class UnknownGate(DurapipeError):
     """The run is not waiting at the named gate."""
+
+
+class ApprovalRefused(DurapipeError):
+    """An answer to a gate from someone who is not one of its approvers; nothing changed."""
 
 
 class AppStateError(DurapipeError):

@@ -282,3 +282,7 @@ async def run_pipeline(
     if path == "0":
         return {**state, **updates}
     return updates
+
+
+# Handlers of further node kinds register themselves on import.
+from . import control, gates  # noqa: E402,F401
