@@ -112,7 +112,7 @@ async def _gate(ctx: RunContext, node: Gate, path: str, state: State) -> State:
 
 def _root_of(status: Any) -> str:
     args = (status.input or {}).get("args") if isinstance(status.input, dict) else None
-    if isinstance(args, list) and len(args) >= 5 and isinstance(args[4], str) and args[4]:
+    if isinstance(args, (list, tuple)) and len(args) >= 5 and isinstance(args[4], str) and args[4]:
         return args[4]
     return str(status.workflow_id)
 
