@@ -158,8 +158,13 @@ def answer(app: App, run_id: str, gate: str, decision: str, by: str,
         raise DurapipeError(f"app.{verb}({run_id!r}, {gate!r}): comment must be a string or None")
     status = DBOS.get_workflow_status(run_id)
     app._check_run(run_id, status)
-    waiting = _waiting(app, run_id)
-    mine = [w for w in waiting if w[2].get("gate") == gate]
+    # Fast path: the gate is usually waited at by the run itself, not by a child workflow.
+    own = DBOS.get_event(run_id, event_key(gate), timeout_seconds=0) if status.status == "PENDING" else None
+    if isinstance(own, dict) and own.get("status") == "waiting":
+        mine = [(run_id, run_id, own)]
+    else:
+        waiting = _waiting(app, run_id)
+        mine = [w for w in waiting if w[2].get("gate") == gate]
     if not mine:
         others = sorted({w[2].get("gate") for w in waiting})
         where = (f"it is waiting at {others}" if others
