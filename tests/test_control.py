@@ -9,13 +9,26 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from tests.dbutil import sql
 
 from durapipe import (
-    Agent, App, BuildError, FakeModel, NodeFailed, NodeTimeout, RunStatus, StateError, fn,
-    map_over, race, route, sleep, transform, until,
+    Agent,
+    App,
+    BuildError,
+    FakeModel,
+    NodeFailed,
+    NodeTimeout,
+    RunStatus,
+    StateError,
+    fn,
+    map_over,
+    race,
+    route,
+    sleep,
+    transform,
+    until,
 )
 from durapipe.ir import Loop
-from tests.dbutil import sql
 
 S = dict[str, Any]
 

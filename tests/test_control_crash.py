@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from tests.dbutil import lines, spawn, sql, wait_for
 
 SCRIPT = Path(__file__).with_name("crash_control.py")

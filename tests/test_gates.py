@@ -8,13 +8,21 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from tests.dbutil import sql, wait_for
 
 from durapipe import (
-    App, BuildError, GateRejected, NodeTimeout, PendingGate, RunStatus, fn, gate, race,
+    App,
+    BuildError,
+    GateRejected,
+    NodeTimeout,
+    PendingGate,
+    RunStatus,
+    fn,
+    gate,
+    race,
 )
 from durapipe.engine import RunHandle
 from durapipe.errors import ApprovalRefused, UnknownGate, UnknownRun
-from tests.dbutil import sql, wait_for
 
 S = dict[str, Any]
 
@@ -116,8 +124,9 @@ def test_an_answer_sent_twice_applies_once(make_app: Callable[..., App], databas
         [first] = app.pending("twice-1")
         app.approve("twice-1", "ok", by="alice")
         # the same answer again, as a retrying client would send it
-        from durapipe.engine import gates as g
         from dbos import DBOS
+
+        from durapipe.engine import gates as g
         msg = {"decision": "approved", "by": "alice", "comment": None, "at": 1,
                "requested_at": first.requested_at}
         DBOS.send("twice-1", msg, topic="gate:ok",

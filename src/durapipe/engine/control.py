@@ -21,7 +21,13 @@ from dbos._dbos import _get_dbos_instance
 from dbos._error import DBOSUnexpectedStepError
 
 from ..errors import (
-    DurapipeError, NodeFailed, NodeTimeout, PipelineChanged, StateError, error_text, from_portable,
+    DurapipeError,
+    NodeFailed,
+    NodeTimeout,
+    PipelineChanged,
+    StateError,
+    error_text,
+    from_portable,
 )
 from ..ir import Agent, Fallback, Fn, Loop, MapOver, Node, Race, Route, Timeout, Transform
 from ..state import State

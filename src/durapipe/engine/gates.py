@@ -26,7 +26,13 @@ from typing import TYPE_CHECKING, Any
 from dbos import DBOS
 
 from ..errors import (
-    ApprovalRefused, DurapipeError, GateRejected, NodeFailed, NodeTimeout, UnknownGate, error_text,
+    ApprovalRefused,
+    DurapipeError,
+    GateRejected,
+    NodeFailed,
+    NodeTimeout,
+    UnknownGate,
+    error_text,
 )
 from ..ir import Gate
 from ..state import State, render
@@ -158,15 +164,15 @@ def answer(app: App, run_id: str, gate: str, decision: str, by: str,
         raise DurapipeError(f"app.{verb}({run_id!r}, {gate!r}): comment must be a string or None")
     status = DBOS.get_workflow_status(run_id)
     app._check_run(run_id, status)
+    assert status is not None  # _check_run raised UnknownRun otherwise
     # Fast path: the gate is usually waited at by the run itself, not by a child workflow.
     own = DBOS.get_event(run_id, event_key(gate), timeout_seconds=0) if status.status == "PENDING" else None
-    if isinstance(own, dict) and own.get("status") == "waiting":
-        mine = [(run_id, run_id, own)]
-    else:
+    waiting = [(run_id, run_id, own)] if isinstance(own, dict) and own.get("status") == "waiting" else []
+    if not waiting:
         waiting = _waiting(app, run_id)
-        mine = [w for w in waiting if w[2].get("gate") == gate]
+    mine = [w for w in waiting if w[2].get("gate") == gate]
     if not mine:
-        others = sorted({w[2].get("gate") for w in waiting})
+        others = sorted({str(w[2].get("gate")) for w in waiting})
         where = (f"it is waiting at {others}" if others
                  else f"it is not waiting at any gate (status {status.status})")
         raise UnknownGate(
