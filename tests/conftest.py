@@ -94,3 +94,28 @@ def make_app(database_url: str) -> Iterator[Callable[..., App]]:
     yield factory
     for app in apps:
         app.shutdown()
+
+
+_exit_status: dict[str, int] = {}
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _exit_status["code"] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Do not let a step thread of a finished test hold the interpreter open.
+
+    ``DBOS.destroy`` leaves running step threads alone; one still inside a user function
+    when its test database is dropped retries its checkpoint write for ever, and Python's
+    exit waits for every pool thread. The results are already reported here, so leave.
+    """
+    import sys
+    import threading
+
+    stuck = [t.name for t in threading.enumerate() if t.name.startswith("dbos-executor") and t.is_alive()]
+    if stuck and "code" in _exit_status:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status["code"])

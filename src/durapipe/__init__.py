@@ -9,9 +9,10 @@
 'Hi!'
 """
 
-from .builder import dispatch, fn, join, transform
+from .builder import dispatch, fn, gate, join, map_over, race, route, sleep, transform, until
 from .engine import App, Pipeline, RunHandle, RunResult, RunStatus
 from .engine.dispatch import progress
+from .engine.gates import PendingGate
 from .errors import (
     BuildError,
     DurapipeError,
@@ -30,7 +31,8 @@ from .planner import Flow, Plan, Step
 
 __all__ = [
     "Agent", "App", "BuildError", "DurapipeError", "FakeModel", "Flow", "GateRejected",
-    "ModelError", "Node", "NodeFailed", "NodeTimeout", "Pipeline", "Plan", "PlanError",
-    "RunCancelled", "RunError", "RunHandle", "RunResult", "RunStatus", "StateError", "Step",
-    "dispatch", "fn", "join", "progress", "transform",
+    "ModelError", "Node", "NodeFailed", "NodeTimeout", "PendingGate", "Pipeline", "Plan",
+    "PlanError", "RunCancelled", "RunError", "RunHandle", "RunResult", "RunStatus",
+    "StateError", "Step", "dispatch", "fn", "gate", "join", "map_over", "progress", "race",
+    "route", "sleep", "transform", "until",
 ]

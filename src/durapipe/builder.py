@@ -5,11 +5,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .errors import BuildError
-from .ir import Dispatch, Fn, Join, Transform, as_node
+from .ir import (
+    Dispatch,
+    Fn,
+    Gate,
+    Join,
+    MapOver,
+    Node,
+    Race,
+    Route,
+    Sleep,
+    Transform,
+    Until,
+    as_node,
+    template_keys,
+)
 
 
 def _keys(arg: Iterable[str] | None, what: str, owner: str) -> tuple[str, ...] | None:
@@ -144,3 +158,115 @@ def join(*names: str, timeout: float | None = None) -> Join:
                                 or timeout <= 0):
         raise BuildError(f"join{names!r}: timeout must be a number of seconds > 0, got {timeout!r}")
     return Join(tuple(names), None if timeout is None else float(timeout))
+
+
+def _positive(x: Any, what: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0 or x != x or x == float("inf"):
+        raise BuildError(f"{what}: {x!r} is not a number of seconds > 0")
+    return float(x)
+
+
+def until(pred: Callable[[dict[str, Any]], Any], max: int = 10) -> Until:
+    """Loop condition: ``node * until(lambda s: s["score"] > 0.8, max=5)``.
+
+    ``pred(state)`` is checked after each pass; the loop stops when it holds or after
+    ``max`` passes. It runs again on every replay, so it must be a pure function of state.
+    """
+    return Until(pred, max)
+
+
+def route(
+    key_or_fn: str | Callable[[dict[str, Any]], Any],
+    branches: Mapping[Any, Any],
+    default: Any = None,
+) -> Route:
+    """Pick one branch by a state value: ``route("lang", {"en": en, "fr": fr}, default=other)``.
+
+    ``key_or_fn`` is a state key or a function of state. The first branch whose value
+    equals it runs; with no match the default runs, or nothing (the audit records the skip).
+    """
+    if isinstance(key_or_fn, str):
+        if not key_or_fn:
+            raise BuildError("route(''): the selector must be a state key or a function of state")
+    else:
+        _check_fn(key_or_fn, "route")
+    if not isinstance(branches, Mapping) or not branches:
+        raise BuildError(f"route({key_or_fn!r}, ...): give a non-empty dict {{value: node}}")
+    pairs: list[tuple[Any, Node]] = []
+    for value, node in branches.items():
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise BuildError(
+                f"route({key_or_fn!r}): branch value {value!r} must be a str, number, bool or None"
+            )
+        pairs.append((value, as_node(node, f"route branch {value!r}")))
+    dflt = as_node(default, "route default") if default is not None else None
+    return Route(key_or_fn, tuple(pairs), dflt)
+
+
+def race(*nodes: Any) -> Race:
+    """Run every branch; the first to succeed wins, the others are cancelled.
+
+    Only the winner's writes reach state; when all fail the error lists each branch's.
+    """
+    if len(nodes) < 2:
+        raise BuildError(f"race(...) needs at least two branches, got {len(nodes)}")
+    return Race(tuple(as_node(n, f"race branch {i}") for i, n in enumerate(nodes)))
+
+
+def map_over(
+    items_key: str,
+    node: Any,
+    output_key: str,
+    concurrency: int | None = None,
+    item_key: str = "item",
+) -> MapOver:
+    """Run ``node`` once per item of the list ``state[items_key]``; results go to ``output_key``.
+
+    Each execution sees its item in ``state[item_key]``. Results are in input order: the
+    value of the key the node writes (an Agent's key, or ``fn(..., writes=[k])``), else its
+    whole updates dict. ``concurrency`` bounds how many items run at once.
+    """
+    for what, key in (("items_key", items_key), ("output_key", output_key), ("item_key", item_key)):
+        if not isinstance(key, str) or not key:
+            raise BuildError(f"map_over(): {what} must be a non-empty state key, got {key!r}")
+    if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
+                                    or concurrency < 1):
+        raise BuildError(f"map_over({items_key!r}): concurrency must be an int >= 1 or None")
+    return MapOver(items_key, as_node(node, f"map_over({items_key!r}) body"), output_key,
+                   concurrency, item_key)
+
+
+def sleep(seconds: float) -> Sleep:
+    """A durable sleep: a restart does not reset it."""
+    return Sleep(_positive(seconds, "sleep()"))
+
+
+def gate(
+    name: str,
+    message: str,
+    when: Callable[[dict[str, Any]], Any] | None = None,
+    timeout: float | None = None,
+    approvers: Iterable[str] | None = None,
+    on_timeout: str = "reject",
+) -> Gate:
+    """Human approval: the run waits until ``app.approve(run_id, name, by=...)`` or ``app.reject``.
+
+    ``message`` is filled from state (``{key}``). ``when(state)`` false skips the gate.
+    ``approvers`` limits who may answer. Past ``timeout`` seconds, ``on_timeout`` decides:
+    "reject" (GateRejected), "approve", or "fail" (NodeTimeout). The decision lands in
+    ``state[name]``; a rejection raises GateRejected unless handled, as in ``gate(...) // plan_b``.
+    """
+    if not isinstance(name, str) or not name:
+        raise BuildError(f"gate({name!r}): the name must be a non-empty string (it is also the state key)")
+    if not isinstance(message, str):
+        raise BuildError(f"gate {name!r}: the message must be a string")
+    template_keys(message)
+    if when is not None:
+        _check_fn(when, f"gate {name!r} when=")
+    secs = _positive(timeout, f"gate {name!r} timeout=") if timeout is not None else None
+    who = _keys(approvers, "approvers", f"gate {name!r}")
+    if who is not None and not who:
+        raise BuildError(f"gate {name!r}: approvers=[] would let nobody answer; name at least one")
+    if on_timeout not in ("reject", "approve", "fail"):
+        raise BuildError(f"gate {name!r}: on_timeout must be 'reject', 'approve' or 'fail', got {on_timeout!r}")
+    return Gate(name, message, when, secs, who, on_timeout)

@@ -15,6 +15,7 @@
     ├── UnknownRun                no run with that id in this app
     ├── UnknownGate               the run is not waiting at that gate
     ├── UnknownTask               no dispatch starts a background task of that name
+    ├── ApprovalRefused           the answer came from someone not among the gate's approvers
     ├── AppStateError             the App was used in the wrong state (e.g. registered after launch)
     └── ModelError                a model call failed or returned an unusable answer
 
@@ -96,6 +97,10 @@ class UnknownGate(DurapipeError):
 
 class UnknownTask(DurapipeError):
     """No dispatch of the app starts a background task of that name."""
+
+
+class ApprovalRefused(DurapipeError):
+    """An answer to a gate from someone who is not one of its approvers; nothing changed."""
 
 
 class AppStateError(DurapipeError):

@@ -36,7 +36,7 @@ from ..errors import (
 )
 from ..ir import Dispatch, Node, as_node
 from ..state import State, check_inputs
-from . import dispatch, interpreter
+from . import dispatch, gates, interpreter
 from .interpreter import WORKFLOW_NAME, run_pipeline
 
 _NAME_RE = re.compile(r"^[a-z0-9_-]{3,256}$")
@@ -267,6 +267,30 @@ class App:
             status.app_version and not status.app_version.startswith(f"durapipe-{self.dbos_name}-")
         ):
             raise UnknownRun(f"app {self.name!r} has no run with id {run_id!r}", run_id=run_id)
+
+    # -- gates --------------------------------------------------------------------------
+    def approve(self, run_id: str, gate: str, *, by: str, comment: str | None = None) -> None:
+        """Approve the gate ``gate`` a run is waiting at. An answer sent twice applies once."""
+        gates.answer(self, run_id, gate, "approved", by, comment)
+
+    def reject(self, run_id: str, gate: str, *, by: str, comment: str | None = None) -> None:
+        """Reject the gate ``gate`` a run is waiting at: the run raises GateRejected there."""
+        gates.answer(self, run_id, gate, "rejected", by, comment)
+
+    async def approve_async(self, run_id: str, gate: str, *, by: str,
+                            comment: str | None = None) -> None:
+        await asyncio.to_thread(gates.answer, self, run_id, gate, "approved", by, comment)
+
+    async def reject_async(self, run_id: str, gate: str, *, by: str,
+                           comment: str | None = None) -> None:
+        await asyncio.to_thread(gates.answer, self, run_id, gate, "rejected", by, comment)
+
+    def pending(self, run_id: str | None = None) -> list[gates.PendingGate]:
+        """The gates waiting for an answer: of one run (and its branches) or of every run."""
+        return gates.pending(self, run_id)
+
+    async def pending_async(self, run_id: str | None = None) -> list[gates.PendingGate]:
+        return await asyncio.to_thread(gates.pending, self, run_id)
 
 
 def _prepare_sqlite(url: str) -> None:

@@ -141,14 +141,26 @@ def await_child(handle: Any) -> Awaitable[Any]:
     sys_db = _get_dbos_instance()._sys_db
 
     async def wait() -> Any:
-        if task is not None:
-            try:
-                return await asyncio.shield(task)
-            except (DBOSWorkflowCancelledError, DBOSAwaitedWorkflowCancelledError):
-                pass  # the database has the final word on a cancelled child
-        return await sys_db.await_workflow_result_async(workflow_id, RESULT_POLL_SEC)
+        if task is None:
+            return await sys_db.await_workflow_result_async(workflow_id, RESULT_POLL_SEC)
+        # The in-process task ends the wait at once; a slow poll still notices a child that
+        # was cancelled while it sits in a long step or a recv.
+        poll = asyncio.ensure_future(sys_db.await_workflow_result_async(workflow_id, 0.5))
+        try:
+            await asyncio.wait({task, poll}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done() and not _cancelled(task):
+                return task.result()
+            return await poll
+        finally:
+            poll.cancel()
 
     return sys_db.call_coroutine_as_step(wait, "DBOS.getResult", step_ctx)
+
+
+def _cancelled(task: Any) -> bool:
+    exc = task.exception() if not task.cancelled() else None
+    return task.cancelled() or isinstance(
+        exc, (DBOSWorkflowCancelledError, DBOSAwaitedWorkflowCancelledError))
 
 
 def _no_retry_for_durapipe_errors(exc: BaseException) -> bool:
@@ -322,5 +334,7 @@ async def run_pipeline(
 
 
 from . import agent as _agent  # noqa: E402,F401  (registers the Agent handler)
+from . import control as _control  # noqa: E402,F401  (fallback, loop, route, race, timeout, map)
 from . import dispatch as _dispatch  # noqa: E402,F401  (registers the dispatch/join handlers)
 from . import flow as _flow_handlers  # noqa: E402,F401  (registers the Flow and Step handlers)
+from . import gates as _gates  # noqa: E402,F401  (gates)

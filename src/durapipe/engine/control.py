@@ -1,0 +1,253 @@
+"""Handlers of the control-flow nodes: fallback, loop, route, race, timeout and map.
+
+Every decision that depends on timing ("which branch finished first", "did the body beat
+its deadline") is taken through a DBOS operation that records it (``DBOS.asyncio_wait``,
+a step holding a deadline), so a replay takes the same decision. Operations are always
+started in an order that does not depend on timing: see the module docstring of
+:mod:`durapipe.engine.interpreter`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from collections.abc import Callable
+from typing import Any
+
+from dbos import DBOS
+from dbos._error import DBOSUnexpectedStepError
+
+from ..errors import (
+    DurapipeError,
+    NodeFailed,
+    NodeTimeout,
+    PipelineChanged,
+    StateError,
+    error_text,
+    from_portable,
+)
+from ..ir import Agent, Fallback, Fn, Loop, MapOver, Node, Race, Route, Timeout, Transform
+from ..state import State
+from .interpreter import RunContext, await_child, handles, node_error, run_step, single_op
+
+
+def recoverable(exc: BaseException) -> bool:
+    """Errors a fallback may answer: not cancellation, replay divergence or a changed pipeline."""
+    return isinstance(exc, Exception) and not isinstance(
+        exc, (DBOSUnexpectedStepError, PipelineChanged)
+    )
+
+
+def restate(exc: BaseException, message: str, **data: Any) -> BaseException:
+    """The same durapipe error class with a message that says more; others become NodeFailed."""
+    exc = from_portable(exc)
+    if isinstance(exc, DurapipeError):
+        return type(exc)(message, **{**exc.data, **data})
+    return NodeFailed(message, cause=error_text(exc), **data)
+
+
+def call_pred(pred: Callable[[State], Any], state: State, what: str, where: str) -> Any:
+    try:
+        return pred(dict(state))
+    except Exception as exc:
+        raise NodeFailed(
+            f"{what} at {where} raised {error_text(exc)}; it must be a function of the state "
+            "dict that returns a value", node=where, cause=error_text(exc),
+        ) from exc
+
+
+# -- fallback ---------------------------------------------------------------------------
+
+@handles(Fallback)
+async def _fallback(ctx: RunContext, node: Fallback, path: str, state: State) -> State:
+    failures: list[tuple[str, BaseException]] = []
+    for i, attempt in enumerate(node.attempts):
+        where = f"{path}.{i}:{attempt.label}"
+        try:
+            # A copy: an attempt that fails must leave nothing behind, not even in place edits.
+            return await ctx.execute(attempt, f"{path}.{i}", copy.deepcopy(state))
+        except BaseException as exc:
+            if not recoverable(exc):
+                raise
+            failures.append((where, node_error(exc, where)))
+    last_where, last = failures[-1]
+    earlier = [f"{w}: {error_text(e)}" for w, e in failures[:-1]]
+    message = f"{last} (every attempt of fallback {path} failed; earlier: {'; '.join(earlier)})"
+    raise restate(last, message, attempts=earlier + [f"{last_where}: {error_text(last)}"]) from last
+
+
+# -- loop -------------------------------------------------------------------------------
+
+@handles(Loop)
+async def _loop(ctx: RunContext, node: Loop, path: str, state: State) -> State:
+    passes = node.times if node.times is not None else node.until.max if node.until else 1
+    updates: State = {}
+    for k in range(passes):
+        out = await ctx.execute(node.body, f"{path}.0#{k}", state)
+        if out:
+            state = {**state, **out}
+            updates.update(out)
+        if node.until is not None and call_pred(
+            node.until.pred, state, "the until() predicate of loop", f"{path}:{node.label} pass {k}"
+        ):
+            break
+    return updates
+
+
+# -- route ------------------------------------------------------------------------------
+
+def _same(a: Any, b: Any) -> bool:
+    return bool(a == b) and isinstance(a, bool) == isinstance(b, bool)
+
+
+def _jsonable(v: Any) -> Any:
+    return v if v is None or isinstance(v, (str, int, float, bool)) else repr(v)
+
+
+@handles(Route)
+async def _route(ctx: RunContext, node: Route, path: str, state: State) -> State:
+    where = f"{path}:{node.label}"
+    if isinstance(node.selector, str):
+        if node.selector not in state:
+            raise StateError(
+                f"route {where} selects on state key {node.selector!r}, which is not in state "
+                f"(keys present: {sorted(state)}); write it upstream or pass it as a run input",
+                node=where, key=node.selector,
+            )
+        value = state[node.selector]
+    else:
+        value = call_pred(node.selector, state, "the selector of route", where)
+    for i, (choice, branch) in enumerate(node.branches):
+        if _same(choice, value):
+            return await ctx.execute(branch, f"{path}.{i}", state)
+    if node.default is not None:
+        return await ctx.execute(node.default, f"{path}.{len(node.branches)}", state)
+    # Nothing runs; a step records that, so the audit shows the route was skipped and why.
+    record = {"skipped": True, "selected": _jsonable(value),
+              "choices": [_jsonable(c) for c, _ in node.branches]}
+    await run_step(where, 0, lambda: record)
+    return {}
+
+
+# -- race -------------------------------------------------------------------------------
+
+@handles(Race)
+async def _race(ctx: RunContext, node: Race, path: str, state: State) -> State:
+    children = [await ctx.start_child(b, f"{path}.{i}", dict(state))
+                for i, b in enumerate(node.branches)]
+    ids = [c.workflow_id for c in children]
+    waits = [asyncio.ensure_future(await_child(c)) for c in children]
+    pending = list(range(len(ids)))
+    errors: dict[int, BaseException] = {}
+    winner: int | None = None
+    while pending and winner is None:
+        done, _ = await DBOS.asyncio_wait([waits[i] for i in pending],
+                                          return_when=asyncio.FIRST_COMPLETED)
+        for i in [i for i in pending if waits[i] in done]:
+            pending.remove(i)
+            exc = waits[i].exception()
+            if exc is not None:
+                errors[i] = exc
+            elif winner is None:
+                winner = i
+    for i in pending:
+        await DBOS.cancel_workflow_async(ids[i], cancel_children=True)
+    # The losers' waits see CANCELLED and end; nothing of the race is left running.
+    await asyncio.gather(*(waits[i] for i in pending), return_exceptions=True)
+    if winner is None:
+        lines = [f"{path}.{i}:{node.branches[i].label}: {error_text(from_portable(e))}"
+                 for i, e in sorted(errors.items())]
+        raise NodeFailed(f"race {path}: every branch failed: " + "; ".join(lines),
+                         node=f"{path}:{node.label}", branches=lines)
+    result: State = waits[winner].result()
+    return result
+
+
+# -- timeout ----------------------------------------------------------------------------
+
+@handles(Timeout)
+async def _timeout(ctx: RunContext, node: Timeout, path: str, state: State) -> State:
+    where = f"{path}:{node.label}"
+    body_where = f"{path}.0:{node.body.label}"
+    seconds = node.seconds
+    # The deadline is recorded first, so a restart waits only for what is left of it.
+    deadline: float = await run_step(where, 0, lambda: time.time() + seconds)
+    child = await ctx.start_child(node.body, f"{path}.0", dict(state))
+    wait = asyncio.ensure_future(await_child(child))
+    done, _ = await DBOS.asyncio_wait([wait], timeout=max(0.0, deadline - time.time()))
+    if wait in done:
+        exc = wait.exception()
+        if exc is not None:
+            raise node_error(exc, body_where) from exc
+        result: State = wait.result()
+        return result
+    await DBOS.cancel_workflow_async(child.workflow_id, cancel_children=True)
+    await asyncio.gather(wait, return_exceptions=True)
+    raise NodeTimeout(
+        f"node {body_where} ran past its timeout of {seconds:g} s and was cancelled",
+        node=body_where, seconds=seconds,
+    )
+
+
+# -- map --------------------------------------------------------------------------------
+
+def _result_key(body: Node) -> str | None:
+    """The one state key a body writes, when it says so; its value is then the item result."""
+    if isinstance(body, Agent):
+        return body.key
+    if isinstance(body, (Fn, Transform)) and body.writes is not None and len(body.writes) == 1:
+        return body.writes[0]
+    return None
+
+
+@handles(MapOver)
+async def _map(ctx: RunContext, node: MapOver, path: str, state: State) -> State:
+    where = f"{path}:{node.label}"
+    items = state.get(node.items_key)
+    if not isinstance(items, list):
+        raise StateError(
+            f"map {where} runs over state key {node.items_key!r}, which holds "
+            f"{'nothing' if node.items_key not in state else 'a ' + type(items).__name__}; "
+            "it needs a list", node=where, key=node.items_key,
+        )
+    inline = single_op(node.body)
+    limit = node.concurrency or max(1, len(items))
+    running: dict[int, asyncio.Future[Any]] = {}
+    finished: dict[int, asyncio.Future[Any]] = {}
+    started = 0
+
+    async def start(i: int) -> asyncio.Future[Any]:
+        ipath = f"{path}.0#{i}"
+        istate = {**state, node.item_key: items[i]}
+        if inline:
+            fut = asyncio.ensure_future(ctx.execute(node.body, ipath, istate))
+            await asyncio.sleep(0)  # let it start its one operation now, in item order
+            return fut
+        return asyncio.ensure_future(await_child(await ctx.start_child(node.body, ipath, istate)))
+
+    def failed() -> bool:
+        return any(f.exception() is not None for f in finished.values())
+
+    while started < len(items) and not failed():
+        while started < len(items) and len(running) < limit:
+            running[started] = await start(started)
+            started += 1
+        if started == len(items):
+            break
+        order = sorted(running)
+        done, _ = await DBOS.asyncio_wait([running[i] for i in order],
+                                          return_when=asyncio.FIRST_COMPLETED)
+        for i in order:
+            if running[i] in done:
+                finished[i] = running.pop(i)
+    await asyncio.gather(*running.values(), return_exceptions=True)
+    finished.update(running)
+    for i in sorted(finished):
+        exc = finished[i].exception()
+        if exc is not None:
+            exc = node_error(exc, f"{path}.0#{i}:{node.body.label}")
+            raise restate(exc, f"map {where}: item {i} failed: {exc}", node=where, item=i) from exc
+    key = _result_key(node.body)
+    results = [finished[i].result() for i in range(len(items))]
+    return {node.output_key: [r.get(key) for r in results] if key else results}

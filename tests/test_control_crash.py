@@ -1,0 +1,86 @@
+"""Crash tests: a process is SIGKILLed mid-run and a new one recovers the run.
+
+Deadlines are checked against wall-clock timestamps the steps recorded, never against
+how long the test took.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from tests.dbutil import lines, spawn, sql, wait_for
+
+SCRIPT = Path(__file__).with_name("crash_control.py")
+pytestmark = pytest.mark.slow
+
+
+def stamps(log: Path) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for line in lines(log):
+        what, _, t = line.rpartition(" ")
+        out.setdefault(what, []).append(float(t))
+    return out
+
+
+def crash_and_recover(url: str, mode: str, log: Path, kill_after: str, delay: float = 0.0) -> None:
+    first = spawn(SCRIPT, url, mode, str(log), "first")
+    try:
+        wait_for(lambda: kill_after in stamps(log), timeout=60, what=kill_after)
+        if delay:
+            time.sleep(delay)
+    finally:
+        first.kill()
+        first.wait()
+    second = spawn(SCRIPT, url, mode, str(log), "second")
+    out, _ = second.communicate(timeout=90)
+    assert second.returncode == 0, out
+
+
+def test_gate_survives_a_kill_and_continues_on_approval(database_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    crash_and_recover(database_url, "gate", log, "waiting")
+    seen = stamps(log)
+    assert len(seen["draft"]) == 1 and len(seen["publish"]) == 1
+    assert seen["publish"][0] > seen["process-second"][0]
+    assert any(k.startswith("result ") and "legal" in k and "publish" in k for k in seen)
+
+
+def test_sleep_keeps_its_deadline_across_a_restart(database_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    crash_and_recover(database_url, "sleep", log, "t0", delay=1.0)
+    seen = stamps(log)
+    t0, t1, restart = seen["t0"][0], seen["t1"][0], seen["process-second"][0]
+    assert len(seen["t0"]) == 1 and len(seen["t1"]) == 1
+    assert t1 >= t0 + 4          # the sleep was honoured ...
+    assert t1 < restart + 4      # ... and not started over by the restart
+
+
+def test_timeout_keeps_its_deadline_across_a_restart(database_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    crash_and_recover(database_url, "timeout", log, "slow-start", delay=1.0)
+    seen = stamps(log)
+    t0, t1, restart = seen["t0"][0], seen["t1"][0], seen["process-second"][0]
+    assert len(seen["t0"]) == 1 and len(seen["t1"]) == 1
+    assert t1 >= t0 + 4
+    assert t1 < restart + 4
+    status = sql(database_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid LIKE %s",
+                 "crash-1/0.1.0%")
+    assert status == [("CANCELLED",)]
+
+
+def test_race_losers_stay_cancelled_after_a_restart(database_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    crash_and_recover(database_url, "race", log, "a-start")
+    third = spawn(SCRIPT, database_url, "race", str(log), "third")
+    out, _ = third.communicate(timeout=60)
+    assert third.returncode == 0, out
+    seen = stamps(log)
+    assert "exit-third" in seen and "b_done" not in seen
+    assert any(k.startswith("result ") and "winner" in k for k in seen)
+    rows = dict(sql(database_url, "SELECT workflow_uuid, status FROM dbos.workflow_status "
+                                  "WHERE workflow_uuid LIKE 'crash-1%%'"))
+    assert rows["crash-1"] == "SUCCESS"
+    assert rows["crash-1/0.0:fast_on_restart"] == "SUCCESS"
+    assert rows["crash-1/0.1:seq"] == "CANCELLED"
