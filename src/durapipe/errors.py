@@ -15,6 +15,7 @@
     ├── UnknownRun                no run with that id in this app
     ├── UnknownGate               the run is not waiting at that gate
     ├── AppStateError             the App was used in the wrong state (e.g. registered after launch)
+    ├── OperatorError             an operator command cannot be carried out (database, module, node)
     └── ModelError                a model call failed or returned an unusable answer
 
 Every error keeps its details in ``self.data`` (a JSON object), so it survives DBOS's
@@ -95,6 +96,11 @@ class UnknownGate(DurapipeError):
 
 class AppStateError(DurapipeError):
     """The App was used in a state that does not allow the call."""
+
+
+class OperatorError(DurapipeError):
+    """An operator command (CLI, admin API) cannot be carried out: an unreachable database,
+    a module path that does not import, a node that recorded nothing."""
 
 
 class ModelError(DurapipeError):
