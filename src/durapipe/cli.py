@@ -213,6 +213,8 @@ def run(
                         if status.finished:
                             break
                         time.sleep(0.2)
+                if not err.is_terminal:
+                    err.print()
             tree = admin.tree(handle.run_id)
     finally:
         app.shutdown()
