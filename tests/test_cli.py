@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dbutil import lines, wait_for
-from ops import blog_app
 from typer.testing import CliRunner
 
+from dbutil import lines, wait_for
 from durapipe.cli import cli
+from ops import blog_app
 
 APP_FILE = str(Path(__file__).parent / "ops" / "blog_app.py")
 runner = CliRunner()

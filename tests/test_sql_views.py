@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from dbutil import sql
 from durapipe.audit import install_views, views_sql
 from durapipe.errors import NodeFailed, OperatorError
-
-from dbutil import sql
 from ops import blog_app
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from dbutil import lines, sql, wait_for
-from ops import workers_app
 from typer.testing import CliRunner
 
+from dbutil import lines, sql, wait_for
 from durapipe.cli import cli
+from ops import workers_app
 
 TESTS = Path(__file__).parent
 APP_MODULE = "ops.workers_app"  # by module name, so function identities match this process
@@ -112,4 +112,4 @@ def test_queue_runs_one_at_a_time_per_worker(database_url: str, tmp_path: Path) 
         spans[job] = (min(start, float(ts)), max(end, float(ts)))
     ordered = sorted(spans.values())
     assert len(ordered) == 3
-    assert all(a[1] < b[0] for a, b in zip(ordered, ordered[1:]))
+    assert all(a[1] < b[0] for a, b in zip(ordered, ordered[1:], strict=False))
