@@ -41,7 +41,7 @@ def install_views(database_url: str) -> None:
                     f"{_redact(database_url)} has no DBOS tables (dbos.*): launch a durapipe "
                     "App on it once, then install the views", url=_redact(database_url),
                 )
-            con.execute(views_sql())  # type: ignore[arg-type]
+            con.execute(views_sql().encode())
     except psycopg.OperationalError as exc:
         raise OperatorError(
             f"cannot reach database {_redact(database_url)}: {_first_line(exc)}",
