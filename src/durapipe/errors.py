@@ -17,6 +17,7 @@
     ├── UnknownTask               no dispatch starts a background task of that name
     ├── ApprovalRefused           the answer came from someone not among the gate's approvers
     ├── AppStateError             the App was used in the wrong state (e.g. registered after launch)
+    ├── OperatorError             an operator command cannot be carried out (database, module, node)
     └── ModelError                a model call failed or returned an unusable answer
 
 Every error keeps its details in ``self.data`` (a JSON object), so it survives DBOS's
@@ -105,6 +106,11 @@ class ApprovalRefused(DurapipeError):
 
 class AppStateError(DurapipeError):
     """The App was used in a state that does not allow the call."""
+
+
+class OperatorError(DurapipeError):
+    """An operator command (CLI, admin API) cannot be carried out: an unreachable database,
+    a module path that does not import, a node that recorded nothing."""
 
 
 class ModelError(DurapipeError):

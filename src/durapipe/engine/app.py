@@ -38,6 +38,7 @@ from ..ir import Dispatch, Node, as_node
 from ..state import State, check_inputs
 from . import dispatch, gates, interpreter
 from .interpreter import WORKFLOW_NAME, run_pipeline
+from .queues import QueueSpec, register_queues
 
 _NAME_RE = re.compile(r"^[a-z0-9_-]{3,256}$")
 _INSTANCE_RE = re.compile(r"#\d+")
@@ -133,6 +134,7 @@ class App:
         self.executor_id = executor_id
         self._extra_config = dict(dbos_config or {})
         self._pipelines: dict[str, Registered] = {}
+        self._queues: dict[str, QueueSpec] = {}
         self._launched = False
         self._listen: list[str] | None = None
 
@@ -208,6 +210,7 @@ class App:
             DBOS.destroy()
             raise
         self._launched = True
+        register_queues(self._queues)
 
     def shutdown(self) -> None:
         if not self._launched:
@@ -292,6 +295,33 @@ class App:
     async def pending_async(self, run_id: str | None = None) -> list[gates.PendingGate]:
         return await asyncio.to_thread(gates.pending, self, run_id)
 
+    # -- operations ---------------------------------------------------------------------
+    def queue(self, name: str, *, concurrency: int | None = None,
+              worker_concurrency: int | None = None, limit: int | None = None,
+              period: float | None = None, polling_interval: float = 0.2) -> str:
+        """Declare a DBOS queue for runs (before launch); ``Pipeline.enqueue(..., queue=name)``.
+
+        ``concurrency`` bounds running runs across all workers, ``worker_concurrency`` per
+        process; ``limit`` runs may start per ``period`` seconds.
+        """
+        if self._launched:
+            raise AppStateError(f"app {self.name!r}: declare queue {name!r} before launch", app=self.name)
+        self._queues[name] = QueueSpec(name, concurrency, worker_concurrency, limit, period,
+                                       polling_interval)
+        return name
+
+    def recover(self, executor_ids: list[str]) -> list[str]:
+        """Hand the unfinished runs of dead executors to the live workers; return their ids.
+
+        Each PENDING workflow of this app version owned by one of ``executor_ids`` goes back
+        to its queue (DBOS's internal one for runs started directly), where any live worker
+        picks it up and replays it from its last checkpoint. Only name executors whose
+        process is gone: a live one would lose ownership of its work mid-step.
+        """
+        self._require_launched("recover")
+        handles = DBOS._recover_pending_workflows(list(executor_ids))
+        return [h.workflow_id for h in handles]
+
 
 def _prepare_sqlite(url: str) -> None:
     """Create the SQLite file in WAL mode so waiters are not stalled by journal locks."""
@@ -368,6 +398,22 @@ class Pipeline:
             timeout: float | None = None) -> RunResult:
         """Run to the end and return the result; a failed run raises its error."""
         return self.start(inputs, run_id=run_id).result(timeout=timeout)
+
+    def enqueue(self, inputs: Any = None, *, queue: str, run_id: str | None = None) -> RunHandle:
+        """Place a run on a queue declared with :meth:`App.queue`; any worker may run it."""
+        self.app._require_launched(f"pipeline {self.name!r}.enqueue")
+        if queue not in self.app._queues:
+            raise AppStateError(
+                f"pipeline {self.name!r}.enqueue: app {self.app.name!r} has no queue {queue!r} "
+                f"(declared: {sorted(self.app._queues)}); declare it with app.queue({queue!r}) "
+                "before launch", queue=queue,
+            )
+        state = self._inputs(inputs)
+        if run_id is not None:
+            self._check_existing(run_id, DBOS.get_workflow_status(run_id))
+        with SetWorkflowID(run_id or str(uuid.uuid4())):
+            handle = DBOS.enqueue_workflow(queue, run_pipeline, self.name, self.version, state)
+        return RunHandle(self.app, handle.workflow_id)
 
     async def run_async(self, inputs: Any = None, *, run_id: str | None = None,
                         timeout: float | None = None) -> RunResult:

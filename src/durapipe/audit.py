@@ -1,0 +1,166 @@
+"""Audit: the SQL views over DBOS's tables, and the records operators read.
+
+>>> print(views_sql())                          # the DDL, also shipped as sql/views.sql
+>>> install_views("postgresql://localhost/app")   # schema ``durapipe``: runs, steps, llm_calls, ...
+
+:class:`RunInfo` and :class:`NodeRecord` are what ``durapipe runs`` / ``durapipe show`` print;
+they are built from DBOS's API by :mod:`durapipe.engine.admin`, so they work on SQLite too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from typing import Any
+
+from .errors import OperatorError
+
+VIEWS = ("runs", "steps", "llm_calls", "background_tasks", "approvals")
+_PATH_RE = re.compile(r"^(\d[\d.#]*):(.+)$")
+
+
+def views_sql() -> str:
+    """The SQL that creates the ``durapipe`` schema and its views (idempotent)."""
+    return resources.files("durapipe").joinpath("sql/views.sql").read_text(encoding="utf-8")
+
+
+def install_views(database_url: str) -> None:
+    """Create or replace the audit views in a Postgres database holding DBOS's tables."""
+    if not database_url.startswith(("postgresql://", "postgres://")):
+        raise OperatorError(
+            f"the audit views need Postgres; {_redact(database_url)} is not a postgresql:// URL",
+            url=_redact(database_url),
+        )
+    import psycopg
+
+    try:
+        with psycopg.connect(database_url, autocommit=True, connect_timeout=10) as con:
+            if con.execute("SELECT to_regclass('dbos.operation_outputs')").fetchone() == (None,):
+                raise OperatorError(
+                    f"{_redact(database_url)} has no DBOS tables (dbos.*): launch a durapipe "
+                    "App on it once, then install the views", url=_redact(database_url),
+                )
+            con.execute(views_sql().encode())
+    except psycopg.OperationalError as exc:
+        raise OperatorError(
+            f"cannot reach database {_redact(database_url)}: {_first_line(exc)}",
+            url=_redact(database_url),
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+# -- records ---------------------------------------------------------------------------
+
+@dataclass
+class RunInfo:
+    """One run as ``durapipe runs`` lists it."""
+
+    run_id: str
+    pipeline: str | None
+    status: str
+    created_ms: int | None
+    duration_ms: int | None
+    error: str | None
+    executor_id: str | None
+    queue: str | None
+    app: str | None
+    app_version: str | None
+    forked_from: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class NodeRecord:
+    """One recorded operation of a run: a step, a child workflow (with its own nodes), a
+    background task or a gate. ``kind`` is step | child | dbos-op | task | gate."""
+
+    path: str | None
+    name: str
+    kind: str
+    status: str
+    started_ms: int | None = None
+    duration_ms: int | None = None
+    error: str | None = None
+    model: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    workflow_id: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+    children: list[NodeRecord] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def walk(self) -> list[NodeRecord]:
+        out = [self]
+        for c in self.children:
+            out.extend(c.walk())
+        return out
+
+
+@dataclass
+class RunTree:
+    """A run with its recorded nodes in order; child workflows nest their own nodes."""
+
+    run: RunInfo
+    nodes: list[NodeRecord]
+    output: Any = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run": self.run.to_json(), "nodes": [n.to_json() for n in self.nodes],
+                "output": self.output}
+
+    def walk(self) -> list[NodeRecord]:
+        out: list[NodeRecord] = []
+        for n in self.nodes:
+            out.extend(n.walk())
+        return out
+
+    @property
+    def tokens(self) -> tuple[int, int]:
+        nodes = self.walk()
+        return (sum(n.input_tokens or 0 for n in nodes), sum(n.output_tokens or 0 for n in nodes))
+
+
+def split_step_name(function_name: str) -> tuple[str | None, str, str]:
+    """``"0.2:writer"`` -> (path, name, kind); DBOS's own operations keep their name."""
+    m = _PATH_RE.match(function_name)
+    if m:
+        return m.group(1), m.group(2), "step"
+    return None, function_name, "dbos-op"
+
+
+def path_key(path: str | None) -> tuple[Any, ...]:
+    """Sort key for node paths: ``0.10`` after ``0.9``; instance marks (``#2``) by number."""
+    if path is None:
+        return ((float("inf"), 0),)
+    key: list[Any] = []
+    for part in path.split("."):
+        num, _, mark = part.partition("#")
+        key.append((int(num) if num.isdigit() else 0, int(mark) if mark.isdigit() else -1))
+    return tuple(key)
+
+
+def model_usage(output: Any) -> tuple[str | None, int | None, int | None]:
+    """Model name and token counts from what an agent step recorded, if it is a model call."""
+    if isinstance(output, dict) and "model" in output and "input_tokens" in output:
+        return (output.get("model"), _int(output.get("input_tokens")), _int(output.get("output_tokens")))
+    return None, None, None
+
+
+def _int(v: Any) -> int | None:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None

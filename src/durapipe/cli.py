@@ -1,0 +1,429 @@
+"""The ``durapipe`` command: run pipelines, inspect and steer runs, start workers.
+
+    durapipe run examples/blog.py:publish --input topic="AI safety"
+    durapipe runs --status ERROR --since 1d
+    durapipe show post-42 --follow
+    durapipe fork post-42 --from 0.2
+    durapipe worker examples/blog.py --executor-id worker-1
+    durapipe sql install
+
+Every command takes ``--database-url`` (default: ``DURAPIPE_DATABASE_URL``) and fails with
+one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from types import ModuleType
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from . import _render, audit
+from .engine.admin import Admin, database_url_or_env, parse_since
+from .engine.app import App, Pipeline, RunStatus
+from .errors import DurapipeError, OperatorError
+
+cli = typer.Typer(name="durapipe", help="Run and operate durapipe pipelines.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+sql_cli = typer.Typer(help="The audit SQL views (schema durapipe).", no_args_is_help=True)
+cli.add_typer(sql_cli, name="sql")
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F")
+
+DbUrl = Annotated[str | None, typer.Option("--database-url", envvar="DURAPIPE_DATABASE_URL",
+                                           help="postgresql://... or sqlite:///file")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+AppModule = Annotated[str | None, typer.Option(
+    "--app", envvar="DURAPIPE_APP", help="Module (or file) defining the App, e.g. myproj.pipelines")]
+
+
+@cli.callback()
+def _quiet() -> None:
+    """Keep DBOS's own log lines (and tracebacks) out of the command's output."""
+    os.environ.setdefault("DURAPIPE_LOG_LEVEL", "CRITICAL")
+    logging.getLogger("dbos").setLevel(os.environ["DURAPIPE_LOG_LEVEL"])
+
+
+def guarded(f: F) -> F:
+    """Turn durapipe errors into one line on stderr and exit code 1."""
+
+    @functools.wraps(f)  # type: ignore[arg-type]
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return f(*args, **kwargs)  # type: ignore[operator]
+        except DurapipeError as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _print_json(data: Any) -> None:
+    out.print_json(json.dumps(data, default=str))
+
+
+# -- loading user code --------------------------------------------------------------------
+
+def load_module(spec: str) -> ModuleType:
+    """Import ``pkg.module`` or a file ``path/to/file.py``."""
+    if spec.endswith(".py") or os.sep in spec:
+        path = Path(spec).resolve()
+        if not path.is_file():
+            raise OperatorError(f"no such file {spec!r}; give a module (pkg.mod) or a .py file")
+        sys.path.insert(0, str(path.parent))
+        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+        if mod_spec is None or mod_spec.loader is None:
+            raise OperatorError(f"cannot load {spec!r} as a Python module")
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[path.stem] = module
+        loader = mod_spec.loader
+        try:
+            loader.exec_module(module)
+        except DurapipeError:
+            raise
+        except Exception as exc:
+            raise OperatorError(f"importing {spec!r} failed: {type(exc).__name__}: {exc}") from None
+        return module
+    sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(spec)
+    except ModuleNotFoundError as exc:
+        raise OperatorError(f"cannot import module {spec!r}: {exc}") from None
+    except DurapipeError:
+        raise
+    except Exception as exc:
+        raise OperatorError(f"importing {spec!r} failed: {type(exc).__name__}: {exc}") from None
+
+
+def find_app(module: ModuleType) -> App:
+    apps = {id(v): v for v in vars(module).values() if isinstance(v, App)}
+    if len(apps) != 1:
+        raise OperatorError(
+            f"module {module.__name__!r} defines {len(apps)} durapipe Apps; it needs exactly one "
+            "(define `app = App(...)` at module level)"
+        )
+    return next(iter(apps.values()))
+
+
+def load_target(target: str) -> tuple[App, Pipeline]:
+    """``MODULE:PIPELINE`` -> the module's App and the pipeline (attribute or registered name)."""
+    module_spec, sep, name = target.rpartition(":")
+    if not sep or not module_spec or not name:
+        raise OperatorError(f"{target!r}: give MODULE:PIPELINE, e.g. examples/blog.py:publish")
+    module = load_module(module_spec)
+    app = find_app(module)
+    obj = getattr(module, name, None)
+    if isinstance(obj, Pipeline):
+        return app, obj
+    if name in app.pipelines:
+        return app, Pipeline(app, app.registered(name))
+    raise OperatorError(
+        f"{module_spec!r} has no pipeline {name!r} (registered: {sorted(app.pipelines)})"
+    )
+
+
+def parse_inputs(pairs: list[str], input_file: Path | None) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    if input_file is not None:
+        try:
+            loaded = json.loads(input_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise OperatorError(f"--input-file {str(input_file)!r}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise OperatorError(f"--input-file {str(input_file)!r} must hold a JSON object")
+        state.update(loaded)
+    for pair in pairs:
+        key, eq, raw = pair.partition("=")
+        if not eq or not key:
+            raise OperatorError(f"--input {pair!r}: use key=value (value may be JSON)")
+        try:
+            state[key] = json.loads(raw)
+        except ValueError:
+            state[key] = raw
+    return state
+
+
+def _prepare(app: App, database_url: str | None, executor_id: str | None) -> None:
+    if database_url:
+        app.database_url = database_url_or_env(database_url)
+    if executor_id:
+        app.executor_id = executor_id
+
+
+def _launch(app: App) -> None:
+    try:
+        app.launch()
+    except DurapipeError:
+        raise
+    except Exception as exc:
+        raise OperatorError(f"cannot launch app {app.name!r} on {audit._redact(app.database_url)}: "
+                            f"{audit._first_line(exc)}") from None
+
+
+# -- commands ----------------------------------------------------------------------------
+
+@cli.command()
+@guarded
+def run(
+    target: Annotated[str, typer.Argument(help="MODULE:PIPELINE, e.g. examples/blog.py:publish")],
+    input: Annotated[list[str] | None, typer.Option("--input", "-i", help="key=value (JSON or text)")] = None,
+    input_file: Annotated[Path | None, typer.Option("--input-file", help="JSON object of inputs")] = None,
+    run_id: Annotated[str | None, typer.Option("--run-id")] = None,
+    executor_id: Annotated[str | None, typer.Option("--executor-id")] = None,
+    database_url: DbUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Run a pipeline to the end with a live view of its nodes."""
+    os.environ.setdefault("DURAPIPE_LOG_LEVEL", "CRITICAL")
+    app, pipeline = load_target(target)
+    state = parse_inputs(input or [], input_file)
+    _prepare(app, database_url, executor_id)
+    _launch(app)
+    try:
+        handle = pipeline.start(state, run_id=run_id)
+        with Admin(app.database_url) as admin:
+            if as_json:
+                while not handle.status().finished:
+                    time.sleep(0.1)
+            else:
+                with Live(_render.live_table(pipeline.node, None, "PENDING"), console=err,
+                          refresh_per_second=8) as live:
+                    while True:
+                        status = handle.status()
+                        live.update(_render.live_table(pipeline.node, admin.tree(handle.run_id),
+                                                       status.value))
+                        if status.finished:
+                            break
+                        time.sleep(0.2)
+                if not err.is_terminal:
+                    err.print()
+            tree = admin.tree(handle.run_id)
+    finally:
+        app.shutdown()
+    if as_json:
+        _print_json(tree.to_json())
+    else:
+        out.print(_render.run_tree(tree))
+        if tree.run.status == RunStatus.SUCCESS.value:
+            _print_json(tree.output)
+    if tree.run.status != RunStatus.SUCCESS.value:
+        err.print(f"[red]error:[/red] run {tree.run.run_id} {tree.run.status}: {tree.run.error or ''}",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+@cli.command()
+@guarded
+def runs(
+    pipeline: Annotated[str | None, typer.Option("--pipeline", "-p")] = None,
+    status: Annotated[str | None, typer.Option("--status", "-s", help="SUCCESS, ERROR, PENDING, ...")] = None,
+    since: Annotated[str | None, typer.Option("--since", help="30m, 2h, 7d or an ISO date")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 20,
+    database_url: DbUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """List runs, newest first."""
+    if status and status.upper() not in RunStatus.__members__:
+        raise OperatorError(f"--status {status!r}: use one of {', '.join(RunStatus.__members__)}")
+    with Admin(database_url) as admin:
+        rows = admin.list_runs(pipeline=pipeline, status=status,
+                               since=parse_since(since) if since else None, limit=limit)
+    if as_json:
+        _print_json([r.to_json() for r in rows])
+    else:
+        out.print(_render.runs_table(rows))
+
+
+@cli.command()
+@guarded
+def show(
+    run_id: Annotated[str, typer.Argument(help="the run id")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep the view live until the run ends.")] = False,
+    ops: Annotated[bool, typer.Option("--ops", help="Also show DBOS's own operations (sleep, recv, ...).")] = False,
+    database_url: DbUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Show a run as a tree: nodes, child workflows, tasks, gates, timings, tokens, errors."""
+    with Admin(database_url) as admin:
+        tree = admin.tree(run_id)
+        if follow and not as_json:
+            with Live(_render.run_tree(tree, ops), console=out, refresh_per_second=4) as live:
+                while tree.run.status in ("PENDING", "ENQUEUED", "DELAYED"):
+                    time.sleep(0.5)
+                    tree = admin.tree(run_id)
+                    live.update(_render.run_tree(tree, ops))
+            return
+        if follow:
+            while tree.run.status in ("PENDING", "ENQUEUED", "DELAYED"):
+                time.sleep(0.5)
+                tree = admin.tree(run_id)
+    if as_json:
+        _print_json(tree.to_json())
+    else:
+        out.print(_render.run_tree(tree, ops))
+
+
+def _decide(approve: bool, run_id: str, gate: str, by: str, comment: str | None,
+            app_module: str | None, database_url: str | None) -> None:
+    if not app_module:
+        raise OperatorError("give --app MODULE (or set DURAPIPE_APP): the module defining the App")
+    os.environ.setdefault("DURAPIPE_LOG_LEVEL", "CRITICAL")
+    app = find_app(load_module(app_module))
+    with Admin(database_url or app.database_url) as admin:
+        admin.run(run_id)
+    # A short-lived process of its own, so it never recovers a live worker's runs.
+    _prepare(app, database_url, f"durapipe-cli-{uuid.uuid4().hex[:8]}")
+    _launch(app)
+    try:
+        decide = app.approve if approve else app.reject
+        decide(run_id, gate, by=by, comment=comment)
+    finally:
+        app.shutdown()
+    out.print(f"{'approved' if approve else 'rejected'} gate {gate!r} of run {run_id} by {by}")
+
+
+@cli.command()
+@guarded
+def approve(run_id: str, gate: str,
+            by: Annotated[str, typer.Option("--by", help="who decides")],
+            comment: Annotated[str | None, typer.Option("--comment")] = None,
+            app_module: AppModule = None, database_url: DbUrl = None) -> None:
+    """Approve a gate a run is waiting at."""
+    _decide(True, run_id, gate, by, comment, app_module, database_url)
+
+
+@cli.command()
+@guarded
+def reject(run_id: str, gate: str,
+           by: Annotated[str, typer.Option("--by", help="who decides")],
+           comment: Annotated[str | None, typer.Option("--comment")] = None,
+           app_module: AppModule = None, database_url: DbUrl = None) -> None:
+    """Reject a gate a run is waiting at (the run fails with GateRejected)."""
+    _decide(False, run_id, gate, by, comment, app_module, database_url)
+
+
+@cli.command()
+@guarded
+def pending(run_id: Annotated[str | None, typer.Option("--run")] = None,
+            database_url: DbUrl = None, as_json: AsJson = False) -> None:
+    """Gates that runs are waiting at."""
+    with Admin(database_url) as admin:
+        gates = admin.waiting_gates(run_id)
+    if as_json:
+        _print_json(gates)
+        return
+    table = Table(title=f"{len(gates)} gate(s) waiting")
+    for col in ("run", "gate", "message", "approvers", "requested"):
+        table.add_column(col, overflow="fold")
+    for g in gates:
+        table.add_row(g["run_id"], str(g.get("gate")), str(g.get("message") or ""),
+                      ", ".join(g.get("approvers") or []) or "anyone", str(g.get("requested_at") or ""))
+    out.print(table)
+
+
+@cli.command()
+@guarded
+def cancel(run_id: str, database_url: DbUrl = None) -> None:
+    """Cancel a run and its child workflows."""
+    with Admin(database_url) as admin:
+        admin.cancel(run_id)
+    out.print(f"cancelled run {run_id}")
+
+
+@cli.command()
+@guarded
+def resume(run_id: str, database_url: DbUrl = None) -> None:
+    """Resume a cancelled or stuck run from its last checkpoint (a live worker runs it)."""
+    with Admin(database_url) as admin:
+        admin.resume(run_id)
+    out.print(f"resumed run {run_id}")
+
+
+@cli.command()
+@guarded
+def fork(run_id: str,
+         from_node: Annotated[str, typer.Option("--from", help="node path (0.2) or node name")],
+         database_url: DbUrl = None, as_json: AsJson = False) -> None:
+    """Start a new run from a node of an old one, keeping the results recorded before it."""
+    with Admin(database_url) as admin:
+        step = admin.step_of(run_id, from_node)
+        new_id = admin.fork(run_id, start_step=step)
+    if as_json:
+        _print_json({"run_id": new_id, "forked_from": run_id, "start_step": step})
+    else:
+        out.print(f"forked run {run_id} from {from_node} (step {step}) as {new_id}")
+
+
+@cli.command()
+@guarded
+def recover(executor_ids: Annotated[list[str], typer.Argument(help="executor ids of dead workers")],
+            database_url: DbUrl = None) -> None:
+    """Hand a dead worker's unfinished runs to the live workers (never name a live one)."""
+    with Admin(database_url) as admin:
+        ids = admin.recover(executor_ids)
+    out.print(f"re-queued {len(ids)} workflow(s) of {', '.join(executor_ids)}" +
+              (": " + ", ".join(ids) if ids else ""))
+
+
+@cli.command()
+@guarded
+def worker(module: Annotated[str, typer.Argument(help="module or .py file defining the App")],
+           executor_id: Annotated[str | None, typer.Option(
+               "--executor-id", envvar="DURAPIPE_EXECUTOR_ID",
+               help="unique per process; default: the App's, else a fresh worker-<hex>")] = None,
+           database_url: DbUrl = None) -> None:
+    """Run a long-lived worker: recover this executor's runs, then serve queues until stopped."""
+    app = find_app(load_module(module))
+    _prepare(app, database_url, executor_id or app.executor_id or f"worker-{uuid.uuid4().hex[:8]}")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    _launch(app)
+    try:
+        out.print(f"worker {app.executor_id} ready: app {app.name!r}, pipelines "
+                  f"{sorted(app.pipelines)}", highlight=False)
+        stop.wait()
+    finally:
+        app.shutdown()
+
+
+@sql_cli.command("print")
+def sql_print() -> None:
+    """Print the SQL of the audit views."""
+    out.file.write(audit.views_sql())
+
+
+@sql_cli.command("install")
+@guarded
+def sql_install(database_url: DbUrl = None) -> None:
+    """Create or replace the audit views in the Postgres database."""
+    url = database_url_or_env(database_url)
+    audit.install_views(url)
+    out.print(f"installed views durapipe.{{{', '.join(audit.VIEWS)}}}")
+
+
+def main() -> None:
+    """Entry point of the ``durapipe`` script."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""Operator access to recorded runs, without launching an App: list, show, cancel, resume,
+fork, recover. Built on ``DBOSClient``, so it works from any process that can reach the
+database (Postgres or the SQLite file) and needs none of the pipelines' code.
+
+>>> with Admin("postgresql://localhost/app") as admin:
+...     admin.list_runs(status="ERROR", limit=10)
+...     admin.tree("post-42").nodes
+...     admin.fork("post-42", from_node="0.2")       # re-run from node 0.2, keep earlier results
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from dbos import DBOSClient
+from dbos._serialization import DBOSPortableJSONSerializer
+from dbos._utils import INTERNAL_QUEUE_NAME
+
+from ..audit import NodeRecord, RunInfo, RunTree, model_usage, path_key, split_step_name
+from ..errors import OperatorError, UnknownRun, error_text, from_portable
+from .dispatch import TASK_WORKFLOW
+from .interpreter import WORKFLOW_NAME
+
+# Child workflows durapipe starts: subtrees (|, race, timeout, map, flow) and dispatched tasks.
+CHILD_WORKFLOWS = (WORKFLOW_NAME, TASK_WORKFLOW)
+
+_SINCE_RE = re.compile(r"^(\d+)\s*([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+ACTIVE = ("PENDING", "ENQUEUED", "DELAYED")
+
+
+def database_url_or_env(url: str | None) -> str:
+    """The database to operate on: ``url``, else ``DURAPIPE_DATABASE_URL``."""
+    url = url or os.environ.get("DURAPIPE_DATABASE_URL")
+    if not url:
+        raise OperatorError("no database given: pass --database-url or set DURAPIPE_DATABASE_URL")
+    return re.sub(r"^postgresql\+\w+://", "postgresql://", url)
+
+
+def parse_since(text: str) -> datetime:
+    """``30m``, ``2h``, ``7d`` ago, or an ISO date/time, as an aware datetime."""
+    m = _SINCE_RE.match(text.strip())
+    if m:
+        delta = timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+        return datetime.now(timezone.utc) - delta
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise OperatorError(
+            f"--since {text!r}: use an age like 30m, 2h, 7d or an ISO date like 2026-01-31"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _err(exc: Any) -> str | None:
+    if exc is None:
+        return None
+    if isinstance(exc, BaseException):
+        return error_text(from_portable(exc))
+    return str(exc)
+
+
+def _args(status: Any) -> list[Any]:
+    inp = status.input
+    if isinstance(inp, dict):
+        return list(inp.get("args") or [])
+    return []
+
+
+class Admin:
+    """Read and steer runs recorded in one database (see the module docstring)."""
+
+    def __init__(self, database_url: str | None = None) -> None:
+        self.url = database_url_or_env(database_url)
+        if self.url.startswith("sqlite:///"):
+            path = self.url.split("sqlite:///", 1)[1]
+            if path and path != ":memory:" and not os.path.exists(path):
+                raise OperatorError(f"no database file {path!r} (from {self.url})", url=self.url)
+        elif not self.url.startswith(("postgresql://", "postgres://")):
+            raise OperatorError(
+                f"database URL {self.url!r}: use postgresql://... or sqlite:///path", url=self.url
+            )
+        try:
+            self.client = DBOSClient(
+                system_database_url=self.url, serializer=DBOSPortableJSONSerializer(),
+                retry_connection_errors=False,
+            )
+        except Exception as exc:
+            raise OperatorError(f"cannot reach database {_redact(self.url)}: {_first_line(exc)}",
+                                url=_redact(self.url)) from None
+
+    def close(self) -> None:
+        self.client.destroy()
+
+    def __enter__(self) -> Admin:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- runs ---------------------------------------------------------------------------
+    def _info(self, st: Any) -> RunInfo:
+        args = _args(st)
+        end = st.completed_at if st.status not in ACTIVE else None
+        duration = (end - st.created_at) if end and st.created_at else None
+        return RunInfo(
+            run_id=st.workflow_id, pipeline=args[0] if args else None, status=st.status,
+            created_ms=st.created_at, duration_ms=duration, error=_err(st.error),
+            executor_id=st.executor_id, queue=st.queue_name, app=st.application_name,
+            app_version=st.app_version, forked_from=st.forked_from,
+        )
+
+    def list_runs(self, *, pipeline: str | None = None, status: str | None = None,
+                  since: datetime | None = None, limit: int = 50) -> list[RunInfo]:
+        """Newest first; filters are passed to DBOS as parameters, never pasted into SQL."""
+        out: list[RunInfo] = []
+        offset = 0
+        page = max(limit, 100)
+        while len(out) < limit:
+            rows = self.client.list_workflows(
+                name=WORKFLOW_NAME, has_parent=False, status=status.upper() if status else None,
+                start_time=since.isoformat() if since else None, sort_desc=True,
+                limit=page, offset=offset, load_output=True,
+            )
+            for st in rows:
+                info = self._info(st)
+                if pipeline is None or info.pipeline == pipeline:
+                    out.append(info)
+            if len(rows) < page:
+                break
+            offset += page
+        return out[:limit]
+
+    def _status(self, workflow_id: str) -> Any:
+        rows = self.client.list_workflows(workflow_ids=[workflow_id], load_output=True)
+        return rows[0] if rows else None
+
+    def run(self, run_id: str) -> RunInfo:
+        st = self._status(run_id)
+        if st is None or st.name != WORKFLOW_NAME:
+            raise UnknownRun(f"no durapipe run with id {run_id!r} in {_redact(self.url)}", run_id=run_id)
+        return self._info(st)
+
+    def tree(self, run_id: str) -> RunTree:
+        """The run and every recorded node, child workflows nested, in path order."""
+        info = self.run(run_id)
+        st = self._status(run_id)
+        return RunTree(info, self._nodes(run_id, run_id), st.output if st else None)
+
+    def _nodes(self, workflow_id: str, root: str) -> list[NodeRecord]:
+        now = int(time.time() * 1000)
+        nodes: list[NodeRecord] = []
+        by_child: dict[str, NodeRecord] = {}
+        for step in self.client.list_workflow_steps(workflow_id):
+            cid = step["child_workflow_id"]
+            started, done = step["started_at_epoch_ms"], step["completed_at_epoch_ms"]
+            if cid and step["function_name"] in CHILD_WORKFLOWS:
+                node = self._child_node(cid, root, now)
+                by_child[cid] = node
+            else:
+                path, name, kind = split_step_name(step["function_name"])
+                if kind == "dbos-op" and name == "DBOS.getResult":
+                    continue  # the wait for a child: the child node already shows it
+                model, tin, tout = model_usage(step["output"])
+                node = NodeRecord(
+                    path=path, name=name, kind=kind,
+                    status="ERROR" if step["error"] is not None else "SUCCESS",
+                    started_ms=started, duration_ms=(done - started) if done and started else None,
+                    error=_err(step["error"]), model=model, input_tokens=tin, output_tokens=tout,
+                    workflow_id=workflow_id,
+                )
+            nodes.append(node)
+        for key, value in self._events(workflow_id).items():
+            if key.startswith("dispatch:") and isinstance(value, dict):
+                child = by_child.get(str(value.get("child")))
+                if child is not None:
+                    child.kind = "task"
+                    child.detail["task"] = key.split(":", 1)[1]
+                    child.detail["task_status"] = value.get("status")
+            elif key.startswith("gate:") and isinstance(value, dict):
+                nodes.append(NodeRecord(
+                    path=None, name=str(value.get("gate") or key.split(":", 1)[1]), kind="gate",
+                    status=str(value.get("status", "")).upper(), workflow_id=workflow_id,
+                    detail={k: value.get(k) for k in ("message", "by", "comment", "approvers")
+                            if value.get(k) is not None},
+                ))
+        nodes.sort(key=lambda n: (n.kind == "gate", path_key(n.path), n.started_ms or 0))
+        return nodes
+
+    def _child_node(self, child_id: str, root: str, now: int) -> NodeRecord:
+        st = self._status(child_id)
+        if st is None:
+            return NodeRecord(path=None, name=child_id, kind="child", status="UNKNOWN",
+                              workflow_id=child_id)
+        args = _args(st)
+        path = str(args[3]) if len(args) > 3 else None
+        prefix = f"{root}/{path}:"
+        name = child_id[len(prefix):] if path and child_id.startswith(prefix) else child_id
+        end = st.completed_at if st.status not in ACTIVE else now
+        return NodeRecord(
+            path=path, name=name, kind="child", status=st.status, started_ms=st.created_at,
+            duration_ms=(end - st.created_at) if end and st.created_at else None,
+            error=_err(st.error), workflow_id=child_id, children=self._nodes(child_id, root),
+        )
+
+    def _events(self, workflow_id: str) -> dict[str, Any]:
+        return dict(self.client._sys_db.get_all_events(workflow_id))
+
+    def waiting_gates(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        """Gates some active run is waiting at (from the ``gate:<name>`` events)."""
+        if run_id is not None:
+            self.run(run_id)
+            ids = [run_id]
+        else:
+            ids = [st.workflow_id for st in self.client.list_workflows(
+                name=WORKFLOW_NAME, status=list(ACTIVE), load_input=False, load_output=False)]
+        out = []
+        for wid in ids:
+            for key, value in self._events(wid).items():
+                if key.startswith("gate:") and isinstance(value, dict) and value.get("status") == "waiting":
+                    out.append({"run_id": wid, **value})
+        return out
+
+    # -- steering -----------------------------------------------------------------------
+    def cancel(self, run_id: str) -> None:
+        """Cancel a run and its child workflows; a running step finishes, nothing more starts."""
+        self.run(run_id)
+        self.client.cancel_workflow(run_id, cancel_children=True)
+
+    def resume(self, run_id: str) -> None:
+        """Resume a cancelled or stuck run from its last checkpoint (on any live worker)."""
+        info = self.run(run_id)
+        if info.status in ("SUCCESS", "ERROR"):
+            raise OperatorError(
+                f"run {run_id!r} finished with {info.status}; resume continues unfinished runs, "
+                f"use `durapipe fork {run_id} --from NODE` to re-run part of a finished one",
+                run_id=run_id,
+            )
+        self.client.resume_workflow(run_id)
+
+    def step_of(self, run_id: str, node: str) -> int:
+        """The DBOS step id where ``node`` (a path like ``0.2`` or a node name) first ran."""
+        self.run(run_id)
+        candidates: list[tuple[int, str]] = []
+        for step in self.client.list_workflow_steps(run_id):
+            fid, fname, cid = step["function_id"], step["function_name"], step["child_workflow_id"]
+            if cid and fname in CHILD_WORKFLOWS:
+                st = self._status(cid)
+                args = _args(st) if st else []
+                path = str(args[3]) if len(args) > 3 else None
+                name = cid.rsplit(":", 1)[-1]
+            else:
+                path, name, kind = split_step_name(fname)
+                if kind != "step":
+                    continue
+            if path is None:
+                continue
+            base = re.sub(r"#\d+", "", path)
+            if node in (path, base, name) or base.startswith(node + ".") or path.startswith(node + "."):
+                candidates.append((fid, path))
+        if not candidates:
+            raise OperatorError(
+                f"run {run_id!r} recorded no step at node {node!r}; give a node path or name "
+                f"from `durapipe show {run_id}` (only nodes that ran as steps or child workflows "
+                "can be forked from)", run_id=run_id, node=node,
+            )
+        return min(fid for fid, _ in candidates)
+
+    def fork(self, run_id: str, from_node: str | None = None, *, start_step: int | None = None) -> str:
+        """Start a new run that copies ``run_id``'s results before ``from_node`` and re-runs
+        from there, on the same application version. Returns the new run id."""
+        info = self.run(run_id)
+        step = start_step if start_step is not None else (self.step_of(run_id, from_node) if from_node else 1)
+        handle = self.client.fork_workflow(run_id, step, application_version=info.app_version)
+        return str(handle.workflow_id)
+
+    def recover(self, executor_ids: list[str]) -> list[str]:
+        """Hand the PENDING runs of dead executors back to the queues live workers poll.
+
+        Each run (and child workflow) keeps its queue, or goes to DBOS's internal queue when
+        it was started directly; a live worker of the same application version replays it
+        from its last checkpoint. Only name executors whose process is gone.
+        """
+        ids: list[str] = []
+        for st in self.client.list_workflows(status="PENDING", executor_id=list(executor_ids),
+                                             load_input=False, load_output=False):
+            # DBOS's own recovery step: PENDING -> ENQUEUED, only while still owned by the dead.
+            if self.client._sys_db.reenqueue_for_recovery(st.workflow_id, list(executor_ids),
+                                                          INTERNAL_QUEUE_NAME):
+                ids.append(st.workflow_id)
+        return ids
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)

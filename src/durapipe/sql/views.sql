@@ -1,0 +1,170 @@
+-- durapipe audit views over the DBOS 3.x system tables (schema dbos, Postgres).
+-- Install with `durapipe sql install` or `psql -f`; every statement is idempotent.
+-- Outputs, inputs and errors are portable JSON text (DBOSPortableJSONSerializer).
+
+CREATE SCHEMA IF NOT EXISTS durapipe;
+
+-- JSON text as jsonb; NULL for anything that is not JSON (e.g. rows pickled by other apps).
+CREATE OR REPLACE FUNCTION durapipe.jsonb_or_null(t text) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+  IF t IS NULL THEN RETURN NULL; END IF;
+  RETURN t::jsonb;
+EXCEPTION WHEN others THEN
+  RETURN NULL;
+END $$;
+
+-- A recorded error ({"name","message",...}) as one line: "Name: message".
+CREATE OR REPLACE FUNCTION durapipe.error_text(t text) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT CASE
+    WHEN t IS NULL THEN NULL
+    WHEN jsonb_typeof(durapipe.jsonb_or_null(t)) = 'object'
+      THEN concat_ws(': ', durapipe.jsonb_or_null(t)->>'name', durapipe.jsonb_or_null(t)->>'message')
+    ELSE t
+  END
+$$;
+
+-- A timestamp held in JSON: epoch seconds, epoch milliseconds or an ISO 8601 string.
+CREATE OR REPLACE FUNCTION durapipe.ts(v jsonb) RETURNS timestamptz
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+  IF v IS NULL OR jsonb_typeof(v) = 'null' THEN RETURN NULL; END IF;
+  IF jsonb_typeof(v) = 'number' THEN
+    IF (v #>> '{}')::float8 > 1e11 THEN RETURN to_timestamp((v #>> '{}')::float8 / 1000.0); END IF;
+    RETURN to_timestamp((v #>> '{}')::float8);
+  END IF;
+  RETURN (v #>> '{}')::timestamptz;
+EXCEPTION WHEN others THEN
+  RETURN NULL;
+END $$;
+
+-- Every workflow of the durapipe interpreter: runs and their child workflows.
+-- Input is {"positionalArgs": [pipeline, version, state, path, root]}.
+CREATE OR REPLACE VIEW durapipe.workflows AS
+SELECT s.workflow_uuid                                        AS workflow_id,
+       COALESCE(i.args->>4, s.workflow_uuid)                  AS run_id,
+       s.parent_workflow_id,
+       i.args->>0                                             AS pipeline,
+       i.args->>1                                             AS pipeline_version,
+       COALESCE(i.args->>3, '0')                              AS node_path,
+       s.status,
+       s.application_name                                     AS app,
+       s.application_version                                  AS app_version,
+       s.executor_id,
+       s.queue_name,
+       to_timestamp(s.created_at / 1000.0)                    AS created,
+       to_timestamp(s.completed_at / 1000.0)                  AS completed,
+       s.completed_at - s.created_at                          AS duration_ms,
+       i.args->2                                              AS inputs,
+       durapipe.jsonb_or_null(w.output)                       AS output,
+       durapipe.error_text(w.error)                           AS error,
+       s.forked_from,
+       s.recovery_attempts
+FROM dbos.workflow_status s
+LEFT JOIN LATERAL (
+  SELECT durapipe.jsonb_or_null(wi.inputs)->'positionalArgs' AS args
+  FROM dbos.workflow_input wi WHERE wi.workflow_uuid = s.workflow_uuid
+) i ON true
+LEFT JOIN dbos.workflow_output w ON w.workflow_uuid = s.workflow_uuid
+WHERE s.name IN ('durapipe.run', 'durapipe.task');
+
+-- One row per run (top-level workflow).
+CREATE OR REPLACE VIEW durapipe.runs AS
+SELECT run_id, app, pipeline, status, created, completed, duration_ms, error,
+       executor_id, queue_name, inputs, output, forked_from, recovery_attempts, app_version
+FROM durapipe.workflows
+WHERE parent_workflow_id IS NULL;
+
+-- One row per recorded operation of a run or of one of its child workflows.
+-- kind: 'step' (agent, model or function call: name "<path>:<label>"),
+--       'child' (a child workflow started here), 'dbos-op' (DBOS.sleep, DBOS.recv, ...).
+-- A step that is still running has no row yet.
+CREATE OR REPLACE VIEW durapipe.steps AS
+SELECT w.run_id,
+       w.pipeline,
+       o.workflow_uuid                                        AS workflow_id,
+       o.function_id                                          AS step_id,
+       CASE WHEN o.child_workflow_id IS NOT NULL THEN c.node_path
+            WHEN o.function_name ~ '^[0-9][0-9.#]*:' THEN split_part(o.function_name, ':', 1)
+       END                                                    AS node_path,
+       CASE WHEN o.child_workflow_id IS NOT NULL AND c.workflow_id IS NOT NULL
+                 AND left(o.child_workflow_id, length(c.run_id) + length(c.node_path) + 2)
+                     = c.run_id || '/' || c.node_path || ':'
+              THEN substr(o.child_workflow_id, length(c.run_id) + length(c.node_path) + 3)
+            WHEN o.child_workflow_id IS NOT NULL THEN o.child_workflow_id
+            WHEN o.function_name ~ '^[0-9][0-9.#]*:'
+              THEN substr(o.function_name, strpos(o.function_name, ':') + 1)
+            ELSE o.function_name
+       END                                                    AS node_name,
+       CASE WHEN o.child_workflow_id IS NOT NULL THEN 'child'
+            WHEN o.function_name ~ '^[0-9][0-9.#]*:' THEN 'step'
+            ELSE 'dbos-op'
+       END                                                    AS kind,
+       CASE WHEN o.child_workflow_id IS NOT NULL THEN COALESCE(c.status, 'UNKNOWN')
+            WHEN o.error IS NULL THEN 'SUCCESS' ELSE 'ERROR'
+       END                                                    AS status,
+       to_timestamp(o.started_at_epoch_ms / 1000.0)           AS started,
+       CASE WHEN o.child_workflow_id IS NOT NULL THEN c.duration_ms
+            ELSE o.completed_at_epoch_ms - o.started_at_epoch_ms
+       END                                                    AS duration_ms,
+       CASE WHEN o.child_workflow_id IS NOT NULL THEN c.error
+            ELSE durapipe.error_text(o.error)
+       END                                                    AS error,
+       durapipe.jsonb_or_null(o.output)                       AS output,
+       o.child_workflow_id
+FROM dbos.operation_outputs o
+JOIN durapipe.workflows w ON w.workflow_id = o.workflow_uuid
+LEFT JOIN durapipe.workflows c ON c.workflow_id = o.child_workflow_id;
+
+-- One row per model call: what an agent step recorded (text, model, tokens, latency).
+CREATE OR REPLACE VIEW durapipe.llm_calls AS
+SELECT s.run_id, s.pipeline, s.workflow_id, s.step_id, s.node_path,
+       split_part(s.node_name, '#', 1)                        AS agent,
+       s.node_name                                            AS step_name,
+       s.output->>'model'                                     AS model,
+       (s.output->>'input_tokens')::bigint                    AS input_tokens,
+       (s.output->>'output_tokens')::bigint                   AS output_tokens,
+       (s.output->>'latency_ms')::float8                      AS latency_ms,
+       s.output->>'finish_reason'                             AS finish_reason,
+       s.started, s.duration_ms
+FROM durapipe.steps s
+WHERE s.kind = 'step' AND jsonb_typeof(s.output) = 'object'
+  AND s.output ? 'model' AND s.output ? 'input_tokens';
+
+-- One row per background task started by dispatch (DBOS event "dispatch:<task>").
+CREATE OR REPLACE VIEW durapipe.background_tasks AS
+SELECT w.run_id, w.pipeline,
+       e.workflow_uuid                                        AS workflow_id,
+       substr(e.key, length('dispatch:') + 1)                 AS task,
+       v.v->>'path'                                           AS node_path,
+       v.v->>'child'                                          AS child_workflow_id,
+       v.v->>'status'                                         AS status,
+       durapipe.ts(v.v->'at')                                 AS status_at,
+       c.status                                               AS child_status,
+       c.created                                              AS started,
+       c.duration_ms,
+       c.error
+FROM dbos.workflow_events e
+JOIN durapipe.workflows w ON w.workflow_id = e.workflow_uuid
+CROSS JOIN LATERAL (SELECT durapipe.jsonb_or_null(e.value) AS v) v
+LEFT JOIN durapipe.workflows c ON c.workflow_id = v.v->>'child'
+WHERE e.key LIKE 'dispatch:%';
+
+-- One row per human-approval gate (DBOS event "gate:<name>"): who decided what, and when.
+CREATE OR REPLACE VIEW durapipe.approvals AS
+SELECT w.run_id, w.pipeline,
+       e.workflow_uuid                                        AS workflow_id,
+       COALESCE(v.v->>'gate', substr(e.key, length('gate:') + 1)) AS gate,
+       v.v->>'status'                                         AS status,
+       v.v->>'message'                                        AS message,
+       v.v->'approvers'                                       AS approvers,
+       durapipe.ts(v.v->'requested_at')                       AS requested_at,
+       v.v->>'by'                                             AS decided_by,
+       v.v->>'comment'                                        AS comment,
+       durapipe.ts(v.v->'decided_at')                         AS decided_at,
+       w.status                                               AS run_status
+FROM dbos.workflow_events e
+JOIN durapipe.workflows w ON w.workflow_id = e.workflow_uuid
+CROSS JOIN LATERAL (SELECT durapipe.jsonb_or_null(e.value) AS v) v
+WHERE e.key LIKE 'gate:%';
