@@ -87,6 +87,8 @@ class Registered:
 
 
 def _dbos_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise AppStateError(f"App({name!r}): the app name must be a string, as App('blog')", app=repr(name))
     slug = re.sub(r"[^a-z0-9_-]", "-", name.lower())
     if not _NAME_RE.match(slug):
         raise AppStateError(
@@ -146,6 +148,14 @@ class App:
             )
         if not isinstance(name, str) or not name:
             raise BuildError(f"app.pipeline({name!r}): the name must be a non-empty string")
+        if inputs is not None and (
+            not isinstance(inputs, (list, tuple))
+            or not all(isinstance(k, str) and k for k in inputs)
+        ):
+            raise BuildError(
+                f"app.pipeline({name!r}, inputs={inputs!r}): inputs must be a list of state "
+                "key names, as inputs=['topic']", pipeline=name,
+            )
         root = as_node(node, f"pipeline {name!r}")
         needed = validate.check(root, inputs)
         version = root.digest()
