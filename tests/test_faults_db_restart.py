@@ -24,10 +24,10 @@ from typing import Any
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
-from pgserver import PrivateServer
 
 from dbutil import sql
 from durapipe import App, RunError, RunStatus, fn
+from pgserver import PrivateServer
 
 RUNS = 10
 STEPS = 5
