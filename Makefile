@@ -25,6 +25,7 @@ lint: install
 	$(VENV)/bin/mypy src
 
 bench: install
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/run.py
 
 clean:

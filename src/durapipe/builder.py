@@ -31,6 +31,8 @@ def _keys(arg: Iterable[str] | None, what: str, owner: str) -> tuple[str, ...] |
         return None
     if isinstance(arg, str):
         arg = [arg]
+    if not isinstance(arg, (list, tuple, set, frozenset)):
+        raise BuildError(f"{owner}: {what} takes a state key or a list of keys, got {arg!r}")
     keys = tuple(arg)
     for k in keys:
         if not isinstance(k, str) or not k:

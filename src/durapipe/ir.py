@@ -149,12 +149,24 @@ def as_node(x: Any, where: str = "pipeline") -> Node:
 def template_keys(text: str) -> tuple[str, ...]:
     """The ``{key}`` names an instruction reads from state, in order."""
     keys: list[str] = []
-    for _, name, _, _ in string.Formatter().parse(text):
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        raise BuildError(
+            f"instruction {text!r}: {exc}; write a literal brace as '{{{{' or '}}}}', "
+            "and a state value as {topic}"
+        ) from None
+    for _, name, _, conversion in parsed:
         if name is None:
             continue
         root = name.split(".")[0].split("[")[0]
         if not root or root.isdigit():
             raise BuildError(f"instruction {text!r}: placeholders must name a state key, as {{topic}}")
+        if conversion not in (None, "r", "s", "a"):
+            raise BuildError(
+                f"instruction {text!r}: {{{name}!{conversion}}} has an unknown conversion; "
+                "use !r, !s or !a, or none"
+            )
         if root not in keys:
             keys.append(root)
     return tuple(keys)
@@ -204,7 +216,10 @@ class Agent(Node):
     def instruct(self, text: str) -> Agent:
         if not isinstance(text, str):
             raise BuildError(f"Agent {self.name!r}.instruct(): the instruction must be a string")
-        template_keys(text)
+        try:
+            template_keys(text)
+        except BuildError as exc:
+            raise BuildError(f"Agent {self.name!r}: {exc.message}", agent=self.name) from None
         return self._replace(instruction=text)  # type: ignore[no-any-return]
 
     def writes(self, key: str) -> Agent:

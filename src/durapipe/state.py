@@ -92,4 +92,11 @@ def render(template: str, state: State, where: str) -> str:
             f"(keys present: {sorted(state)}); write it upstream or pass it as a run input",
             node=where, key=missing[0],
         )
-    return template.format_map(state)
+    try:
+        return template.format_map(state)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise StateError(
+            f"{where}: the instruction {template!r} cannot be filled from state: "
+            f"{type(exc).__name__}: {exc}; check the placeholders' format specs and indexes",
+            node=where,
+        ) from None

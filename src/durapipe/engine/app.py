@@ -42,6 +42,7 @@ from .queues import QueueSpec, register_queues
 
 _NAME_RE = re.compile(r"^[a-z0-9_-]{3,256}$")
 _INSTANCE_RE = re.compile(r"#\d+")
+_UNREADABLE = "UNREADABLE"
 
 
 class RunStatus(str, enum.Enum):
@@ -88,6 +89,8 @@ class Registered:
 
 
 def _dbos_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise AppStateError(f"App({name!r}): the app name must be a string, as App('blog')", app=repr(name))
     slug = re.sub(r"[^a-z0-9_-]", "-", name.lower())
     if not _NAME_RE.match(slug):
         raise AppStateError(
@@ -149,6 +152,14 @@ class App:
             )
         if not isinstance(name, str) or not name:
             raise BuildError(f"app.pipeline({name!r}): the name must be a non-empty string")
+        if inputs is not None and (
+            not isinstance(inputs, (list, tuple))
+            or not all(isinstance(k, str) and k for k in inputs)
+        ):
+            raise BuildError(
+                f"app.pipeline({name!r}, inputs={inputs!r}): inputs must be a list of state "
+                "key names, as inputs=['topic']", pipeline=name,
+            )
         root = as_node(node, f"pipeline {name!r}")
         needed = validate.check(root, inputs)
         version = root.digest()
@@ -421,7 +432,19 @@ class Pipeline:
         return await handle.result_async(timeout=timeout)
 
 
-def _raise_run_error(run_id: str, exc: BaseException) -> None:
+def _raise_run_error(run_id: str, exc: BaseException, recorded: str | None = None) -> None:
+    if recorded == _UNREADABLE or (recorded is not None and not RunStatus(recorded).finished):
+        # The run stopped in this process, but its end could not be recorded (typically the
+        # database connection was lost): the database still holds it as unfinished.
+        seen = ("its status cannot be read from the database now" if recorded == _UNREADABLE
+                else f"the database still records it as {recorded}")
+        raise RunError(
+            f"run {run_id!r} stopped in this process ({error_text(exc)}), but {seen}: its end "
+            "could not be written, so it stays PENDING. Nothing is lost; once the database is "
+            "reachable, relaunch the app (`with app:` in a new App or process with the same "
+            "executor id and version) to resume it from its last recorded step",
+            run_id=run_id, status=recorded,
+        ) from exc
     exc = from_portable(exc)
     if isinstance(exc, DurapipeError):
         raise exc
@@ -455,6 +478,14 @@ class RunHandle:
             raise UnknownRun(f"no run with id {self.run_id!r}", run_id=self.run_id)
         return RunStatus(st.status)
 
+    def _recorded_status(self) -> str | None:
+        """The status the database holds; None for no row, ``_UNREADABLE`` when the read fails."""
+        try:
+            st = DBOS.get_workflow_status(self.run_id)
+        except Exception:
+            return _UNREADABLE
+        return None if st is None else str(st.status)
+
     def _result(self, state: Any) -> RunResult:
         return RunResult(self.run_id, RunStatus.SUCCESS, state)
 
@@ -480,7 +511,7 @@ class RunHandle:
         except BaseException as exc:
             if not isinstance(exc, Exception) and "Cancel" not in type(exc).__name__:
                 raise
-            _raise_run_error(self.run_id, exc)
+            _raise_run_error(self.run_id, exc, self._recorded_status())
             raise  # unreachable
 
     def _wait(self, timeout: float | None) -> None:
@@ -506,7 +537,7 @@ class RunHandle:
         except BaseException as exc:
             if not isinstance(exc, Exception) and "Cancel" not in type(exc).__name__:
                 raise
-            _raise_run_error(self.run_id, exc)
+            _raise_run_error(self.run_id, exc, await asyncio.to_thread(self._recorded_status))
             raise
 
     def _check_task(self, name: str) -> None:

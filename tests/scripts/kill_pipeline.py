@@ -1,0 +1,62 @@
+"""Many runs of a pipeline with parallel branches; the process SIGKILLs itself mid-flight.
+
+Usage: kill_pipeline.py DATABASE_URL LOG_PATH RUNS KILL_AT
+Each step appends ``run:label`` to the log after its work. With KILL_AT > 0 the process
+starts RUNS runs and kills itself with SIGKILL right after the KILL_AT-th log line (before
+DBOS records that step). With KILL_AT = 0 it recovers, starts the same run ids again (idempotent) and waits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from durapipe import App, fn
+
+url, log, runs, kill_at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+lock = threading.Lock()
+written = [0]
+
+
+def step(label: str) -> Any:
+    def body(state: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(0.01)
+        with lock:
+            with log.open("a") as f:
+                f.write(f"{state['run']}:{label}\n")
+            written[0] += 1
+            if kill_at and written[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return {label: True}
+
+    body.__name__ = label
+    return fn(body)
+
+
+LABELS = ["a", "b1", "b2", "c", "d1", "d2", "e"]
+app = App("kill-app", url)
+pipeline = app.pipeline(
+    "branches",
+    step("a") >> ((step("b1") >> step("b2")) | step("c") | (step("d1") >> step("d2"))) >> step("e"),
+)
+
+if __name__ == "__main__":
+    with app:
+        if kill_at:
+            for i in range(runs):
+                pipeline.start({"run": f"k{i}"}, run_id=f"k{i}")
+            time.sleep(120)
+            print("KILL POINT NEVER REACHED", flush=True)
+            sys.exit(3)
+        # Start again every run the first process meant to start: a run that had been
+        # recorded returns its (recovering) self, one the kill prevented starts now.
+        handles = [pipeline.start({"run": f"k{i}"}, run_id=f"k{i}") for i in range(runs)]
+        for handle in handles:
+            result = handle.result(timeout=120)
+            assert all(result.state[label] for label in LABELS), result.state
+        print("ALL DONE", flush=True)
