@@ -51,14 +51,18 @@ def _description(f: Callable[..., Any]) -> str:
 def make_tool(f: Callable[..., Any]) -> Tool:
     """Inspect ``f`` once; a signature that cannot become a schema is a :class:`BuildError`."""
     name = getattr(f, "__name__", None)
-    if not isinstance(name, str) or not name.isidentifier():
+    if isinstance(f, type) or not isinstance(name, str) or not name.isidentifier():
         raise BuildError(f"tool {f!r}: a tool must be a named function (def or async def)")
     try:
         hints = get_type_hints(f)
     except Exception as exc:
         raise BuildError(f"tool {name!r}: its type hints cannot be resolved ({exc})") from exc
+    try:
+        params = inspect.signature(f).parameters.values()
+    except (TypeError, ValueError) as exc:
+        raise BuildError(f"tool {name!r}: its signature cannot be read ({exc})") from exc
     fields: dict[str, Any] = {}
-    for p in inspect.signature(f).parameters.values():
+    for p in params:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
             raise BuildError(
                 f"tool {name!r}: parameter {p.name!r} is {p.kind.description}; tools take named "
