@@ -39,6 +39,7 @@ from ..state import State, check_inputs
 from . import dispatch, gates, interpreter
 from .interpreter import WORKFLOW_NAME, run_pipeline
 from .queues import QueueSpec, register_queues
+from .tracing import Tracing
 
 _NAME_RE = re.compile(r"^[a-z0-9_-]{3,256}$")
 _INSTANCE_RE = re.compile(r"#\d+")
@@ -115,7 +116,9 @@ class App:
     either, runs are recorded in an embedded SQLite file ``<name>.sqlite``. ``model``
     overrides every agent's model (a FakeModel for tests and demos). ``version`` is the
     application version DBOS records on every run; recovery picks up runs of the same
-    version only.
+    version only. ``tracing=True`` emits OpenTelemetry spans per run and per node through
+    the global TracerProvider (``tracing=provider`` for another one; needs the ``otel``
+    extra; see :mod:`durapipe.engine.tracing`).
     """
 
     def __init__(
@@ -127,6 +130,7 @@ class App:
         version: str = "1",
         executor_id: str | None = None,
         dbos_config: dict[str, Any] | None = None,
+        tracing: Any = False,
     ) -> None:
         self.name = name
         self.dbos_name = _dbos_name(name)
@@ -140,6 +144,7 @@ class App:
         self._queues: dict[str, QueueSpec] = {}
         self._launched = False
         self._listen: list[str] | None = None
+        self.tracing = Tracing(None if tracing is True else tracing) if tracing else None
 
     # -- registry -----------------------------------------------------------------------
     def pipeline(self, name: str, node: Any, inputs: list[str] | None = None) -> Pipeline:

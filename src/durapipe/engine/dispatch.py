@@ -20,6 +20,7 @@ replay sees the value the first execution saw.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import Awaitable, Callable
@@ -160,7 +161,14 @@ async def run_task(
     returns has seen its tasks' callbacks done.
     """
     app, registered = open_pipeline(pipeline, version)
-    ctx = RunContext(app=app, pipeline=registered, root=root)
+    ctx = RunContext(app=app, pipeline=registered, root=root, tracer=app.tracing)
+    if ctx.tracer is not None:
+        return await ctx.tracer.workflow(ctx, path, lambda: _run_task(ctx, state, path, name))
+    return await _run_task(ctx, state, path, name)
+
+
+async def _run_task(ctx: RunContext, state: State, path: str, name: str) -> State:
+    registered = ctx.pipeline
     node = registered.node_at(path)
     owner = registered.node_at(_parent_path(path))
     assert isinstance(owner, Dispatch)
@@ -243,7 +251,8 @@ async def _dispatch(ctx: RunContext, node: Dispatch, path: str, state: State) ->
         tpath = f"{path}.{i}"
         task = Task(name, tpath, f"{ctx.root}/{tpath}:{name}", node, _parent_path(path))
         args = (ctx.pipeline.name, ctx.pipeline.version, dict(state), tpath, ctx.root, name)
-        with SetWorkflowID(task.child_id):
+        propagate = ctx.tracer.propagate() if ctx.tracer is not None else contextlib.nullcontext()
+        with SetWorkflowID(task.child_id), propagate:
             if queue is None:
                 await DBOS.start_workflow_async(run_task, *args)
             else:

@@ -17,6 +17,7 @@ timing. Parallel branches that start at most one operation (a step) run inline u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from ..state import State, check_updates
 
 if TYPE_CHECKING:
     from .app import App, Registered
+    from .tracing import Tracing
 
 WORKFLOW_NAME = "durapipe.run"
 N = TypeVar("N", bound=Node)
@@ -84,6 +86,9 @@ class RunContext:
     root: str
     # Background tasks started by dispatch in this workflow and not joined yet, by name.
     tasks: dict[str, Any] = field(default_factory=dict)
+    # Set when the app traces (engine/tracing.py); None costs one check per node.
+    tracer: Tracing | None = None
+    recorded_ops: int = 0
 
     async def execute(self, node: Node, path: str, state: State) -> State:
         """Run one node; return the state updates it made."""
@@ -92,6 +97,8 @@ class RunContext:
             raise DurapipeError(
                 f"node {path}:{node.label}: node kind {node.kind!r} is not supported by this engine"
             )
+        if self.tracer is not None:
+            return await self.tracer.node(self, node, path, state, handler)
         return await handler(self, node, path, state)
 
     def child_id(self, path: str, node: Node) -> str:
@@ -99,7 +106,8 @@ class RunContext:
 
     async def start_child(self, node: Node, path: str, state: State) -> Any:
         """Start a subtree as a child workflow with a stable id; return its DBOS handle."""
-        with SetWorkflowID(self.child_id(path, node)):
+        propagate = self.tracer.propagate() if self.tracer is not None else contextlib.nullcontext()
+        with SetWorkflowID(self.child_id(path, node)), propagate:
             return await DBOS.start_workflow_async(
                 run_pipeline, self.pipeline.name, self.pipeline.version, state, path, self.root
             )
@@ -325,12 +333,18 @@ async def run_pipeline(
 ) -> State:
     app, registered = open_pipeline(pipeline, version)
     run_id = DBOS.workflow_id or ""
-    ctx = RunContext(app=app, pipeline=registered, root=root or run_id)
+    ctx = RunContext(app=app, pipeline=registered, root=root or run_id, tracer=app.tracing)
     node = registered.node_at(path)
-    updates = await finish(ctx, path, state, await ctx.execute(node, path, state))
-    if path == "0":
-        return {**state, **updates}
-    return updates
+
+    async def body() -> State:
+        updates = await finish(ctx, path, state, await ctx.execute(node, path, state))
+        if path == "0":
+            return {**state, **updates}
+        return updates
+
+    if ctx.tracer is not None:
+        return await ctx.tracer.workflow(ctx, path, body)
+    return await body()
 
 
 from . import agent as _agent  # noqa: E402,F401  (registers the Agent handler)
