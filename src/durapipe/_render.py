@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from typing import Any
 
@@ -17,6 +18,19 @@ _STYLE = {"SUCCESS": "green", "ERROR": "red", "CANCELLED": "yellow", "PENDING": 
           "TIMED_OUT": "red", "MAX_RECOVERY_ATTEMPTS_EXCEEDED": "red", "RUNNING": "cyan"}
 _MARK = {"SUCCESS": "✓", "ERROR": "✗", "CANCELLED": "⊘", "PENDING": "…", "RUNNING": "…",
          "WAITING": "⏸", "APPROVED": "✓", "REJECTED": "✗"}
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def clean(value: object) -> str:
+    """Recorded text as it may reach a terminal: control characters shown escaped."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(value))
+
+
+def literal(value: object, style: str = "") -> Text:
+    """Recorded text (names, ids, messages) for Rich: never read as markup, no escapes."""
+    return Text(clean(value), style=style)
 
 
 def duration(ms: int | float | None) -> str:
@@ -44,16 +58,17 @@ def runs_table(runs: list[RunInfo]) -> Table:
     for col in ("run", "pipeline", "status", "created (UTC)", "duration", "executor", "error"):
         table.add_column(col, overflow="fold")
     for r in runs:
-        table.add_row(r.run_id, r.pipeline or "-", status_text(r.status), when(r.created_ms),
-                      duration(r.duration_ms), r.executor_id or "-", (r.error or "")[:80])
+        table.add_row(literal(r.run_id), literal(r.pipeline or "-"), status_text(r.status),
+                      when(r.created_ms), duration(r.duration_ms), literal(r.executor_id or "-"),
+                      literal((r.error or "")[:80]))
     return table
 
 
 def _label(n: NodeRecord) -> Text:
     text = Text()
     if n.path:
-        text.append(f"{n.path} ", style="dim")
-    text.append(n.name, style="bold")
+        text.append(f"{clean(n.path)} ", style="dim")
+    text.append(clean(n.name), style="bold")
     if n.kind not in ("step",):
         text.append(f" [{n.kind}]", style="dim")
     text.append("  ")
@@ -63,19 +78,19 @@ def _label(n: NodeRecord) -> Text:
         text.append(f"  {n.model} {n.input_tokens or 0}→{n.output_tokens or 0} tok", style="blue")
     task = n.detail.get("task_status")
     if task:
-        text.append(f"  task {n.detail.get('task')}: {task}", style="magenta")
+        text.append(clean(f"  task {n.detail.get('task')}: {task}"), style="magenta")
     for key in ("message", "by", "comment"):
         if key in n.detail:
-            text.append(f"  {key}={n.detail[key]!s}", style="magenta")
+            text.append(clean(f"  {key}={n.detail[key]!s}"), style="magenta")
     if n.error:
-        text.append(f"\n    {n.error}", style="red")
+        text.append(f"\n    {clean(n.error)}", style="red")
     return text
 
 
 def run_tree(tree: RunTree, show_ops: bool = False) -> Tree:
     r = tree.run
-    head = Text(f"run {r.run_id}  ", style="bold")
-    head.append(f"{r.pipeline or '?'}  ")
+    head = Text(f"run {clean(r.run_id)}  ", style="bold")
+    head.append(f"{clean(r.pipeline or '?')}  ")
     head.append_text(status_text(r.status))
     head.append(f"  {duration(r.duration_ms)}  created {when(r.created_ms)} UTC", style="dim")
     tin, tout = tree.tokens
@@ -84,7 +99,7 @@ def run_tree(tree: RunTree, show_ops: bool = False) -> Tree:
     root = Tree(head)
     _add(root, tree.nodes, show_ops)
     if r.error:
-        root.add(Text(f"error: {r.error}", style="red"))
+        root.add(literal(f"error: {r.error}", style="red"))
     return root
 
 
@@ -113,8 +128,8 @@ def live_table(node: Node, tree: RunTree | None, run_status: str) -> Table:
     for path, leaf in leaves:
         rec = recorded.get(path)
         status = rec.status if rec else ("RUNNING" if run_status == "PENDING" else "-")
-        usage = f"{rec.model} {rec.input_tokens}→{rec.output_tokens}" if rec and rec.model else ""
-        table.add_row(path, leaf.label, status_text(status) if status != "-" else Text("· waiting", "dim"),
+        usage = clean(f"{rec.model} {rec.input_tokens}→{rec.output_tokens}") if rec and rec.model else ""
+        table.add_row(path, literal(leaf.label), status_text(status) if status != "-" else Text("· waiting", "dim"),
                       duration(rec.duration_ms if rec else None), usage)
     return table
 

@@ -32,6 +32,7 @@ import typer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from . import _render, audit
 from .engine.admin import Admin, database_url_or_env, parse_since
@@ -68,7 +69,7 @@ def guarded(f: F) -> F:
         try:
             return f(*args, **kwargs)  # type: ignore[operator]
         except DurapipeError as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            err.print(Text("error:", "red") + _render.literal(f" {exc}"), highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
@@ -225,8 +226,9 @@ def run(
         if tree.run.status == RunStatus.SUCCESS.value:
             _print_json(tree.output)
     if tree.run.status != RunStatus.SUCCESS.value:
-        err.print(f"[red]error:[/red] run {tree.run.run_id} {tree.run.status}: {tree.run.error or ''}",
-                  highlight=False, soft_wrap=True)
+        err.print(Text("error:", "red") + _render.literal(
+            f" run {tree.run.run_id} {tree.run.status}: {tree.run.error or ''}"),
+            highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -297,7 +299,8 @@ def _decide(approve: bool, run_id: str, gate: str, by: str, comment: str | None,
         decide(run_id, gate, by=by, comment=comment)
     finally:
         app.shutdown()
-    out.print(f"{'approved' if approve else 'rejected'} gate {gate!r} of run {run_id} by {by}")
+    out.print(_render.literal(f"{'approved' if approve else 'rejected'} gate {gate!r} of run {run_id} by {by}"),
+              highlight=False)
 
 
 @cli.command()
@@ -334,8 +337,9 @@ def pending(run_id: Annotated[str | None, typer.Option("--run")] = None,
     for col in ("run", "gate", "message", "approvers", "requested"):
         table.add_column(col, overflow="fold")
     for g in gates:
-        table.add_row(g["run_id"], str(g.get("gate")), str(g.get("message") or ""),
-                      ", ".join(g.get("approvers") or []) or "anyone", str(g.get("requested_at") or ""))
+        table.add_row(*(_render.literal(v) for v in (
+            g["run_id"], g.get("gate"), g.get("message") or "",
+            ", ".join(map(str, g.get("approvers") or [])) or "anyone", g.get("requested_at") or "")))
     out.print(table)
 
 
@@ -345,7 +349,7 @@ def cancel(run_id: str, database_url: DbUrl = None) -> None:
     """Cancel a run and its child workflows."""
     with Admin(database_url) as admin:
         admin.cancel(run_id)
-    out.print(f"cancelled run {run_id}")
+    out.print(_render.literal(f"cancelled run {run_id}"), highlight=False)
 
 
 @cli.command()
@@ -354,7 +358,7 @@ def resume(run_id: str, database_url: DbUrl = None) -> None:
     """Resume a cancelled or stuck run from its last checkpoint (a live worker runs it)."""
     with Admin(database_url) as admin:
         admin.resume(run_id)
-    out.print(f"resumed run {run_id}")
+    out.print(_render.literal(f"resumed run {run_id}"), highlight=False)
 
 
 @cli.command()
@@ -369,7 +373,8 @@ def fork(run_id: str,
     if as_json:
         _print_json({"run_id": new_id, "forked_from": run_id, "start_step": step})
     else:
-        out.print(f"forked run {run_id} from {from_node} (step {step}) as {new_id}")
+        out.print(_render.literal(f"forked run {run_id} from {from_node} (step {step}) as {new_id}"),
+                  highlight=False)
 
 
 @cli.command()
@@ -379,8 +384,8 @@ def recover(executor_ids: Annotated[list[str], typer.Argument(help="executor ids
     """Hand a dead worker's unfinished runs to the live workers (never name a live one)."""
     with Admin(database_url) as admin:
         ids = admin.recover(executor_ids)
-    out.print(f"re-queued {len(ids)} workflow(s) of {', '.join(executor_ids)}" +
-              (": " + ", ".join(ids) if ids else ""))
+    out.print(_render.literal(f"re-queued {len(ids)} workflow(s) of {', '.join(executor_ids)}" +
+                              (": " + ", ".join(ids) if ids else "")), highlight=False)
 
 
 @cli.command()
@@ -398,8 +403,8 @@ def worker(module: Annotated[str, typer.Argument(help="module or .py file defini
         signal.signal(sig, lambda *_: stop.set())
     _launch(app)
     try:
-        out.print(f"worker {app.executor_id} ready: app {app.name!r}, pipelines "
-                  f"{sorted(app.pipelines)}", highlight=False)
+        out.print(_render.literal(f"worker {app.executor_id} ready: app {app.name!r}, pipelines "
+                                  f"{sorted(app.pipelines)}"), highlight=False)
         stop.wait()
     finally:
         app.shutdown()
