@@ -1,0 +1,80 @@
+"""Many runs of a pipeline with dispatch, parallel branches and a gate; SIGKILL mid-flight.
+
+Usage: kill_mixed.py DATABASE_URL LOG_PATH RUNS KILL_AT
+Pipeline: a >> dispatch(b1 >> b2, names=["bg"]) >> (c | (d1 >> d2)) >> gate("ok") >> join() >> e.
+Each fn step appends ``run:label`` to the log after its work. An approver thread answers
+every waiting gate. With KILL_AT > 0 the process kills itself with SIGKILL right after the
+KILL_AT-th log line (before DBOS records that step). With KILL_AT = 0 it recovers, starts
+the same run ids again (idempotent), answers the gates and waits for every run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from durapipe import App, DurapipeError, dispatch, fn, gate, join
+
+url, log, runs, kill_at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+lock = threading.Lock()
+written = [0]
+
+
+def step(label: str) -> Any:
+    def body(state: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(0.01)
+        with lock:
+            with log.open("a") as f:
+                f.write(f"{state['run']}:{label}\n")
+            written[0] += 1
+            if kill_at and written[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return {label: True}
+
+    body.__name__ = label
+    return fn(body)
+
+
+LABELS = ["a", "b1", "b2", "c", "d1", "d2", "e"]
+app = App("kill-mixed", url)
+pipeline = app.pipeline(
+    "mixed",
+    step("a") >> dispatch(step("b1") >> step("b2"), names=["bg"])
+    >> (step("c") | (step("d1") >> step("d2"))) >> gate("ok", "approve {run}?") >> join() >> step("e"),
+)
+stop = threading.Event()
+
+
+def approver() -> None:
+    while not stop.is_set():
+        try:
+            for pending in app.pending():
+                try:
+                    app.approve(pending.run_id, pending.gate, by="bot")
+                except DurapipeError:
+                    pass  # answered meanwhile
+        except Exception:
+            pass  # the app is shutting down
+        time.sleep(0.05)
+
+
+if __name__ == "__main__":
+    with app:
+        threading.Thread(target=approver, daemon=True).start()
+        if kill_at:
+            for i in range(runs):
+                pipeline.start({"run": f"m{i}"}, run_id=f"m{i}")
+            time.sleep(120)
+            print("KILL POINT NEVER REACHED", flush=True)
+            sys.exit(3)
+        handles = [pipeline.start({"run": f"m{i}"}, run_id=f"m{i}") for i in range(runs)]
+        for handle in handles:
+            result = handle.result(timeout=120)
+            assert all(result.state[label] for label in LABELS), result.state
+        stop.set()
+        print("ALL DONE", flush=True)
