@@ -33,13 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dbos import (
-    DBOS,
-    SetEnqueueOptions,
-    SetWorkflowAttributes,
-    SetWorkflowID,
-    WorkflowSerializationFormat,
-)
+from dbos import DBOS, SetEnqueueOptions, SetWorkflowAttributes, SetWorkflowID, WorkflowSerializationFormat
 from dbos._context import get_local_dbos_context, snapshot_step_context
 from dbos._core import set_event as _dbos_set_event
 from dbos._dbos import _get_dbos_instance
@@ -116,6 +110,7 @@ class Task:
     child_id: str
     node: Dispatch
     scope: str  # path of the sequence holding the dispatch: its later nodes see progress
+    handle: Any = None  # DBOS handle of a task started here: a join is woken when it ends
 
 
 # -- progress -------------------------------------------------------------------------------
@@ -293,11 +288,11 @@ async def _dispatch(ctx: RunContext, node: Dispatch, path: str, state: State) ->
         args = (ctx.pipeline.name, ctx.pipeline.version, dict(state), tpath, ctx.root, name)
         with SetWorkflowID(task.child_id), SetWorkflowAttributes({TASK_ATTRIBUTE: name}):
             if queue is None:
-                await DBOS.start_workflow_async(run_task, *args)
+                task.handle = await DBOS.start_workflow_async(run_task, *args)
             else:
                 qname, partitioned = queue
                 with SetEnqueueOptions(queue_partition_key=f"{ctx.root}/{path}" if partitioned else None):
-                    await DBOS.enqueue_workflow_async(qname, run_task, *args)
+                    task.handle = await DBOS.enqueue_workflow_async(qname, run_task, *args)
         ctx.tasks[name] = task
     if not node.progress_key:
         return {}
@@ -315,7 +310,7 @@ async def join_tasks(
         return {}
     timed_out: set[int] = set()
     if timeout is None:
-        results = await asyncio.gather(*(await_child(t.child_id) for t in tasks),
+        results = await asyncio.gather(*(await_child(t.handle or t.child_id) for t in tasks),
                                        return_exceptions=True)
     else:
         # The deadline is a recorded step: a restarted join waits only what is left.
@@ -323,7 +318,7 @@ async def join_tasks(
         # Futures are created before asyncio_wait runs; it takes its operation number first,
         # then they take theirs in list order: the numbering does not depend on timing.
         futures: list[Awaitable[Any]] = [
-            asyncio.ensure_future(await_child(t.child_id)) for t in tasks]
+            asyncio.ensure_future(await_child(t.handle or t.child_id)) for t in tasks]
         done, _ = await DBOS.asyncio_wait(futures, timeout=max(0.0, deadline - time.time()))
         timed_out = {i for i, f in enumerate(futures) if f not in done}
         for i in sorted(timed_out):

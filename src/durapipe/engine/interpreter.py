@@ -146,9 +146,12 @@ def await_child(handle: Any) -> Awaitable[Any]:
     async def wait(sys_db: Any) -> Any:
         if task is None:
             return await sys_db.await_workflow_result_async(workflow_id, RESULT_POLL_SEC)
-        # The in-process task ends the wait at once; a slow poll still notices a child that
-        # was cancelled while it sits in a long step or a recv.
-        poll = asyncio.ensure_future(sys_db.await_workflow_result_async(workflow_id, 0.5))
+        if task.done() and not _cancelled(task):
+            return task.result()  # finished in this process: nothing to read
+        # The in-process task ends the wait at once; a slow poll (first after CANCEL_POLL_SEC,
+        # so a short wait costs no read) still notices a child that was cancelled while it
+        # sits in a long step or a recv.
+        poll = asyncio.ensure_future(_poll_later(sys_db, workflow_id))
         try:
             await asyncio.wait({task, poll}, return_when=asyncio.FIRST_COMPLETED)
             if task.done() and not _cancelled(task):
@@ -157,24 +160,36 @@ def await_child(handle: Any) -> Awaitable[Any]:
         finally:
             poll.cancel()
 
-    return _recorded_get_result(workflow_id, wait, step_ctx)
+    # A live task means the child was started by this execution, so this later operation
+    # cannot have been recorded before: the check for a recorded result is skipped (as a
+    # DBOS handle's get_result does). A replay gets DBOS's polling handle, which has no task.
+    return _recorded_get_result(workflow_id, wait, step_ctx, check=task is None)
+
+
+CANCEL_POLL_SEC = 0.5
+
+
+async def _poll_later(sys_db: Any, workflow_id: str) -> Any:
+    await asyncio.sleep(CANCEL_POLL_SEC)
+    return await sys_db.await_workflow_result_async(workflow_id, CANCEL_POLL_SEC)
 
 
 GET_RESULT = "DBOS.getResult"
 
 
 async def _recorded_get_result(
-    workflow_id: str, wait: Callable[[Any], Awaitable[Any]], ctx: Any
+    workflow_id: str, wait: Callable[[Any], Awaitable[Any]], ctx: Any, check: bool
 ) -> Any:
     """``call_coroutine_as_step`` for a child's result, recorded with the child's id."""
     sys_db = _get_dbos_instance()._sys_db
     if not (ctx and ctx.is_workflow()):
         return await wait(sys_db)
     start_ms = int(time.time() * 1000)
-    recorded = await asyncio.to_thread(
-        sys_db.check_operation_execution, ctx.workflow_id, ctx.function_id, GET_RESULT)
-    if recorded is not None:
-        return sys_db._replay_recorded(recorded, GET_RESULT)
+    if check:
+        recorded = await asyncio.to_thread(
+            sys_db.check_operation_execution, ctx.workflow_id, ctx.function_id, GET_RESULT)
+        if recorded is not None:
+            return sys_db._replay_recorded(recorded, GET_RESULT)
     try:
         result = await wait(sys_db)
     except Exception as exc:
