@@ -81,24 +81,31 @@ def task_status(joined: bool, join_failed: bool, fate: Any) -> str:
 def find_task(run_id: str, name: str) -> str | None:
     """The workflow id of the latest task ``name`` dispatched in run ``run_id`` (or None)."""
     found = DBOS.list_workflows(**_task_query(run_id, name))
-    return _own_task(run_id, found)
+    return _own_task(run_id, name, found)
 
 
 async def find_task_async(run_id: str, name: str) -> str | None:
     found = await DBOS.list_workflows_async(**_task_query(run_id, name))
-    return _own_task(run_id, found)
+    return _own_task(run_id, name, found)
 
 
 def _task_query(run_id: str, name: str) -> dict[str, Any]:
-    return {"workflow_id_prefix": f"{run_id}/", "name": TASK_WORKFLOW,
-            "attributes": {TASK_ATTRIBUTE: name}, "sort_desc": True,
-            "load_input": False, "load_output": False}
+    query: dict[str, Any] = {"workflow_id_prefix": f"{run_id}/", "name": TASK_WORKFLOW,
+                             "sort_desc": True, "load_input": False, "load_output": False}
+    if _get_dbos_instance()._sys_db.engine.dialect.name == "postgresql":
+        query["attributes"] = {TASK_ATTRIBUTE: name}  # DBOS filters attributes on Postgres only
+    return query
 
 
-def _own_task(run_id: str, found: list[Any]) -> str | None:
-    # The prefix is a LIKE pattern: keep only ids that really start with the run id.
-    ids = [st.workflow_id for st in found if st.workflow_id.startswith(f"{run_id}/")]
-    return str(ids[0]) if ids else None
+def _own_task(run_id: str, name: str, found: list[Any]) -> str | None:
+    # Task ids are "<run id>/<path>:<name>" and a path has no ":"; the prefix is a LIKE
+    # pattern, so the start is checked too.
+    prefix = f"{run_id}/"
+    for st in found:
+        wid = str(st.workflow_id)
+        if wid.startswith(prefix) and wid[len(prefix):].partition(":")[2] == name:
+            return wid
+    return None
 
 
 @dataclass
