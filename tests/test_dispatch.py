@@ -22,6 +22,7 @@ from durapipe import (
     join,
     progress,
 )
+from durapipe.audit import install_views
 from durapipe.errors import UnknownTask
 
 MakeApp = Callable[..., App]
@@ -34,10 +35,12 @@ def steps(url: str, workflow_id: str) -> dict[str, tuple[int, int]]:
     return {name: (start, end) for name, start, end in rows}
 
 
-def events(url: str, workflow_id: str) -> dict[str, Any]:
-    rows = sql(url, "SELECT key, value FROM dbos.workflow_events WHERE workflow_uuid = %s",
-               workflow_id)
-    return {key: json.loads(value) for key, value in rows}
+def tasks(url: str, run_id: str) -> dict[str, dict[str, Any]]:
+    """Task name -> status, child workflow id and path, from the background_tasks view."""
+    install_views(url)
+    rows = sql(url, "SELECT task, status, child_workflow_id, node_path "
+                    "FROM durapipe.background_tasks WHERE run_id = %s", run_id)
+    return {t: {"status": st, "child": child, "path": path} for t, st, child, path in rows}
 
 
 def status(url: str, workflow_id: str) -> str:
@@ -72,10 +75,10 @@ def test_formatter_runs_while_background_tasks_run(make_app: MakeApp, database_u
     assert em[0] < se[1] and se[0] < em[1]
     # The publisher ran after both were joined.
     assert main["0.4:publish"][0] >= max(em[1], se[1])
-    ev = events(database_url, "r")
-    assert ev["dispatch:email_sender"]["status"] == "joined"
-    assert ev["dispatch:email_sender"]["child"] == "r/0.1.0:email_sender"
-    assert ev["dispatch:seo_optimizer"]["path"] == "0.1.1"
+    ev = tasks(database_url, "r")
+    assert ev["email_sender"]["status"] == "joined"
+    assert ev["email_sender"]["child"] == "r/0.1.0:email_sender"
+    assert ev["seo_optimizer"]["path"] == "0.1.1"
 
 
 def test_named_joins_in_order(make_app: MakeApp, database_url: str) -> None:
@@ -90,8 +93,8 @@ def test_named_joins_in_order(make_app: MakeApp, database_url: str) -> None:
     em = steps(database_url, "r/0.1.0:email")["0.1.0:email_sender"]
     se = steps(database_url, "r/0.1.1:seo")["0.1.1:seo_optimizer"]
     assert se[1] <= pub[0] < em[1]  # published after seo, while email still ran
-    ev = events(database_url, "r")
-    assert ev["dispatch:seo"]["status"] == "joined" and ev["dispatch:email"]["status"] == "joined"
+    ev = tasks(database_url, "r")
+    assert ev["seo"]["status"] == "joined" and ev["email"]["status"] == "joined"
 
 
 def test_join_timeout_cancels_and_drops_writes(make_app: MakeApp, database_url: str) -> None:
@@ -109,9 +112,9 @@ def test_join_timeout_cancels_and_drops_writes(make_app: MakeApp, database_url: 
             state = p.run({}, run_id="r").state
             assert state["after"] == ["fast"]
             assert "slow" not in state
-            ev = events(database_url, "r")
-            assert ev["dispatch:slow"]["status"] == "timed_out"
-            assert ev["dispatch:fast"]["status"] == "joined"
+            ev = tasks(database_url, "r")
+            assert ev["slow"]["status"] == "timed_out"
+            assert ev["fast"]["status"] == "joined"
             assert status(database_url, "r/0.0.0:slow") == "CANCELLED"
             deadline = steps(database_url, "r")["0.1:join:deadline"]
             assert deadline[0] > 0
@@ -130,7 +133,7 @@ def test_failed_task_fails_join_naming_it(make_app: MakeApp, database_url: str) 
         with pytest.raises(NodeFailed, match=r"background task 'email'.*smtp down") as e:
             p.run({}, run_id="r")
     assert e.value.task == "email"
-    assert events(database_url, "r")["dispatch:email"]["status"] == "failed"
+    assert tasks(database_url, "r")["email"]["status"] == "failed"
     assert "0.3:y" not in steps(database_url, "r")
     assert status(database_url, "r/0.0.0:email") == "ERROR"
 
@@ -157,8 +160,8 @@ def test_callbacks_run_once_and_on_error_lets_join_go_on(make_app: MakeApp, data
     assert sorted(c[:2] for c in calls) == [("done", "good"), ("failed", "broken")]
     assert ("done", "good", {"ok": 1}) in calls
     assert "smtp down" in next(c[2] for c in calls if c[0] == "failed")
-    ev = events(database_url, "r")
-    assert ev["dispatch:broken"]["status"] == "failed" and ev["dispatch:good"]["status"] == "joined"
+    ev = tasks(database_url, "r")
+    assert ev["broken"]["status"] == "failed" and ev["good"]["status"] == "joined"
     assert "0.0.1:on_complete" in steps(database_url, "r/0.0.1:good")
     assert "0.0.0:on_error" in steps(database_url, "r/0.0.0:broken")
 
@@ -203,7 +206,7 @@ def test_unjoined_task_is_joined_at_the_end(make_app: MakeApp, database_url: str
     with app:
         state = p.run({}, run_id="r").state
     assert state == {"a": 1, "bg": "done"}
-    assert events(database_url, "r")["dispatch:bg"]["status"] == "auto_joined"
+    assert tasks(database_url, "r")["bg"]["status"] == "auto_joined"
 
 
 def test_max_tasks_bounds_concurrency(make_app: MakeApp, database_url: str) -> None:

@@ -22,7 +22,7 @@ from dbos._utils import INTERNAL_QUEUE_NAME
 
 from ..audit import NodeRecord, RunInfo, RunTree, model_usage, path_key, split_step_name
 from ..errors import OperatorError, UnknownRun, error_text, from_portable
-from .dispatch import TASK_WORKFLOW
+from .dispatch import TASK_WORKFLOW, fate_key, task_status
 from .interpreter import WORKFLOW_NAME
 
 # Child workflows durapipe starts: subtrees (|, race, timeout, map, flow) and dispatched tasks.
@@ -154,16 +154,20 @@ class Admin:
     def _nodes(self, workflow_id: str, root: str) -> list[NodeRecord]:
         now = int(time.time() * 1000)
         nodes: list[NodeRecord] = []
-        by_child: dict[str, NodeRecord] = {}
+        tasks: dict[str, NodeRecord] = {}
+        joins: dict[str, bool] = {}  # child id -> its join recorded an error
         for step in self.client.list_workflow_steps(workflow_id):
             cid = step["child_workflow_id"]
             started, done = step["started_at_epoch_ms"], step["completed_at_epoch_ms"]
             if cid and step["function_name"] in CHILD_WORKFLOWS:
                 node = self._child_node(cid, root, now)
-                by_child[cid] = node
+                if step["function_name"] == TASK_WORKFLOW:
+                    tasks[cid] = node
             else:
                 path, name, kind = split_step_name(step["function_name"])
                 if kind == "dbos-op" and name == "DBOS.getResult":
+                    if cid:
+                        joins.setdefault(cid, step["error"] is not None)
                     continue  # the wait for a child: the child node already shows it
                 model, tin, tout = model_usage(step["output"])
                 node = NodeRecord(
@@ -174,14 +178,14 @@ class Admin:
                     workflow_id=workflow_id,
                 )
             nodes.append(node)
-        for key, value in self._events(workflow_id).items():
-            if key.startswith("dispatch:") and isinstance(value, dict):
-                child = by_child.get(str(value.get("child")))
-                if child is not None:
-                    child.kind = "task"
-                    child.detail["task"] = key.split(":", 1)[1]
-                    child.detail["task_status"] = value.get("status")
-            elif key.startswith("gate:") and isinstance(value, dict):
+        events = self._events(workflow_id)
+        for cid, child in tasks.items():
+            child.kind = "task"
+            child.detail["task"] = child.name
+            child.detail["task_status"] = task_status(cid in joins, joins.get(cid, False),
+                                                      events.get(fate_key(cid)))
+        for key, value in events.items():
+            if key.startswith("gate:") and isinstance(value, dict):
                 nodes.append(NodeRecord(
                     path=None, name=str(value.get("gate") or key.split(":", 1)[1]), kind="gate",
                     status=str(value.get("status", "")).upper(), workflow_id=workflow_id,

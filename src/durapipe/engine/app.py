@@ -560,14 +560,14 @@ class RunHandle:
         ``None`` until the task is dispatched and publishes; read live, not checkpointed.
         """
         self._check_task(name)
-        info = DBOS.get_event(self.run_id, dispatch.event_key(name), timeout_seconds=0)
-        if not isinstance(info, dict):
+        child = dispatch.find_task(self.run_id, name)
+        if child is None:
             return None
-        return DBOS.get_event(info["child"], dispatch.PROGRESS_EVENT, timeout_seconds=0)
+        return DBOS.get_event(child, dispatch.PROGRESS_EVENT, timeout_seconds=0)
 
     async def progress_async(self, name: str) -> Any:
         self._check_task(name)
-        info = await DBOS.get_event_async(self.run_id, dispatch.event_key(name), timeout_seconds=0)
-        if not isinstance(info, dict):
+        child = await dispatch.find_task_async(self.run_id, name)
+        if child is None:
             return None
-        return await DBOS.get_event_async(info["child"], dispatch.PROGRESS_EVENT, timeout_seconds=0)
+        return await DBOS.get_event_async(child, dispatch.PROGRESS_EVENT, timeout_seconds=0)

@@ -6,9 +6,16 @@ enqueued on a DBOS queue when the dispatch has ``queue=`` or ``max_tasks=``. The
 dispatching workflow keeps a table of its pending tasks (``RunContext.tasks``); a replay
 rebuilds it, because dispatch re-runs and finds its child starts recorded.
 
-Audit contract: the dispatching workflow sets the DBOS event ``dispatch:<task name>`` to
-``{"child", "path", "status", "at"}``; status is ``running`` at dispatch, then one of
-``joined``, ``failed``, ``timed_out`` or ``auto_joined`` (joined when the workflow ended).
+Audit contract (no write of its own on the common path): the task workflow's status row
+carries the attribute ``{"durapipe.task": <task name>}`` (set in the same insert that
+starts it; its input carries the path), and the dispatching workflow records its start as
+a child operation. The join is the dispatching workflow's ``DBOS.getResult`` row naming
+the child (``child_workflow_id``): without one a task is ``running``; with one it is
+``joined``, or ``failed`` when the row holds an error. The two fates that cannot be read
+from those rows are written as the event ``task:<child workflow id>`` =
+``{"status": "timed_out" | "auto_joined", "at": epoch ms}`` of the dispatching workflow,
+only when they happen. :func:`task_status` is the rule; the ``background_tasks`` view and
+``durapipe show`` apply it.
 
 Progress: a task publishes with :func:`progress` (from a fn, an agent's model step, or
 workflow code of the task); the value is the DBOS event ``durapipe.progress`` of the task
@@ -27,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dbos import DBOS, SetEnqueueOptions, SetWorkflowID, WorkflowSerializationFormat
+from dbos import DBOS, SetEnqueueOptions, SetWorkflowAttributes, SetWorkflowID, WorkflowSerializationFormat
 from dbos._context import get_local_dbos_context, snapshot_step_context
 from dbos._core import set_event as _dbos_set_event
 from dbos._dbos import _get_dbos_instance
@@ -53,9 +60,53 @@ PROGRESS_EVENT = "durapipe.progress"
 QUEUE_POLL_SEC = 0.1
 
 
-def event_key(name: str) -> str:
-    """The DBOS event of the dispatching workflow that records a task's fate."""
-    return f"dispatch:{name}"
+TASK_ATTRIBUTE = "durapipe.task"  # workflow attribute of a task workflow: its task name
+FATE_PREFIX = "task:"
+RARE_FATES = ("timed_out", "auto_joined")
+
+
+def fate_key(child_id: str) -> str:
+    """The event of the dispatching workflow recording a task's timed_out/auto_joined fate."""
+    return f"{FATE_PREFIX}{child_id}"
+
+
+def task_status(joined: bool, join_failed: bool, fate: Any) -> str:
+    """A task's status from what was recorded: its join row (if any) and its fate event."""
+    if isinstance(fate, dict) and fate.get("status") in RARE_FATES:
+        return str(fate["status"])
+    if not joined:
+        return "running"
+    return "failed" if join_failed else "joined"
+
+
+def find_task(run_id: str, name: str) -> str | None:
+    """The workflow id of the latest task ``name`` dispatched in run ``run_id`` (or None)."""
+    found = DBOS.list_workflows(**_task_query(run_id, name))
+    return _own_task(run_id, name, found)
+
+
+async def find_task_async(run_id: str, name: str) -> str | None:
+    found = await DBOS.list_workflows_async(**_task_query(run_id, name))
+    return _own_task(run_id, name, found)
+
+
+def _task_query(run_id: str, name: str) -> dict[str, Any]:
+    query: dict[str, Any] = {"workflow_id_prefix": f"{run_id}/", "name": TASK_WORKFLOW,
+                             "sort_desc": True, "load_input": False, "load_output": False}
+    if _get_dbos_instance()._sys_db.engine.dialect.name == "postgresql":
+        query["attributes"] = {TASK_ATTRIBUTE: name}  # DBOS filters attributes on Postgres only
+    return query
+
+
+def _own_task(run_id: str, name: str, found: list[Any]) -> str | None:
+    # Task ids are "<run id>/<path>:<name>" and a path has no ":"; the prefix is a LIKE
+    # pattern, so the start is checked too.
+    prefix = f"{run_id}/"
+    for st in found:
+        wid = str(st.workflow_id)
+        if wid.startswith(prefix) and wid[len(prefix):].partition(":")[2] == name:
+            return wid
+    return None
 
 
 @dataclass
@@ -67,6 +118,7 @@ class Task:
     child_id: str
     node: Dispatch
     scope: str  # path of the sequence holding the dispatch: its later nodes see progress
+    handle: Any = None  # DBOS handle of a task started here: a join is woken when it ends
 
 
 # -- progress -------------------------------------------------------------------------------
@@ -230,11 +282,9 @@ async def _queue_for(ctx: RunContext, node: Dispatch) -> tuple[str, bool] | None
     return name, _queues_ready[key]
 
 
-async def _announce(task: Task, status: str) -> None:
-    await DBOS.set_event_async(event_key(task.name), {
-        "child": task.child_id, "path": task.path, "status": status,
-        "at": int(time.time() * 1000),
-    })
+async def _record_fate(task: Task, status: str) -> None:
+    await DBOS.set_event_async(fate_key(task.child_id), {
+        "status": status, "at": int(time.time() * 1000)})
 
 
 @handles(Dispatch)
@@ -252,15 +302,14 @@ async def _dispatch(ctx: RunContext, node: Dispatch, path: str, state: State) ->
         task = Task(name, tpath, f"{ctx.root}/{tpath}:{name}", node, _parent_path(path))
         args = (ctx.pipeline.name, ctx.pipeline.version, dict(state), tpath, ctx.root, name)
         propagate = ctx.tracer.propagate() if ctx.tracer is not None else contextlib.nullcontext()
-        with SetWorkflowID(task.child_id), propagate:
+        with SetWorkflowID(task.child_id), SetWorkflowAttributes({TASK_ATTRIBUTE: name}), propagate:
             if queue is None:
-                await DBOS.start_workflow_async(run_task, *args)
+                task.handle = await DBOS.start_workflow_async(run_task, *args)
             else:
                 qname, partitioned = queue
                 with SetEnqueueOptions(queue_partition_key=f"{ctx.root}/{path}" if partitioned else None):
-                    await DBOS.enqueue_workflow_async(qname, run_task, *args)
+                    task.handle = await DBOS.enqueue_workflow_async(qname, run_task, *args)
         ctx.tasks[name] = task
-        await _announce(task, "running")
     if not node.progress_key:
         return {}
     return {node.progress_key: None if len(node.names) == 1 else dict.fromkeys(node.names)}
@@ -277,7 +326,7 @@ async def join_tasks(
         return {}
     timed_out: set[int] = set()
     if timeout is None:
-        results = await asyncio.gather(*(await_child(t.child_id) for t in tasks),
+        results = await asyncio.gather(*(await_child(t.handle or t.child_id) for t in tasks),
                                        return_exceptions=True)
     else:
         # The deadline is a recorded step: a restarted join waits only what is left.
@@ -285,7 +334,7 @@ async def join_tasks(
         # Futures are created before asyncio_wait runs; it takes its operation number first,
         # then they take theirs in list order: the numbering does not depend on timing.
         futures: list[Awaitable[Any]] = [
-            asyncio.ensure_future(await_child(t.child_id)) for t in tasks]
+            asyncio.ensure_future(await_child(t.handle or t.child_id)) for t in tasks]
         done, _ = await DBOS.asyncio_wait(futures, timeout=max(0.0, deadline - time.time()))
         timed_out = {i for i, f in enumerate(futures) if f not in done}
         for i in sorted(timed_out):
@@ -296,9 +345,8 @@ async def join_tasks(
     for i, (task, result) in enumerate(zip(tasks, results, strict=True)):
         del ctx.tasks[task.name]
         if i in timed_out:
-            await _announce(task, "timed_out")
+            await _record_fate(task, "timed_out")
         elif isinstance(result, BaseException):
-            await _announce(task, "failed")
             if task.node.on_error is None and failure is None:
                 cause = from_portable(result)
                 failure = NodeFailed(
@@ -309,7 +357,8 @@ async def join_tasks(
                 )
         else:
             merged.update(result or {})
-            await _announce(task, status)
+            if status != "joined":
+                await _record_fate(task, status)
     if failure is not None:
         raise failure
     with_progress = [t for t in tasks if t.node.progress_key]

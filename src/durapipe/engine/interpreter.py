@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -31,6 +32,7 @@ from dbos._error import (
     DBOSMaxStepRetriesExceeded,
     DBOSWorkflowCancelledError,
 )
+from dbos._serialization import deserialize_exception, serialize_exception, serialize_value
 
 from ..errors import DurapipeError, NodeFailed, PipelineChanged, StateError, error_text, from_portable
 from ..ir import Agent, Fn, Node, Parallel, Seq, Sleep, Transform
@@ -141,19 +143,23 @@ def await_child(handle: Any) -> Awaitable[Any]:
     Like ``DBOS.get_result_async``, the operation takes its number when this is *called*
     (not when the child finishes), so a list of waits gathered in order is numbered the
     same on replay. A child running in this process wakes the wait directly; one running
-    elsewhere (or recovered) is polled every ``RESULT_POLL_SEC``.
+    elsewhere (or recovered) is polled every ``RESULT_POLL_SEC``. The recorded row names
+    the child (``child_workflow_id``, as a DBOS handle's ``get_result`` records it): the
+    audit reads "this workflow joined that child" from it, with no write of its own.
     """
     workflow_id = handle if isinstance(handle, str) else handle.workflow_id
     task = getattr(handle, "task", None)
     step_ctx = snapshot_step_context(reserve_sleep_id=False)
-    sys_db = _get_dbos_instance()._sys_db
 
-    async def wait() -> Any:
+    async def wait(sys_db: Any) -> Any:
         if task is None:
             return await sys_db.await_workflow_result_async(workflow_id, RESULT_POLL_SEC)
-        # The in-process task ends the wait at once; a slow poll still notices a child that
-        # was cancelled while it sits in a long step or a recv.
-        poll = asyncio.ensure_future(sys_db.await_workflow_result_async(workflow_id, 0.5))
+        if task.done() and not _cancelled(task):
+            return task.result()  # finished in this process: nothing to read
+        # The in-process task ends the wait at once; a slow poll (first after CANCEL_POLL_SEC,
+        # so a short wait costs no read) still notices a child that was cancelled while it
+        # sits in a long step or a recv.
+        poll = asyncio.ensure_future(_poll_later(sys_db, workflow_id))
         try:
             await asyncio.wait({task, poll}, return_when=asyncio.FIRST_COMPLETED)
             if task.done() and not _cancelled(task):
@@ -162,7 +168,57 @@ def await_child(handle: Any) -> Awaitable[Any]:
         finally:
             poll.cancel()
 
-    return sys_db.call_coroutine_as_step(wait, "DBOS.getResult", step_ctx)
+    # A live task means the child was started by this execution, so this later operation
+    # cannot have been recorded before: the check for a recorded result is skipped (as a
+    # DBOS handle's get_result does). A replay gets DBOS's polling handle, which has no task.
+    return _recorded_get_result(workflow_id, wait, step_ctx, check=task is None)
+
+
+CANCEL_POLL_SEC = 0.5
+
+
+async def _poll_later(sys_db: Any, workflow_id: str) -> Any:
+    await asyncio.sleep(CANCEL_POLL_SEC)
+    return await sys_db.await_workflow_result_async(workflow_id, CANCEL_POLL_SEC)
+
+
+GET_RESULT = "DBOS.getResult"
+
+
+async def _recorded_get_result(
+    workflow_id: str, wait: Callable[[Any], Awaitable[Any]], ctx: Any, check: bool
+) -> Any:
+    """``call_coroutine_as_step`` for a child's result, recorded with the child's id."""
+    sys_db = _get_dbos_instance()._sys_db
+    if not (ctx and ctx.is_workflow()):
+        return await wait(sys_db)
+    start_ms = int(time.time() * 1000)
+    if check:
+        recorded = await asyncio.to_thread(
+            sys_db.check_operation_execution, ctx.workflow_id, ctx.function_id, GET_RESULT)
+        if recorded is not None:
+            return sys_db._replay_recorded(recorded, GET_RESULT)
+    try:
+        result = await wait(sys_db)
+    except Exception as exc:
+        recorded_error = _portable_error(exc, sys_db.serializer)
+        if recorded_error is not None:  # an unrecordable error is left for a replay to wait again
+            await asyncio.to_thread(sys_db.record_get_result, workflow_id, None, *recorded_error,
+                                    ctx, started_at_epoch_ms=start_ms)
+        raise
+    output, fmt = serialize_value(result, None, sys_db.serializer)
+    await asyncio.to_thread(sys_db.record_get_result, workflow_id, output, None, fmt, ctx,
+                            started_at_epoch_ms=start_ms)
+    return result
+
+
+def _portable_error(exc: Exception, serializer: Any) -> tuple[str, str | None] | None:
+    try:
+        error, fmt = serialize_exception(exc, None, serializer)
+        deserialize_exception(error, fmt, serializer)
+    except Exception:
+        return None
+    return error, fmt
 
 
 def _cancelled(task: Any) -> bool:

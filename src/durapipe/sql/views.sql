@@ -113,7 +113,12 @@ SELECT w.run_id,
        END                                                    AS error,
        durapipe.jsonb_or_null(o.output)                       AS output,
        o.child_workflow_id
-FROM dbos.operation_outputs o
+-- A DBOS.getResult row names the child it waited for; only the start row stands for the child.
+FROM (SELECT op.workflow_uuid, op.function_id, op.function_name, op.output, op.error,
+             op.started_at_epoch_ms, op.completed_at_epoch_ms,
+             CASE WHEN op.function_name <> 'DBOS.getResult' THEN op.child_workflow_id END
+               AS child_workflow_id
+      FROM dbos.operation_outputs op) o
 JOIN durapipe.workflows w ON w.workflow_id = o.workflow_uuid
 LEFT JOIN durapipe.workflows c ON c.workflow_id = o.child_workflow_id;
 
@@ -132,24 +137,48 @@ FROM durapipe.steps s
 WHERE s.kind = 'step' AND jsonb_typeof(s.output) = 'object'
   AND s.output ? 'model' AND s.output ? 'input_tokens';
 
--- One row per background task started by dispatch (DBOS event "dispatch:<task>").
+-- One row per background task started by dispatch: a "durapipe.task" child workflow (its
+-- attribute "durapipe.task" is the task name) and the operation of the dispatching workflow
+-- that started it. status: running until the dispatching workflow records a DBOS.getResult
+-- naming the child, then joined (failed when that row holds an error); timed_out and
+-- auto_joined are recorded as the event "task:<child workflow id>" of the dispatching workflow.
 CREATE OR REPLACE VIEW durapipe.background_tasks AS
 SELECT w.run_id, w.pipeline,
-       e.workflow_uuid                                        AS workflow_id,
-       substr(e.key, length('dispatch:') + 1)                 AS task,
-       v.v->>'path'                                           AS node_path,
-       v.v->>'child'                                          AS child_workflow_id,
-       v.v->>'status'                                         AS status,
-       durapipe.ts(v.v->'at')                                 AS status_at,
+       o.workflow_uuid                                        AS workflow_id,
+       COALESCE(t.attributes->>'durapipe.task',
+                substr(c.workflow_id, length(c.run_id) + length(c.node_path) + 3)) AS task,
+       c.node_path,
+       c.workflow_id                                          AS child_workflow_id,
+       CASE WHEN f.v->>'status' IN ('timed_out', 'auto_joined') THEN f.v->>'status'
+            WHEN j.function_id IS NULL THEN 'running'
+            WHEN j.error IS NOT NULL THEN 'failed'
+            ELSE 'joined'
+       END                                                    AS status,
+       CASE WHEN f.v->>'status' IN ('timed_out', 'auto_joined') THEN durapipe.ts(f.v->'at')
+            WHEN j.function_id IS NOT NULL THEN to_timestamp(j.completed_at_epoch_ms / 1000.0)
+            ELSE to_timestamp(o.completed_at_epoch_ms / 1000.0)
+       END                                                    AS status_at,
        c.status                                               AS child_status,
        c.created                                              AS started,
        c.duration_ms,
        c.error
-FROM dbos.workflow_events e
-JOIN durapipe.workflows w ON w.workflow_id = e.workflow_uuid
-CROSS JOIN LATERAL (SELECT durapipe.jsonb_or_null(e.value) AS v) v
-LEFT JOIN durapipe.workflows c ON c.workflow_id = v.v->>'child'
-WHERE e.key LIKE 'dispatch:%';
+FROM dbos.operation_outputs o
+JOIN durapipe.workflows w ON w.workflow_id = o.workflow_uuid
+JOIN durapipe.workflows c ON c.workflow_id = o.child_workflow_id
+JOIN dbos.workflow_status t ON t.workflow_uuid = o.child_workflow_id
+LEFT JOIN LATERAL (
+  SELECT g.function_id, g.error, g.completed_at_epoch_ms
+  FROM dbos.operation_outputs g
+  WHERE g.workflow_uuid = o.workflow_uuid AND g.child_workflow_id = o.child_workflow_id
+    AND g.function_name = 'DBOS.getResult'
+  ORDER BY g.function_id LIMIT 1
+) j ON true
+LEFT JOIN LATERAL (
+  SELECT durapipe.jsonb_or_null(e.value) AS v
+  FROM dbos.workflow_events e
+  WHERE e.workflow_uuid = o.workflow_uuid AND e.key = 'task:' || o.child_workflow_id
+) f ON true
+WHERE o.function_name = 'durapipe.task' AND t.name = 'durapipe.task';
 
 -- One row per human-approval gate (DBOS event "gate:<name>"): who decided what, and when.
 CREATE OR REPLACE VIEW durapipe.approvals AS
