@@ -19,11 +19,18 @@ child workflows below it, so callers always use the run id they started.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import sqlalchemy as sa
 from dbos import DBOS
+from dbos._context import snapshot_step_context
+from dbos._core import set_event as dbos_set_event
+from dbos._dbos import _get_dbos_instance
+from dbos._serialization import WorkflowSerializationFormat, deserialize_value, serialize_value
+from dbos._sys_db import SendMessage
 
 from ..errors import (
     ApprovalRefused,
@@ -54,6 +61,13 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def decided_event(base: dict[str, Any], status: str, by: str | None, comment: str | None,
+                  at: int) -> dict[str, Any]:
+    """The ``gate:<name>`` event once decided; ``base`` is the waiting event."""
+    return {**{k: v for k, v in base.items() if k != "status"}, "status": status, "by": by,
+            "comment": comment, "decided_at": at}
+
+
 @dataclass(frozen=True)
 class PendingGate:
     """A gate some run is waiting at. ``requested_at`` is epoch milliseconds."""
@@ -78,6 +92,7 @@ async def _gate(ctx: RunContext, node: Gate, path: str, state: State) -> State:
                              cause=error_text(exc)) from exc
         if not wanted:
             return {}
+    await ctx.settle()  # an earlier pass's decision is written before this pass announces
     message = render(node.message, state, f"gate {where}")
     requested_at: int = await run_step(where, 0, now_ms)
     key = event_key(node.name)
@@ -98,11 +113,17 @@ async def _gate(ctx: RunContext, node: Gate, path: str, state: State) -> State:
     if msg is None:
         status, by, comment, at = "timed_out", None, None, int(deadline or now_ms())
         approved = node.on_timeout == "approve"
+        await DBOS.set_event_async(key, decided_event(base, status, by, comment, at))
     else:
         status, by, comment, at = msg["decision"], msg.get("by"), msg.get("comment"), msg["at"]
         approved = status == "approved"
-    await DBOS.set_event_async(key, {**base, "status": status, "by": by, "comment": comment,
-                                     "decided_at": at})
+        # answer() already turned the event into this decision in the transaction that sent
+        # the message; the workflow's own write (recorded for forks) need not hold up the
+        # next node.
+        record = decided_event(base, status, by, comment, at)
+        ctx.defer(asyncio.to_thread(dbos_set_event, _get_dbos_instance(),
+                                    snapshot_step_context(), key, record,
+                                    serialization_type=WorkflowSerializationFormat.DEFAULT))
     if msg is None and node.on_timeout == "fail":
         raise NodeTimeout(f"gate {where} got no answer within {node.timeout_seconds:g} s",
                           node=where, gate=node.name, seconds=node.timeout_seconds)
@@ -153,42 +174,106 @@ def pending(app: App, run_id: str | None = None) -> list[PendingGate]:
             for _, root, ev in _waiting(app, run_id)]
 
 
+@dataclass(frozen=True)
+class _Found:
+    """What one read of a workflow and its ``gate:<name>`` event found."""
+
+    status: str
+    name: str | None
+    app_version: str | None
+    event: Any
+
+
+def _is_waiting(event: Any) -> bool:
+    return isinstance(event, dict) and event.get("status") == "waiting"
+
+
+def _send_if_waiting(workflow_id: str, gate: str, decision: str, by: str,
+                     comment: str | None, run_id: str) -> _Found | None:
+    """Answer ``gate`` of one workflow in one transaction, or say what is there instead.
+
+    Reads the workflow's status and the gate's event together; when the workflow waits at
+    the gate, checks the approvers, turns the event into the decision (only if it still
+    holds the waiting value read, so of two concurrent answers one is refused) and sends
+    the answer. The waiting workflow wakes on commit. Returns None once sent, else what
+    was found (None for the status when the workflow does not exist).
+    """
+    sys_db = _get_dbos_instance()._sys_db
+    ws, we = sys_db.tables.workflow_status, sys_db.tables.workflow_events
+    key = event_key(gate)
+    query = (sa.select(ws.c.status, ws.c.name, ws.c.application_version, we.c.value,
+                       we.c.serialization)
+             .select_from(ws.outerjoin(we, sa.and_(we.c.workflow_uuid == ws.c.workflow_uuid,
+                                                   we.c.key == key)))
+             .where(ws.c.workflow_uuid == workflow_id))
+    with sys_db.engine.begin() as c:
+        row = c.execute(query).first()
+        if row is None:
+            return _Found("", None, None, None)
+        event: Any = (deserialize_value(row.value, row.serialization, sys_db.serializer)
+                 if row.value is not None else None)
+        found = _Found(row.status, row.name, row.application_version, event)
+        if row.status != "PENDING" or not _is_waiting(event):
+            return found
+        approvers = event.get("approvers")
+        if approvers is not None and by not in approvers:
+            raise ApprovalRefused(
+                f"{by!r} may not answer gate {gate!r} of run {run_id!r}; its approvers are "
+                f"{approvers}. Nothing was changed", run_id=run_id, gate=gate, by=by,
+                approvers=approvers,
+            )
+        requested_at, at = event["requested_at"], now_ms()
+        value, serialization = serialize_value(
+            decided_event(event, decision, by, comment, at),
+            WorkflowSerializationFormat.DEFAULT, sys_db.serializer)
+        claimed = c.execute(
+            sa.update(we)
+            .where(we.c.workflow_uuid == workflow_id, we.c.key == key, we.c.value == row.value)
+            .values(value=value, serialization=serialization))
+        if claimed.rowcount != 1:
+            raise UnknownGate(
+                f"run {run_id!r} is not waiting at gate {gate!r}: another answer was recorded "
+                "while this one was checked. Nothing was changed", run_id=run_id, gate=gate,
+                waiting=[])
+        message = {"decision": decision, "by": by, "comment": comment, "at": at,
+                   "requested_at": requested_at}
+        sys_db.send_bulk_with_connection(
+            [SendMessage(workflow_id, message, key,
+                         f"durapipe:{workflow_id}:{key}:{requested_at}")],
+            c, serialization_type=WorkflowSerializationFormat.DEFAULT,
+            function_name="DBOS.send", send_to_forks=False)
+    return None
+
+
 def answer(app: App, run_id: str, gate: str, decision: str, by: str,
            comment: str | None) -> None:
-    """Send a decision to a run waiting at ``gate``; validate everything before sending."""
+    """Send a decision to a run waiting at ``gate``; validate everything before sending.
+
+    The usual case (the run itself waits at the gate) takes one transaction; a gate waited
+    at by a branch's child workflow is looked for only when the run has none waiting.
+    """
     verb = "approve" if decision == "approved" else "reject"
     app._require_launched(verb)
     if not isinstance(by, str) or not by:
         raise DurapipeError(f"app.{verb}({run_id!r}, {gate!r}): by= must name who answers")
     if comment is not None and not isinstance(comment, str):
         raise DurapipeError(f"app.{verb}({run_id!r}, {gate!r}): comment must be a string or None")
-    status = DBOS.get_workflow_status(run_id)
-    app._check_run(run_id, status)
-    assert status is not None  # _check_run raised UnknownRun otherwise
-    # Fast path: the gate is usually waited at by the run itself, not by a child workflow.
-    own = DBOS.get_event(run_id, event_key(gate), timeout_seconds=0) if status.status == "PENDING" else None
-    waiting = [(run_id, run_id, own)] if isinstance(own, dict) and own.get("status") == "waiting" else []
-    if not waiting:
-        waiting = _waiting(app, run_id)
-    mine = [w for w in waiting if w[2].get("gate") == gate]
-    if not mine:
-        others = sorted({str(w[2].get("gate")) for w in waiting})
-        where = (f"it is waiting at {others}" if others
-                 else f"it is not waiting at any gate (status {status.status})")
-        raise UnknownGate(
-            f"run {run_id!r} is not waiting at gate {gate!r}: {where}",
-            run_id=run_id, gate=gate, waiting=others,
-        )
-    workflow_id, _, event = mine[0]
-    approvers = event.get("approvers")
-    if approvers is not None and by not in approvers:
-        raise ApprovalRefused(
-            f"{by!r} may not answer gate {gate!r} of run {run_id!r}; its approvers are "
-            f"{approvers}. Nothing was changed", run_id=run_id, gate=gate, by=by,
-            approvers=approvers,
-        )
-    requested_at = event["requested_at"]
-    message = {"decision": decision, "by": by, "comment": comment, "at": now_ms(),
-               "requested_at": requested_at}
-    DBOS.send(workflow_id, message, topic=event_key(gate),
-              idempotency_key=f"durapipe:{workflow_id}:{event_key(gate)}:{requested_at}")
+    found = _send_if_waiting(run_id, gate, decision, by, comment, run_id)
+    if found is None:
+        return
+    app._check_run(run_id, found if found.status else None)
+    waiting = _waiting(app, run_id)
+    for workflow_id, _, _ in (w for w in waiting if w[2].get("gate") == gate):
+        if _send_if_waiting(workflow_id, gate, decision, by, comment, run_id) is None:
+            return
+    others = sorted({str(w[2].get("gate")) for w in waiting if w[2].get("gate") != gate})
+    ev = found.event
+    if isinstance(ev, dict) and ev.get("status") not in (None, "waiting"):
+        where = f"it was already {ev['status']}" + (f" by {ev['by']!r}" if ev.get("by") else "")
+        where += f" (and is waiting at {others})" if others else ""
+    elif others:
+        where = f"it is waiting at {others}"
+    else:
+        where = f"it is not waiting at any gate (status {found.status})"
+    raise UnknownGate(f"run {run_id!r} is not waiting at gate {gate!r}: {where}",
+                      run_id=run_id, gate=gate, waiting=others)

@@ -84,6 +84,23 @@ class RunContext:
     root: str
     # Background tasks started by dispatch in this workflow and not joined yet, by name.
     tasks: dict[str, Any] = field(default_factory=dict)
+    # DBOS operations numbered already but left running off the critical path (see defer).
+    deferred: list[asyncio.Future[Any]] = field(default_factory=list)
+
+    def defer(self, op: Awaitable[Any]) -> None:
+        """Let an operation whose number is already reserved finish alongside what follows.
+
+        ``settle`` waits for it: every workflow settles before it returns or raises.
+        """
+        self.deferred.append(asyncio.ensure_future(op))
+
+    async def settle(self) -> None:
+        """Wait for the deferred operations; raise the first error among them."""
+        pending, self.deferred = self.deferred, []
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
 
     async def execute(self, node: Node, path: str, state: State) -> State:
         """Run one node; return the state updates it made."""
@@ -327,7 +344,12 @@ async def run_pipeline(
     run_id = DBOS.workflow_id or ""
     ctx = RunContext(app=app, pipeline=registered, root=root or run_id)
     node = registered.node_at(path)
-    updates = await finish(ctx, path, state, await ctx.execute(node, path, state))
+    try:
+        updates = await finish(ctx, path, state, await ctx.execute(node, path, state))
+    except BaseException:
+        await asyncio.gather(*ctx.deferred, return_exceptions=True)
+        raise
+    await ctx.settle()
     if path == "0":
         return {**state, **updates}
     return updates
