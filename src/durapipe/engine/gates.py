@@ -31,6 +31,7 @@ from dbos._core import set_event as dbos_set_event
 from dbos._dbos import _get_dbos_instance
 from dbos._serialization import WorkflowSerializationFormat, deserialize_value, serialize_value
 from dbos._sys_db import SendMessage
+from sqlalchemy.dialects.postgresql import JSONB
 
 from ..errors import (
     ApprovalRefused,
@@ -120,10 +121,10 @@ async def _gate(ctx: RunContext, node: Gate, path: str, state: State) -> State:
         # answer() already turned the event into this decision in the transaction that sent
         # the message; the workflow's own write (recorded for forks) need not hold up the
         # next node.
-        record = decided_event(base, status, by, comment, at)
-        ctx.defer(asyncio.to_thread(dbos_set_event, _get_dbos_instance(),
-                                    snapshot_step_context(), key, record,
-                                    serialization_type=WorkflowSerializationFormat.DEFAULT))
+        record, op = decided_event(base, status, by, comment, at), snapshot_step_context()
+        ctx.defer(lambda: asyncio.to_thread(
+            dbos_set_event, _get_dbos_instance(), op, key, record,
+            serialization_type=WorkflowSerializationFormat.DEFAULT))
     if msg is None and node.on_timeout == "fail":
         raise NodeTimeout(f"gate {where} got no answer within {node.timeout_seconds:g} s",
                           node=where, gate=node.name, seconds=node.timeout_seconds)
@@ -188,6 +189,55 @@ def _is_waiting(event: Any) -> bool:
     return isinstance(event, dict) and event.get("status") == "waiting"
 
 
+def _send(c: Any, sys_db: Any, workflow_id: str, key: str, message: dict[str, Any]) -> None:
+    sys_db.send_bulk_with_connection(
+        [SendMessage(workflow_id, message, key,
+                     f"durapipe:{workflow_id}:{key}:{message['requested_at']}")],
+        c, serialization_type=WorkflowSerializationFormat.DEFAULT,
+        function_name="DBOS.send", send_to_forks=False)
+
+
+def field(doc: Any, op: str, name: str) -> Any:
+    return doc.op(op)(sa.cast(name, sa.Text))
+
+
+def _send_at_once(workflow_id: str, gate: str, decision: str, by: str,
+                  comment: str | None) -> bool:
+    """Postgres: check, record and send in one statement plus the send; False if refused.
+
+    The event turns into the decision only when the workflow is PENDING, the event says
+    waiting and ``by`` is among its approvers (if it lists any); anything else changes
+    nothing and :func:`_send_if_waiting` finds out why.
+    """
+    sys_db = _get_dbos_instance()._sys_db
+    if sys_db.engine.dialect.name != "postgresql":
+        return False
+    ws, we = sys_db.tables.workflow_status, sys_db.tables.workflow_events
+    key = event_key(gate)
+    # CASE keeps a value in another serialization from ever being cast.
+    ev = sa.case((we.c.serialization == sys_db.serializer.name(), sa.cast(we.c.value, JSONB)))
+    at = now_ms()
+    decided = ev.op("||")(sa.func.jsonb_build_object(
+        "status", sa.cast(decision, sa.Text), "by", sa.cast(by, sa.Text),
+        "comment", sa.cast(comment, sa.Text), "decided_at", sa.cast(at, sa.BigInteger)))
+    stmt = (sa.update(we)
+            .where(we.c.workflow_uuid == workflow_id, we.c.key == key,
+                   ws.c.workflow_uuid == we.c.workflow_uuid, ws.c.status == "PENDING",
+                   field(ev, "->>", "status") == "waiting",
+                   sa.or_(sa.func.jsonb_typeof(field(ev, "->", "approvers")).is_distinct_from("array"),
+                          field(ev, "->", "approvers").op("@>")(
+                              sa.func.jsonb_build_array(sa.cast(by, sa.Text)))))
+            .values(value=sa.cast(decided, sa.Text))
+            .returning(field(ev, "->>", "requested_at")))
+    with sys_db.engine.begin() as c:
+        row = c.execute(stmt).first()
+        if row is None:
+            return False
+        _send(c, sys_db, workflow_id, key, {"decision": decision, "by": by, "comment": comment,
+                                            "at": at, "requested_at": int(row[0])})
+    return True
+
+
 def _send_if_waiting(workflow_id: str, gate: str, decision: str, by: str,
                      comment: str | None, run_id: str) -> _Found | None:
     """Answer ``gate`` of one workflow in one transaction, or say what is there instead.
@@ -235,13 +285,8 @@ def _send_if_waiting(workflow_id: str, gate: str, decision: str, by: str,
                 f"run {run_id!r} is not waiting at gate {gate!r}: another answer was recorded "
                 "while this one was checked. Nothing was changed", run_id=run_id, gate=gate,
                 waiting=[])
-        message = {"decision": decision, "by": by, "comment": comment, "at": at,
-                   "requested_at": requested_at}
-        sys_db.send_bulk_with_connection(
-            [SendMessage(workflow_id, message, key,
-                         f"durapipe:{workflow_id}:{key}:{requested_at}")],
-            c, serialization_type=WorkflowSerializationFormat.DEFAULT,
-            function_name="DBOS.send", send_to_forks=False)
+        _send(c, sys_db, workflow_id, key, {"decision": decision, "by": by, "comment": comment,
+                                            "at": at, "requested_at": requested_at})
     return None
 
 
@@ -258,6 +303,8 @@ def answer(app: App, run_id: str, gate: str, decision: str, by: str,
         raise DurapipeError(f"app.{verb}({run_id!r}, {gate!r}): by= must name who answers")
     if comment is not None and not isinstance(comment, str):
         raise DurapipeError(f"app.{verb}({run_id!r}, {gate!r}): comment must be a string or None")
+    if _send_at_once(run_id, gate, decision, by, comment):
+        return
     found = _send_if_waiting(run_id, gate, decision, by, comment, run_id)
     if found is None:
         return

@@ -51,6 +51,8 @@ BETWEEN_HOOKS: list[Hook] = []
 FINISH_HOOKS: list[Hook] = []
 
 _current: dict[str, App] = {}
+# How long RunContext.defer lets the next node get going before a deferred operation starts.
+DEFER_SECONDS = 0.02
 
 
 def set_current_app(app: App | None) -> None:
@@ -84,22 +86,33 @@ class RunContext:
     root: str
     # Background tasks started by dispatch in this workflow and not joined yet, by name.
     tasks: dict[str, Any] = field(default_factory=dict)
-    # DBOS operations numbered already but left running off the critical path (see defer).
-    deferred: list[asyncio.Future[Any]] = field(default_factory=list)
+    # DBOS operations numbered already but left to run off the critical path (see defer).
+    deferred: list[tuple[asyncio.Event, asyncio.Future[Any]]] = field(default_factory=list)
 
-    def defer(self, op: Awaitable[Any]) -> None:
-        """Let an operation whose number is already reserved finish alongside what follows.
+    def defer(self, start: Callable[[], Awaitable[Any]], after: float = DEFER_SECONDS) -> None:
+        """Run an operation whose DBOS number is already reserved a little later.
 
-        ``settle`` waits for it: every workflow settles before it returns or raises.
+        It starts ``after`` seconds from now (the node that follows gets going first) or at
+        the next ``settle``, whichever comes first. Every workflow settles before it returns
+        or raises, and a node settles before it writes what a deferred operation writes.
         """
-        self.deferred.append(asyncio.ensure_future(op))
+        go = asyncio.Event()
+        asyncio.get_running_loop().call_later(after, go.set)
 
-    async def settle(self) -> None:
-        """Wait for the deferred operations; raise the first error among them."""
+        async def run() -> Any:
+            await go.wait()
+            return await start()
+
+        self.deferred.append((go, asyncio.ensure_future(run())))
+
+    async def settle(self, raise_errors: bool = True) -> None:
+        """Start the deferred operations now and wait for them; raise the first error."""
         pending, self.deferred = self.deferred, []
-        results = await asyncio.gather(*pending, return_exceptions=True)
+        for go, _ in pending:
+            go.set()
+        results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
         for r in results:
-            if isinstance(r, BaseException):
+            if raise_errors and isinstance(r, BaseException):
                 raise r
 
     async def execute(self, node: Node, path: str, state: State) -> State:
@@ -347,7 +360,7 @@ async def run_pipeline(
     try:
         updates = await finish(ctx, path, state, await ctx.execute(node, path, state))
     except BaseException:
-        await asyncio.gather(*ctx.deferred, return_exceptions=True)
+        await ctx.settle(raise_errors=False)
         raise
     await ctx.settle()
     if path == "0":
