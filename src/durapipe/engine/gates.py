@@ -197,13 +197,46 @@ def _send(c: Any, sys_db: Any, workflow_id: str, key: str, message: dict[str, An
         function_name="DBOS.send", send_to_forks=False)
 
 
-def field(doc: Any, op: str, name: str) -> Any:
+def _field(doc: Any, op: str, name: str) -> Any:
     return doc.op(op)(sa.cast(name, sa.Text))
+
+
+# The claim statement of _send_at_once, built once per DBOS system database.
+_claims: dict[int, tuple[Any, Any]] = {}
+
+
+def _claim_statement(sys_db: Any) -> Any:
+    """UPDATE the gate event of a PENDING workflow from waiting to the decision, if ``by``
+    may answer it; RETURNING its ``requested_at``. Parameters: wf, gate_key, decision, by,
+    comment, at."""
+    tables = sys_db.tables
+    cached = _claims.get(id(sys_db))
+    if cached is not None and cached[0] is tables:
+        return cached[1]
+    ws, we = tables.workflow_status, tables.workflow_events
+    # CASE keeps a value in another serialization from ever being cast.
+    ev = sa.case((we.c.serialization == sys_db.serializer.name(), sa.cast(we.c.value, JSONB)))
+    by = sa.cast(sa.bindparam("by", type_=sa.Text), sa.Text)
+    decided = ev.op("||")(sa.func.jsonb_build_object(
+        "status", sa.cast(sa.bindparam("decision", type_=sa.Text), sa.Text), "by", by,
+        "comment", sa.cast(sa.bindparam("comment", type_=sa.Text), sa.Text),
+        "decided_at", sa.cast(sa.bindparam("at", type_=sa.BigInteger), sa.BigInteger)))
+    stmt = (sa.update(we)
+            .where(we.c.workflow_uuid == sa.bindparam("wf", type_=sa.Text),
+                   we.c.key == sa.bindparam("gate_key", type_=sa.Text),
+                   ws.c.workflow_uuid == we.c.workflow_uuid, ws.c.status == "PENDING",
+                   _field(ev, "->>", "status") == "waiting",
+                   sa.or_(sa.func.jsonb_typeof(_field(ev, "->", "approvers")).is_distinct_from("array"),
+                          _field(ev, "->", "approvers").op("@>")(sa.func.jsonb_build_array(by))))
+            .values(value=sa.cast(decided, sa.Text))
+            .returning(_field(ev, "->>", "requested_at")))
+    _claims[id(sys_db)] = (tables, stmt)
+    return stmt
 
 
 def _send_at_once(workflow_id: str, gate: str, decision: str, by: str,
                   comment: str | None) -> bool:
-    """Postgres: check, record and send in one statement plus the send; False if refused.
+    """Postgres: check and record the decision in one statement, then send; False if not.
 
     The event turns into the decision only when the workflow is PENDING, the event says
     waiting and ``by`` is among its approvers (if it lists any); anything else changes
@@ -212,25 +245,11 @@ def _send_at_once(workflow_id: str, gate: str, decision: str, by: str,
     sys_db = _get_dbos_instance()._sys_db
     if sys_db.engine.dialect.name != "postgresql":
         return False
-    ws, we = sys_db.tables.workflow_status, sys_db.tables.workflow_events
-    key = event_key(gate)
-    # CASE keeps a value in another serialization from ever being cast.
-    ev = sa.case((we.c.serialization == sys_db.serializer.name(), sa.cast(we.c.value, JSONB)))
-    at = now_ms()
-    decided = ev.op("||")(sa.func.jsonb_build_object(
-        "status", sa.cast(decision, sa.Text), "by", sa.cast(by, sa.Text),
-        "comment", sa.cast(comment, sa.Text), "decided_at", sa.cast(at, sa.BigInteger)))
-    stmt = (sa.update(we)
-            .where(we.c.workflow_uuid == workflow_id, we.c.key == key,
-                   ws.c.workflow_uuid == we.c.workflow_uuid, ws.c.status == "PENDING",
-                   field(ev, "->>", "status") == "waiting",
-                   sa.or_(sa.func.jsonb_typeof(field(ev, "->", "approvers")).is_distinct_from("array"),
-                          field(ev, "->", "approvers").op("@>")(
-                              sa.func.jsonb_build_array(sa.cast(by, sa.Text)))))
-            .values(value=sa.cast(decided, sa.Text))
-            .returning(field(ev, "->>", "requested_at")))
+    key, at = event_key(gate), now_ms()
     with sys_db.engine.begin() as c:
-        row = c.execute(stmt).first()
+        row = c.execute(_claim_statement(sys_db), {
+            "wf": workflow_id, "gate_key": key, "decision": decision, "by": by,
+            "comment": comment, "at": at}).first()
         if row is None:
             return False
         _send(c, sys_db, workflow_id, key, {"decision": decision, "by": by, "comment": comment,
