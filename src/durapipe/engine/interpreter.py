@@ -89,15 +89,17 @@ class RunContext:
     # DBOS operations numbered already but left to run off the critical path (see defer).
     deferred: list[tuple[asyncio.Event, asyncio.Future[Any]]] = field(default_factory=list)
 
-    def defer(self, start: Callable[[], Awaitable[Any]], after: float = DEFER_SECONDS) -> None:
+    def defer(self, start: Callable[[], Awaitable[Any]], after: float | None = None) -> None:
         """Run an operation whose DBOS number is already reserved a little later.
 
-        It starts ``after`` seconds from now (the node that follows gets going first) or at
-        the next ``settle``, whichever comes first. Every workflow settles before it returns
-        or raises, and a node settles before it writes what a deferred operation writes.
+        It starts ``after`` seconds (default ``DEFER_SECONDS``) from now, so the node that
+        follows gets going first, or at the next ``settle``, whichever comes first. Every
+        workflow settles before it returns or raises, and a node settles before it writes
+        what a deferred operation writes.
         """
         go = asyncio.Event()
-        asyncio.get_running_loop().call_later(after, go.set)
+        delay = DEFER_SECONDS if after is None else after
+        asyncio.get_running_loop().call_later(delay, go.set)
 
         async def run() -> Any:
             await go.wait()
