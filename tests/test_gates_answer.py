@@ -14,7 +14,7 @@ import pytest
 from tests.dbutil import sql, wait_for
 
 from durapipe import App, GateRejected, fn, gate
-from durapipe.errors import ApprovalRefused, UnknownGate
+from durapipe.errors import ApprovalRefused, UnknownGate, UnknownRun
 
 S = dict[str, Any]
 
@@ -120,3 +120,22 @@ def test_answers_on_sqlite(tmp_path: Any) -> None:
     finally:
         app.shutdown()
     assert state["published"] is True and state["legal"]["by"] == "alice"
+
+
+def test_a_gate_of_another_apps_run_is_not_answered(make_app: Callable[..., App],
+                                                    database_url: str) -> None:
+    other = make_app("other-app")
+    p = other.pipeline("p", gate("legal", "ok?") >> fn(lambda s: {"published": True}, name="publish"))
+    with other:
+        p.start({}, run_id="theirs-1")
+        wait_for(lambda: bool(other.pending("theirs-1")), what="gate announced")
+    # As if the other app's worker still ran it (this process's shutdown ended it).
+    sql(database_url, "UPDATE dbos.workflow_status SET status = 'PENDING' "
+                      "WHERE workflow_uuid = 'theirs-1'")
+    mine = make_app("my-app")
+    with mine:
+        with pytest.raises(UnknownRun, match="has no run with id 'theirs-1'"):
+            mine.approve("theirs-1", "legal", by="alice")
+    now, _ = events(database_url, "theirs-1", "gate:legal")
+    assert now["status"] == "waiting"
+    assert sql(database_url, "SELECT count(*) FROM dbos.notifications")[0][0] == 0

@@ -5,12 +5,18 @@ The contract other parts (CLI, SQL views, HTTP service) build on:
 - While waiting, the workflow that runs the gate holds the DBOS event ``gate:<name>`` =
   ``{"gate", "status": "waiting", "message", "approvers", "requested_at"}`` (epoch ms) and
   waits in ``DBOS.recv(topic="gate:<name>")``.
-- :func:`answer` (``App.approve``/``App.reject``) sends
+- :func:`answer` (``App.approve``/``App.reject``), in one transaction: turns the event
+  into the decision (below) only if it still says waiting, then sends
   ``{"decision": "approved"|"rejected", "by", "comment", "at", "requested_at"}`` on that
-  topic with an idempotency key per request, so an answer sent twice is applied once.
-- After the decision the event becomes ``{"gate", "status": "approved"|"rejected"|
-  "timed_out", "by", "comment", "decided_at", "message", "approvers", "requested_at"}``
-  and, unless the gate fails the run, ``state[name] = {"approved", "by", "comment", "at"}``.
+  topic with an idempotency key per request. So the decision is visible as soon as
+  ``answer`` returns, an answer sent twice is applied once, and of answers sent at the
+  same moment exactly one applies (the others are refused with ``UnknownGate``).
+- The decided event is ``{"gate", "status": "approved"|"rejected"|"timed_out", "by",
+  "comment", "decided_at", "message", "approvers", "requested_at"}``; unless the gate
+  fails the run, ``state[name] = {"approved", "by", "comment", "at"}``. The workflow
+  writes the same event itself as a recorded ``DBOS.setEvent`` (so a fork or a rewind
+  restores it), deferred until the next node is under way (``RunContext.defer``); a
+  timeout is written by the workflow alone, before it goes on.
 
 A gate inside a branch that runs as a child workflow (race, timeout, parallel, map) is
 waited on by that child; :func:`answer` and :func:`pending` look at a run and all the
@@ -145,6 +151,11 @@ def _root_of(status: Any) -> str:
     return str(status.workflow_id)
 
 
+def _version_prefix(app: App) -> str:
+    """Every application version of the app starts with this (see ``App._check_run``)."""
+    return f"durapipe-{app.dbos_name}-"
+
+
 def _waiting(app: App, run_id: str | None) -> list[tuple[str, str, dict[str, Any]]]:
     """(workflow id, run id, event) of every gate being waited at, oldest request first."""
     opts: dict[str, Any] = {"status": "PENDING", "name": WORKFLOW_NAME, "load_output": False}
@@ -153,7 +164,7 @@ def _waiting(app: App, run_id: str | None) -> list[tuple[str, str, dict[str, Any
     else:
         statuses = (DBOS.list_workflows(workflow_ids=[run_id], **opts)
                     + DBOS.list_workflows(workflow_id_prefix=f"{run_id}/", **opts))
-    prefix = f"durapipe-{app.dbos_name}-"
+    prefix = _version_prefix(app)
     found: list[tuple[str, str, dict[str, Any]]] = []
     for st in statuses:
         if st.app_version and not st.app_version.startswith(prefix):
@@ -206,9 +217,9 @@ _claims: dict[int, tuple[Any, Any]] = {}
 
 
 def _claim_statement(sys_db: Any) -> Any:
-    """UPDATE the gate event of a PENDING workflow from waiting to the decision, if ``by``
-    may answer it; RETURNING its ``requested_at``. Parameters: wf, gate_key, decision, by,
-    comment, at."""
+    """UPDATE the gate event of a PENDING workflow of the app from waiting to the decision,
+    if ``by`` may answer it; RETURNING its ``requested_at``. Parameters: wf, gate_key,
+    version_prefix (the app's), decision, by, comment, at."""
     tables = sys_db.tables
     cached = _claims.get(id(sys_db))
     if cached is not None and cached[0] is tables:
@@ -217,6 +228,7 @@ def _claim_statement(sys_db: Any) -> Any:
     # CASE keeps a value in another serialization from ever being cast.
     ev = sa.case((we.c.serialization == sys_db.serializer.name(), sa.cast(we.c.value, JSONB)))
     by = sa.cast(sa.bindparam("by", type_=sa.Text), sa.Text)
+    prefix = sa.cast(sa.bindparam("version_prefix", type_=sa.Text), sa.Text)
     decided = ev.op("||")(sa.func.jsonb_build_object(
         "status", sa.cast(sa.bindparam("decision", type_=sa.Text), sa.Text), "by", by,
         "comment", sa.cast(sa.bindparam("comment", type_=sa.Text), sa.Text),
@@ -225,6 +237,9 @@ def _claim_statement(sys_db: Any) -> Any:
             .where(we.c.workflow_uuid == sa.bindparam("wf", type_=sa.Text),
                    we.c.key == sa.bindparam("gate_key", type_=sa.Text),
                    ws.c.workflow_uuid == we.c.workflow_uuid, ws.c.status == "PENDING",
+                   ws.c.name == WORKFLOW_NAME,
+                   sa.or_(sa.func.coalesce(ws.c.application_version, "") == "",
+                          sa.func.left(ws.c.application_version, sa.func.length(prefix)) == prefix),
                    _field(ev, "->>", "status") == "waiting",
                    sa.or_(sa.func.jsonb_typeof(_field(ev, "->", "approvers")).is_distinct_from("array"),
                           _field(ev, "->", "approvers").op("@>")(sa.func.jsonb_build_array(by))))
@@ -234,7 +249,7 @@ def _claim_statement(sys_db: Any) -> Any:
     return stmt
 
 
-def _send_at_once(workflow_id: str, gate: str, decision: str, by: str,
+def _send_at_once(app: App, workflow_id: str, gate: str, decision: str, by: str,
                   comment: str | None) -> bool:
     """Postgres: check and record the decision in one statement, then send; False if not.
 
@@ -248,8 +263,8 @@ def _send_at_once(workflow_id: str, gate: str, decision: str, by: str,
     key, at = event_key(gate), now_ms()
     with sys_db.engine.begin() as c:
         row = c.execute(_claim_statement(sys_db), {
-            "wf": workflow_id, "gate_key": key, "decision": decision, "by": by,
-            "comment": comment, "at": at}).first()
+            "wf": workflow_id, "gate_key": key, "version_prefix": _version_prefix(app),
+            "decision": decision, "by": by, "comment": comment, "at": at}).first()
         if row is None:
             return False
         _send(c, sys_db, workflow_id, key, {"decision": decision, "by": by, "comment": comment,
@@ -257,7 +272,7 @@ def _send_at_once(workflow_id: str, gate: str, decision: str, by: str,
     return True
 
 
-def _send_if_waiting(workflow_id: str, gate: str, decision: str, by: str,
+def _send_if_waiting(app: App, workflow_id: str, gate: str, decision: str, by: str,
                      comment: str | None, run_id: str) -> _Found | None:
     """Answer ``gate`` of one workflow in one transaction, or say what is there instead.
 
@@ -265,7 +280,7 @@ def _send_if_waiting(workflow_id: str, gate: str, decision: str, by: str,
     the gate, checks the approvers, turns the event into the decision (only if it still
     holds the waiting value read, so of two concurrent answers one is refused) and sends
     the answer. The waiting workflow wakes on commit. Returns None once sent, else what
-    was found (None for the status when the workflow does not exist).
+    was found; raises UnknownRun for a workflow that is not one of the app's.
     """
     sys_db = _get_dbos_instance()._sys_db
     ws, we = sys_db.tables.workflow_status, sys_db.tables.workflow_events
@@ -277,10 +292,11 @@ def _send_if_waiting(workflow_id: str, gate: str, decision: str, by: str,
              .where(ws.c.workflow_uuid == workflow_id))
     with sys_db.engine.begin() as c:
         row = c.execute(query).first()
-        if row is None:
-            return _Found("", None, None, None)
+        found = _Found(row.status, row.name, row.application_version, None) if row else None
+        app._check_run(workflow_id, found)
+        assert row is not None and found is not None  # UnknownRun otherwise
         event: Any = (deserialize_value(row.value, row.serialization, sys_db.serializer)
-                 if row.value is not None else None)
+                      if row.value is not None else None)
         found = _Found(row.status, row.name, row.application_version, event)
         if row.status != "PENDING" or not _is_waiting(event):
             return found
@@ -322,15 +338,14 @@ def answer(app: App, run_id: str, gate: str, decision: str, by: str,
         raise DurapipeError(f"app.{verb}({run_id!r}, {gate!r}): by= must name who answers")
     if comment is not None and not isinstance(comment, str):
         raise DurapipeError(f"app.{verb}({run_id!r}, {gate!r}): comment must be a string or None")
-    if _send_at_once(run_id, gate, decision, by, comment):
+    if _send_at_once(app, run_id, gate, decision, by, comment):
         return
-    found = _send_if_waiting(run_id, gate, decision, by, comment, run_id)
+    found = _send_if_waiting(app, run_id, gate, decision, by, comment, run_id)
     if found is None:
         return
-    app._check_run(run_id, found if found.status else None)
     waiting = _waiting(app, run_id)
     for workflow_id, _, _ in (w for w in waiting if w[2].get("gate") == gate):
-        if _send_if_waiting(workflow_id, gate, decision, by, comment, run_id) is None:
+        if _send_if_waiting(app, workflow_id, gate, decision, by, comment, run_id) is None:
             return
     others = sorted({str(w[2].get("gate")) for w in waiting if w[2].get("gate") != gate})
     ev = found.event
