@@ -108,9 +108,11 @@ def section(database_url: str) -> str:
         "## Gates: approval to the next node",
         "",
         f"{ROUNDS} rounds, interleaved, one process, one Postgres. Milliseconds from the answer "
-        "being sent to the step after the gate starting. durapipe: `app.approve` (it checks the "
-        "run, finds the waiting gate and its approvers, then sends) and the gate's recording of "
-        "the decision. Raw DBOS: `DBOS.send` into a workflow parked in `DBOS.recv_async`.",
+        "being sent to the step after the gate starting. durapipe: `app.approve` (one "
+        "transaction: one UPDATE checks that the run is the app's and waits at the gate and "
+        "that the person may answer, and turns the `gate:<name>` event into the decision; then "
+        "the send) and the gate taking the answer. Raw DBOS: `DBOS.send` into a workflow parked "
+        "in `DBOS.recv_async`.",
         "",
         "| case | median ms | p95 ms |",
         "|---|---|---|",
@@ -120,10 +122,10 @@ def section(database_url: str) -> str:
         f"| {p95(in_approve):.2f} |",
         "",
         f"Ratio of medians: {dm / rm:.2f}x (target: within 1.2x). What durapipe adds: the "
-        "checks in `app.approve` before it sends (run status, the gate's event: an unknown "
-        "run, a gate not waited at or a person not among the approvers is refused before "
-        "anything changes), and the `gate:<name>` event update recording the decision "
-        "before the next node starts.",
+        "UPDATE in `app.approve`'s transaction (an unknown run, a gate not waited at, a gate "
+        "already answered or a person not among the approvers is refused before anything "
+        "changes). The run's own recorded copy of the decision (what a fork restores) is "
+        "written once the next node is under way, so it is not in this latency.",
         "",
     ])
 

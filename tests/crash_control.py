@@ -1,7 +1,7 @@
 """A worker for the crash tests of gates, sleep, timeout and race.
 
 Usage: crash_control.py DATABASE_URL MODE LOG PHASE
-MODE is gate | sleep | timeout | race; PHASE is "first" (the process that gets killed),
+MODE is gate | gate-answered | sleep | timeout | race; PHASE is "first" (the process that gets killed),
 "second" (the restarted process, which recovers the run and finishes it) or "third"
 (one more restart, to see that nothing comes back). Every step appends
 ``<what> <epoch seconds>`` to LOG, so the test reads what ran, how often and when.
@@ -47,7 +47,17 @@ async def fast_on_restart(state: S) -> S:
     return {"winner": "a"}
 
 
+def held(state: S) -> S:
+    """After the gate of mode gate-answered: blocks forever in the first process."""
+    note("held-start")
+    if phase == "first":
+        time.sleep(3600)
+    note("held")
+    return {"held": True}
+
+
 PIPELINES = {
+    "gate-answered": stamp("draft") >> gate("legal", "publish {topic}?") >> fn(held),
     "gate": stamp("draft") >> gate("legal", "publish {topic}?") >> stamp("publish"),
     "sleep": stamp("t0") >> sleep(4) >> stamp("t1"),
     "timeout": stamp("t0") >> (fn(slow).timeout(4) // stamp("t1")),
@@ -60,11 +70,19 @@ pipeline = app.pipeline(mode, PIPELINES[mode])
 note(f"process-{phase}")
 with app:
     if phase == "first":
+        if mode == "gate-answered":
+            # The run's own record of the decision waits: the kill comes before it.
+            from durapipe.engine import interpreter
+            interpreter.DEFER_SECONDS = 3600
         pipeline.start({"topic": "ai"}, run_id="crash-1")
         if mode == "gate":
             while not app.pending("crash-1"):
                 time.sleep(0.02)
             note("waiting")
+        if mode == "gate-answered":
+            while not app.pending("crash-1"):
+                time.sleep(0.02)
+            app.approve("crash-1", "legal", by="alice", comment="go")
         time.sleep(3600)  # killed here
     elif phase == "second":
         if mode == "gate":

@@ -6,6 +6,7 @@ how long the test took.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -45,6 +46,36 @@ def test_gate_survives_a_kill_and_continues_on_approval(database_url: str, tmp_p
     assert len(seen["draft"]) == 1 and len(seen["publish"]) == 1
     assert seen["publish"][0] > seen["process-second"][0]
     assert any(k.startswith("result ") and "legal" in k and "publish" in k for k in seen)
+
+
+def test_an_answered_gate_survives_a_kill_before_the_run_recorded_the_decision(
+    database_url: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "log"
+    first = spawn(SCRIPT, database_url, "gate-answered", str(log), "first")
+    try:
+        wait_for(lambda: "held-start" in stamps(log), timeout=60, what="the node after the gate")
+    finally:
+        first.kill()
+        first.wait()
+    query = ("SELECT value FROM dbos.workflow_events{} WHERE workflow_uuid = 'crash-1' "
+             "AND key = 'gate:legal'{}")
+    [(answered,)] = sql(database_url, query.format("", ""))
+    history = sql(database_url, query.format("_history", " ORDER BY function_id"))
+    # approve recorded the decision; the run itself had not yet when it was killed
+    assert json.loads(answered)["status"] == "approved"
+    assert [json.loads(v)["status"] for (v,) in history] == ["waiting"]
+    second = spawn(SCRIPT, database_url, "gate-answered", str(log), "second")
+    out, _ = second.communicate(timeout=90)
+    assert second.returncode == 0, out
+    seen = stamps(log)
+    assert len(seen["draft"]) == 1 and len(seen["held"]) == 1 and len(seen["held-start"]) == 2
+    assert any(k.startswith("result ") and "legal" in k and "held" in k for k in seen)
+    final = sql(database_url, query.format("", ""))
+    history = sql(database_url, query.format("_history", " ORDER BY function_id"))
+    decided = json.loads(final[0][0])
+    assert decided == json.loads(answered) and decided["by"] == "alice" and decided["comment"] == "go"
+    assert [json.loads(v) for (v,) in history][1:] == [decided]
 
 
 def test_sleep_keeps_its_deadline_across_a_restart(database_url: str, tmp_path: Path) -> None:

@@ -190,3 +190,19 @@ def test_gate_arguments_are_checked() -> None:
     with pytest.raises(BuildError, match="placeholders"):
         gate("g", "m {}")
     assert gate("g", "m", approvers="alice").approvers == ("alice",)
+
+
+def test_gate_inside_a_dispatched_task(make_app: Callable[..., App], database_url: str) -> None:
+    from durapipe import dispatch, join
+
+    app = make_app()
+    task = gate("legal", "Approve {title}?") >> fn(lambda s: {"shipped": True}, name="ship")
+    p = app.pipeline("p", dispatch(task, names=["review"]) >> join() >> fn(lambda s: {"done": s["shipped"]}, name="end"))
+    with app:
+        handle = p.start({"title": "T"}, run_id="task-gate")
+        wait_for(lambda: [g.gate for g in app.pending("task-gate")] == ["legal"], what="the task's gate")
+        app.approve("task-gate", "legal", by="alice")
+        state = handle.result(timeout=30).state
+    assert state["done"] is True and state["legal"]["by"] == "alice"
+    child = sql(database_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid LIKE 'task-gate/%'")
+    assert child == [("SUCCESS",)]

@@ -22,11 +22,11 @@ from dbos._utils import INTERNAL_QUEUE_NAME
 
 from ..audit import NodeRecord, RunInfo, RunTree, model_usage, path_key, split_step_name
 from ..errors import OperatorError, UnknownRun, error_text, from_portable
-from .dispatch import TASK_WORKFLOW, fate_key, task_status
-from .interpreter import WORKFLOW_NAME
+from .dispatch import fate_key, task_status
+from .interpreter import DURAPIPE_WORKFLOWS, TASK_WORKFLOW, WORKFLOW_NAME
 
 # Child workflows durapipe starts: subtrees (|, race, timeout, map, flow) and dispatched tasks.
-CHILD_WORKFLOWS = (WORKFLOW_NAME, TASK_WORKFLOW)
+CHILD_WORKFLOWS = DURAPIPE_WORKFLOWS
 
 _SINCE_RE = re.compile(r"^(\d+)\s*([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}

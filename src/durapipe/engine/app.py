@@ -281,8 +281,8 @@ class App:
                                 app=self.name)
         self._listen = list(names)
 
-    def _check_run(self, run_id: str, status: Any) -> None:
-        if status is None or status.name != WORKFLOW_NAME or (
+    def _check_run(self, run_id: str, status: Any, kinds: tuple[str, ...] = (WORKFLOW_NAME,)) -> None:
+        if status is None or status.name not in kinds or (
             status.app_version and not status.app_version.startswith(f"durapipe-{self.dbos_name}-")
         ):
             raise UnknownRun(f"app {self.name!r} has no run with id {run_id!r}", run_id=run_id)

@@ -46,6 +46,7 @@ from .agent import reset_partial_sink, set_partial_sink
 from .interpreter import (
     BETWEEN_HOOKS,
     FINISH_HOOKS,
+    TASK_WORKFLOW,
     RunContext,
     await_child,
     finish,
@@ -55,7 +56,6 @@ from .interpreter import (
     run_step,
 )
 
-TASK_WORKFLOW = "durapipe.task"
 PROGRESS_EVENT = "durapipe.progress"
 QUEUE_POLL_SEC = 0.1
 
@@ -233,6 +233,7 @@ async def _run_task(ctx: RunContext, state: State, path: str, name: str) -> Stat
         finally:
             if token is not None:
                 reset_partial_sink(token)
+        await ctx.settle()  # operations a node deferred (a gate's record) land before the end
         updates = await finish(ctx, path, state, result)
         if owner.on_complete is not None:
             on_complete = owner.on_complete
@@ -241,6 +242,7 @@ async def _run_task(ctx: RunContext, state: State, path: str, name: str) -> Stat
                 await _call(on_complete, name, updates)
             await run_step(f"{path}:on_complete", 0, complete)
     except Exception as exc:
+        await ctx.settle(raise_errors=False)
         err = node_error(exc, where)
         if owner.on_error is not None:
             on_error = owner.on_error

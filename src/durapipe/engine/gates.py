@@ -5,12 +5,18 @@ The contract other parts (CLI, SQL views, HTTP service) build on:
 - While waiting, the workflow that runs the gate holds the DBOS event ``gate:<name>`` =
   ``{"gate", "status": "waiting", "message", "approvers", "requested_at"}`` (epoch ms) and
   waits in ``DBOS.recv(topic="gate:<name>")``.
-- :func:`answer` (``App.approve``/``App.reject``) sends
+- :func:`answer` (``App.approve``/``App.reject``), in one transaction: turns the event
+  into the decision (below) only if it still says waiting, then sends
   ``{"decision": "approved"|"rejected", "by", "comment", "at", "requested_at"}`` on that
-  topic with an idempotency key per request, so an answer sent twice is applied once.
-- After the decision the event becomes ``{"gate", "status": "approved"|"rejected"|
-  "timed_out", "by", "comment", "decided_at", "message", "approvers", "requested_at"}``
-  and, unless the gate fails the run, ``state[name] = {"approved", "by", "comment", "at"}``.
+  topic with an idempotency key per request. So the decision is visible as soon as
+  ``answer`` returns, an answer sent twice is applied once, and of answers sent at the
+  same moment exactly one applies (the others are refused with ``UnknownGate``).
+- The decided event is ``{"gate", "status": "approved"|"rejected"|"timed_out", "by",
+  "comment", "decided_at", "message", "approvers", "requested_at"}``; unless the gate
+  fails the run, ``state[name] = {"approved", "by", "comment", "at"}``. The workflow
+  writes the same event itself as a recorded ``DBOS.setEvent`` (so a fork or a rewind
+  restores it), deferred until the next node is under way (``RunContext.defer``); a
+  timeout is written by the workflow alone, before it goes on.
 
 A gate inside a branch that runs as a child workflow (race, timeout, parallel, map) is
 waited on by that child; :func:`answer` and :func:`pending` look at a run and all the
@@ -19,11 +25,19 @@ child workflows below it, so callers always use the run id they started.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import sqlalchemy as sa
 from dbos import DBOS
+from dbos._context import snapshot_step_context
+from dbos._core import set_event as dbos_set_event
+from dbos._dbos import _get_dbos_instance
+from dbos._serialization import WorkflowSerializationFormat, deserialize_value, serialize_value
+from dbos._sys_db import SendMessage
+from sqlalchemy.dialects.postgresql import JSONB
 
 from ..errors import (
     ApprovalRefused,
@@ -36,7 +50,7 @@ from ..errors import (
 )
 from ..ir import Gate
 from ..state import State, render
-from .interpreter import WORKFLOW_NAME, RunContext, handles, run_step
+from .interpreter import DURAPIPE_WORKFLOWS, RunContext, handles, run_step
 
 if TYPE_CHECKING:
     from .app import App
@@ -52,6 +66,13 @@ def event_key(gate: str) -> str:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def decided_event(base: dict[str, Any], status: str, by: str | None, comment: str | None,
+                  at: int) -> dict[str, Any]:
+    """The ``gate:<name>`` event once decided; ``base`` is the waiting event."""
+    return {**{k: v for k, v in base.items() if k != "status"}, "status": status, "by": by,
+            "comment": comment, "decided_at": at}
 
 
 @dataclass(frozen=True)
@@ -78,6 +99,7 @@ async def _gate(ctx: RunContext, node: Gate, path: str, state: State) -> State:
                              cause=error_text(exc)) from exc
         if not wanted:
             return {}
+    await ctx.settle()  # an earlier pass's decision is written before this pass announces
     message = render(node.message, state, f"gate {where}")
     requested_at: int = await run_step(where, 0, now_ms)
     key = event_key(node.name)
@@ -98,11 +120,17 @@ async def _gate(ctx: RunContext, node: Gate, path: str, state: State) -> State:
     if msg is None:
         status, by, comment, at = "timed_out", None, None, int(deadline or now_ms())
         approved = node.on_timeout == "approve"
+        await DBOS.set_event_async(key, decided_event(base, status, by, comment, at))
     else:
         status, by, comment, at = msg["decision"], msg.get("by"), msg.get("comment"), msg["at"]
         approved = status == "approved"
-    await DBOS.set_event_async(key, {**base, "status": status, "by": by, "comment": comment,
-                                     "decided_at": at})
+        # answer() already turned the event into this decision in the transaction that sent
+        # the message; the workflow's own write (recorded for forks) need not hold up the
+        # next node.
+        record, op = decided_event(base, status, by, comment, at), snapshot_step_context()
+        ctx.defer(lambda: asyncio.to_thread(
+            dbos_set_event, _get_dbos_instance(), op, key, record,
+            serialization_type=WorkflowSerializationFormat.DEFAULT))
     if msg is None and node.on_timeout == "fail":
         raise NodeTimeout(f"gate {where} got no answer within {node.timeout_seconds:g} s",
                           node=where, gate=node.name, seconds=node.timeout_seconds)
@@ -123,18 +151,24 @@ def _root_of(status: Any) -> str:
     return str(status.workflow_id)
 
 
+def _version_prefix(app: App) -> str:
+    """Every application version of the app starts with this (see ``App._check_run``)."""
+    return f"durapipe-{app.dbos_name}-"
+
+
 def _waiting(app: App, run_id: str | None) -> list[tuple[str, str, dict[str, Any]]]:
     """(workflow id, run id, event) of every gate being waited at, oldest request first."""
-    opts: dict[str, Any] = {"status": "PENDING", "name": WORKFLOW_NAME, "load_output": False}
+    opts: dict[str, Any] = {"status": "PENDING", "load_output": False}
     if run_id is None:
         statuses = DBOS.list_workflows(**opts)
     else:
         statuses = (DBOS.list_workflows(workflow_ids=[run_id], **opts)
                     + DBOS.list_workflows(workflow_id_prefix=f"{run_id}/", **opts))
-    prefix = f"durapipe-{app.dbos_name}-"
+    prefix = _version_prefix(app)
     found: list[tuple[str, str, dict[str, Any]]] = []
     for st in statuses:
-        if st.app_version and not st.app_version.startswith(prefix):
+        if st.name not in DURAPIPE_WORKFLOWS or (
+                st.app_version and not st.app_version.startswith(prefix)):
             continue
         for key, value in DBOS.get_all_events(st.workflow_id).items():
             if (key.startswith("gate:") and isinstance(value, dict)
@@ -153,42 +187,175 @@ def pending(app: App, run_id: str | None = None) -> list[PendingGate]:
             for _, root, ev in _waiting(app, run_id)]
 
 
+@dataclass(frozen=True)
+class _Found:
+    """What one read of a workflow and its ``gate:<name>`` event found."""
+
+    status: str
+    name: str | None
+    app_version: str | None
+    event: Any
+
+
+def _is_waiting(event: Any) -> bool:
+    return isinstance(event, dict) and event.get("status") == "waiting"
+
+
+def _send(c: Any, sys_db: Any, workflow_id: str, key: str, message: dict[str, Any]) -> None:
+    sys_db.send_bulk_with_connection(
+        [SendMessage(workflow_id, message, key,
+                     f"durapipe:{workflow_id}:{key}:{message['requested_at']}")],
+        c, serialization_type=WorkflowSerializationFormat.DEFAULT,
+        function_name="DBOS.send", send_to_forks=False)
+
+
+def _field(doc: Any, op: str, name: str) -> Any:
+    return doc.op(op)(sa.cast(name, sa.Text))
+
+
+# The claim statement of _send_at_once, built once per DBOS system database.
+_claims: dict[int, tuple[Any, Any]] = {}
+
+
+def _claim_statement(sys_db: Any) -> Any:
+    """UPDATE the gate event of a PENDING workflow of the app from waiting to the decision,
+    if ``by`` may answer it; RETURNING its ``requested_at``. Parameters: wf, gate_key,
+    version_prefix (the app's), decision, by, comment, at."""
+    tables = sys_db.tables
+    cached = _claims.get(id(sys_db))
+    if cached is not None and cached[0] is tables:
+        return cached[1]
+    ws, we = tables.workflow_status, tables.workflow_events
+    # CASE keeps a value in another serialization from ever being cast.
+    ev = sa.case((we.c.serialization == sys_db.serializer.name(), sa.cast(we.c.value, JSONB)))
+    by = sa.cast(sa.bindparam("by", type_=sa.Text), sa.Text)
+    prefix = sa.cast(sa.bindparam("version_prefix", type_=sa.Text), sa.Text)
+    decided = ev.op("||")(sa.func.jsonb_build_object(
+        "status", sa.cast(sa.bindparam("decision", type_=sa.Text), sa.Text), "by", by,
+        "comment", sa.cast(sa.bindparam("comment", type_=sa.Text), sa.Text),
+        "decided_at", sa.cast(sa.bindparam("at", type_=sa.BigInteger), sa.BigInteger)))
+    stmt = (sa.update(we)
+            .where(we.c.workflow_uuid == sa.bindparam("wf", type_=sa.Text),
+                   we.c.key == sa.bindparam("gate_key", type_=sa.Text),
+                   ws.c.workflow_uuid == we.c.workflow_uuid, ws.c.status == "PENDING",
+                   ws.c.name.in_(DURAPIPE_WORKFLOWS),
+                   sa.or_(sa.func.coalesce(ws.c.application_version, "") == "",
+                          sa.func.left(ws.c.application_version, sa.func.length(prefix)) == prefix),
+                   _field(ev, "->>", "status") == "waiting",
+                   sa.or_(sa.func.jsonb_typeof(_field(ev, "->", "approvers")).is_distinct_from("array"),
+                          _field(ev, "->", "approvers").op("@>")(sa.func.jsonb_build_array(by))))
+            .values(value=sa.cast(decided, sa.Text))
+            .returning(_field(ev, "->>", "requested_at")))
+    _claims[id(sys_db)] = (tables, stmt)
+    return stmt
+
+
+def _send_at_once(app: App, workflow_id: str, gate: str, decision: str, by: str,
+                  comment: str | None) -> bool:
+    """Postgres: check and record the decision in one statement, then send; False if not.
+
+    The event turns into the decision only when the workflow is PENDING, the event says
+    waiting and ``by`` is among its approvers (if it lists any); anything else changes
+    nothing and :func:`_send_if_waiting` finds out why.
+    """
+    sys_db = _get_dbos_instance()._sys_db
+    if sys_db.engine.dialect.name != "postgresql":
+        return False
+    key, at = event_key(gate), now_ms()
+    with sys_db.engine.begin() as c:
+        row = c.execute(_claim_statement(sys_db), {
+            "wf": workflow_id, "gate_key": key, "version_prefix": _version_prefix(app),
+            "decision": decision, "by": by, "comment": comment, "at": at}).first()
+        if row is None:
+            return False
+        _send(c, sys_db, workflow_id, key, {"decision": decision, "by": by, "comment": comment,
+                                            "at": at, "requested_at": int(row[0])})
+    return True
+
+
+def _send_if_waiting(app: App, workflow_id: str, gate: str, decision: str, by: str,
+                     comment: str | None, run_id: str) -> _Found | None:
+    """Answer ``gate`` of one workflow in one transaction, or say what is there instead.
+
+    Reads the workflow's status and the gate's event together; when the workflow waits at
+    the gate, checks the approvers, turns the event into the decision (only if it still
+    holds the waiting value read, so of two concurrent answers one is refused) and sends
+    the answer. The waiting workflow wakes on commit. Returns None once sent, else what
+    was found; raises UnknownRun for a workflow that is not one of the app's.
+    """
+    sys_db = _get_dbos_instance()._sys_db
+    ws, we = sys_db.tables.workflow_status, sys_db.tables.workflow_events
+    key = event_key(gate)
+    query = (sa.select(ws.c.status, ws.c.name, ws.c.application_version, we.c.value,
+                       we.c.serialization)
+             .select_from(ws.outerjoin(we, sa.and_(we.c.workflow_uuid == ws.c.workflow_uuid,
+                                                   we.c.key == key)))
+             .where(ws.c.workflow_uuid == workflow_id))
+    with sys_db.engine.begin() as c:
+        row = c.execute(query).first()
+        found = _Found(row.status, row.name, row.application_version, None) if row else None
+        app._check_run(workflow_id, found, DURAPIPE_WORKFLOWS)
+        assert row is not None and found is not None  # UnknownRun otherwise
+        event: Any = (deserialize_value(row.value, row.serialization, sys_db.serializer)
+                      if row.value is not None else None)
+        found = _Found(row.status, row.name, row.application_version, event)
+        if row.status != "PENDING" or not _is_waiting(event):
+            return found
+        approvers = event.get("approvers")
+        if approvers is not None and by not in approvers:
+            raise ApprovalRefused(
+                f"{by!r} may not answer gate {gate!r} of run {run_id!r}; its approvers are "
+                f"{approvers}. Nothing was changed", run_id=run_id, gate=gate, by=by,
+                approvers=approvers,
+            )
+        requested_at, at = event["requested_at"], now_ms()
+        value, serialization = serialize_value(
+            decided_event(event, decision, by, comment, at),
+            WorkflowSerializationFormat.DEFAULT, sys_db.serializer)
+        claimed = c.execute(
+            sa.update(we)
+            .where(we.c.workflow_uuid == workflow_id, we.c.key == key, we.c.value == row.value)
+            .values(value=value, serialization=serialization))
+        if claimed.rowcount != 1:
+            raise UnknownGate(
+                f"run {run_id!r} is not waiting at gate {gate!r}: another answer was recorded "
+                "while this one was checked. Nothing was changed", run_id=run_id, gate=gate,
+                waiting=[])
+        _send(c, sys_db, workflow_id, key, {"decision": decision, "by": by, "comment": comment,
+                                            "at": at, "requested_at": requested_at})
+    return None
+
+
 def answer(app: App, run_id: str, gate: str, decision: str, by: str,
            comment: str | None) -> None:
-    """Send a decision to a run waiting at ``gate``; validate everything before sending."""
+    """Send a decision to a run waiting at ``gate``; validate everything before sending.
+
+    The usual case (the run itself waits at the gate) takes one transaction; a gate waited
+    at by a branch's child workflow is looked for only when the run has none waiting.
+    """
     verb = "approve" if decision == "approved" else "reject"
     app._require_launched(verb)
     if not isinstance(by, str) or not by:
         raise DurapipeError(f"app.{verb}({run_id!r}, {gate!r}): by= must name who answers")
     if comment is not None and not isinstance(comment, str):
         raise DurapipeError(f"app.{verb}({run_id!r}, {gate!r}): comment must be a string or None")
-    status = DBOS.get_workflow_status(run_id)
-    app._check_run(run_id, status)
-    assert status is not None  # _check_run raised UnknownRun otherwise
-    # Fast path: the gate is usually waited at by the run itself, not by a child workflow.
-    own = DBOS.get_event(run_id, event_key(gate), timeout_seconds=0) if status.status == "PENDING" else None
-    waiting = [(run_id, run_id, own)] if isinstance(own, dict) and own.get("status") == "waiting" else []
-    if not waiting:
-        waiting = _waiting(app, run_id)
-    mine = [w for w in waiting if w[2].get("gate") == gate]
-    if not mine:
-        others = sorted({str(w[2].get("gate")) for w in waiting})
-        where = (f"it is waiting at {others}" if others
-                 else f"it is not waiting at any gate (status {status.status})")
-        raise UnknownGate(
-            f"run {run_id!r} is not waiting at gate {gate!r}: {where}",
-            run_id=run_id, gate=gate, waiting=others,
-        )
-    workflow_id, _, event = mine[0]
-    approvers = event.get("approvers")
-    if approvers is not None and by not in approvers:
-        raise ApprovalRefused(
-            f"{by!r} may not answer gate {gate!r} of run {run_id!r}; its approvers are "
-            f"{approvers}. Nothing was changed", run_id=run_id, gate=gate, by=by,
-            approvers=approvers,
-        )
-    requested_at = event["requested_at"]
-    message = {"decision": decision, "by": by, "comment": comment, "at": now_ms(),
-               "requested_at": requested_at}
-    DBOS.send(workflow_id, message, topic=event_key(gate),
-              idempotency_key=f"durapipe:{workflow_id}:{event_key(gate)}:{requested_at}")
+    if _send_at_once(app, run_id, gate, decision, by, comment):
+        return
+    found = _send_if_waiting(app, run_id, gate, decision, by, comment, run_id)
+    if found is None:
+        return
+    waiting = _waiting(app, run_id)
+    for workflow_id, _, _ in (w for w in waiting if w[2].get("gate") == gate):
+        if _send_if_waiting(app, workflow_id, gate, decision, by, comment, run_id) is None:
+            return
+    others = sorted({str(w[2].get("gate")) for w in waiting if w[2].get("gate") != gate})
+    ev = found.event
+    if isinstance(ev, dict) and ev.get("status") not in (None, "waiting"):
+        where = f"it was already {ev['status']}" + (f" by {ev['by']!r}" if ev.get("by") else "")
+        where += f" (and is waiting at {others})" if others else ""
+    elif others:
+        where = f"it is waiting at {others}"
+    else:
+        where = f"it is not waiting at any gate (status {found.status})"
+    raise UnknownGate(f"run {run_id!r} is not waiting at gate {gate!r}: {where}",
+                      run_id=run_id, gate=gate, waiting=others)

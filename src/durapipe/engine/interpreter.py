@@ -43,6 +43,10 @@ if TYPE_CHECKING:
     from .tracing import Tracing
 
 WORKFLOW_NAME = "durapipe.run"
+# A dispatched background task runs in a workflow of its own kind (engine/dispatch.py).
+TASK_WORKFLOW = "durapipe.task"
+# Every workflow durapipe registers: runs and their subtrees, and background tasks.
+DURAPIPE_WORKFLOWS = (WORKFLOW_NAME, TASK_WORKFLOW)
 N = TypeVar("N", bound=Node)
 Handler = Callable[["RunContext", Any, str, State], Awaitable[State]]
 HANDLERS: dict[type[Node], Handler] = {}
@@ -55,6 +59,8 @@ BETWEEN_HOOKS: list[Hook] = []
 FINISH_HOOKS: list[Hook] = []
 
 _current: dict[str, App] = {}
+# How long RunContext.defer lets the next node get going before a deferred operation starts.
+DEFER_SECONDS = 0.02
 
 
 def set_current_app(app: App | None) -> None:
@@ -91,6 +97,36 @@ class RunContext:
     # Set when the app traces (engine/tracing.py); None costs one check per node.
     tracer: Tracing | None = None
     recorded_ops: int = 0
+    # DBOS operations numbered already but left to run off the critical path (see defer).
+    deferred: list[tuple[asyncio.Event, asyncio.Future[Any]]] = field(default_factory=list)
+
+    def defer(self, start: Callable[[], Awaitable[Any]], after: float | None = None) -> None:
+        """Run an operation whose DBOS number is already reserved a little later.
+
+        It starts ``after`` seconds (default ``DEFER_SECONDS``) from now, so the node that
+        follows gets going first, or at the next ``settle``, whichever comes first. Every
+        workflow settles before it returns or raises, and a node settles before it writes
+        what a deferred operation writes.
+        """
+        go = asyncio.Event()
+        delay = DEFER_SECONDS if after is None else after
+        asyncio.get_running_loop().call_later(delay, go.set)
+
+        async def run() -> Any:
+            await go.wait()
+            return await start()
+
+        self.deferred.append((go, asyncio.ensure_future(run())))
+
+    async def settle(self, raise_errors: bool = True) -> None:
+        """Start the deferred operations now and wait for them; raise the first error."""
+        pending, self.deferred = self.deferred, []
+        for go, _ in pending:
+            go.set()
+        results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
+        for r in results:
+            if raise_errors and isinstance(r, BaseException):
+                raise r
 
     async def execute(self, node: Node, path: str, state: State) -> State:
         """Run one node; return the state updates it made."""
@@ -393,7 +429,12 @@ async def run_pipeline(
     node = registered.node_at(path)
 
     async def body() -> State:
-        updates = await finish(ctx, path, state, await ctx.execute(node, path, state))
+        try:
+            updates = await finish(ctx, path, state, await ctx.execute(node, path, state))
+        except BaseException:
+            await ctx.settle(raise_errors=False)
+            raise
+        await ctx.settle()
         if path == "0":
             return {**state, **updates}
         return updates
