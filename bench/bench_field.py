@@ -214,7 +214,8 @@ def section(database_url: str) -> str:
         "rounds, one process, one Postgres. "
         "LangGraph uses `PostgresSaver` on a psycopg pool with `durability=\"sync\"` (a checkpoint "
         "written before each next step). Hand-written DBOS runs the branches as child workflows "
-        "started in a fixed order, as durapipe does. CPU ms is `time.process_time` of the whole "
+        "started in a fixed order; durapipe runs them as steps of the parent workflow at step "
+        "numbers reserved in branch order (see bench/NOTES.md). CPU ms is `time.process_time` of the whole "
         "process (DBOS background threads included).",
         "",
         table(rows, ["case", "system", "median ms", "p95 ms", "vs raw DBOS", "CPU ms / pipeline"]),
@@ -240,10 +241,9 @@ def section(database_url: str) -> str:
              f"{max(launches):.0f}"],
         ], ["measure", "median ms", "max ms"]),
         "",
-        "In (b) both durapipe and hand-written DBOS wait on each child workflow with "
-        "`DBOS.get_result_async`, which polls the database about once a second in DBOS 3.4: "
-        "that, not step overhead, is the ~1 s per run. LangGraph runs its branches in threads "
-        "without child workflows.",
+        "In (b) hand-written DBOS waits on each child workflow with `DBOS.get_result_async`, "
+        "which polls the database about once a second in DBOS 3.4: that, not step overhead, is "
+        "its ~0.5-1 s per run. durapipe and LangGraph start no child workflows for these branches.",
         "",
         "Recovery time includes starting a new Python process, importing, launching DBOS and "
         "finding the pending run; LangGraph has no built-in recovery of in-flight runs to compare "

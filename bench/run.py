@@ -29,6 +29,15 @@ def machine() -> str:
             f"dbos {dbos.__version__ if hasattr(dbos, '__version__') else 'installed'}")
 
 
+def merge_sections(path: Path, fresh: list[str]) -> list[str]:
+    """The sections of ``path`` with those named like a fresh one replaced, new ones appended."""
+    old = path.read_text().split("\n## ")[1:] if path.exists() else []
+    by_title = {"## " + s.split("\n", 1)[0]: "## " + s.rstrip("\n") + "\n" for s in old}
+    for text in fresh:
+        by_title[text.split("\n", 1)[0]] = text
+    return list(by_title.values())
+
+
 def main() -> None:
     names = sorted(p.stem for p in HERE.glob("bench_*.py"))
     only = sys.argv[1:]
@@ -50,6 +59,8 @@ def main() -> None:
         f"Machine: {machine()}. Postgres on the same host.",
         "",
     ]
+    if only:  # a subset: keep the other sections of the last full run
+        sections = merge_sections((HERE / "RESULTS.md"), sections)
     (HERE / "RESULTS.md").write_text("\n".join(header + sections))
     print(f"wrote {HERE / 'RESULTS.md'}")
 

@@ -1,4 +1,4 @@
-"""A small app the CLI and SQL tests run: agents, a parallel branch (a child workflow), a
+"""A small app the CLI and SQL tests run: agents, a parallel branch (steps of the run), a
 step that counts its executions in a file, and a pipeline that fails."""
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from dbos._serialization import deserialize_exception, serialize_exception, seri
 from ..errors import DurapipeError, NodeFailed, PipelineChanged, StateError, error_text, from_portable
 from ..ir import Agent, Fn, Node, Parallel, Seq, Sleep, Transform
 from ..state import State, check_updates
+from .reserve import next_reservation, reserve, running_at, static_ops
 
 if TYPE_CHECKING:
     from .app import App, Registered
@@ -276,8 +277,14 @@ def step_options(where: str, retries: int) -> dict[str, Any]:
 
 
 async def run_step(where: str, retries: int, body: Callable[[], Any]) -> Any:
-    """Run ``body`` as one DBOS step named ``where``; wrap failures into durapipe errors."""
+    """Run ``body`` as one DBOS step named ``where``; wrap failures into durapipe errors.
+
+    Inside a parallel branch that reserved its step numbers, the step runs at the next one.
+    """
+    reservation = next_reservation(where)
     try:
+        if reservation is not None:
+            return await reservation.run_async(step_options(where, retries), body)
         return await DBOS.run_step_async(step_options(where, retries), body)  # type: ignore[call-overload]
     except Exception as exc:
         raise node_error(exc, where) from exc
@@ -359,12 +366,18 @@ def single_op(node: Node) -> bool:
 async def gather_branches(
     ctx: RunContext, branches: tuple[Node, ...], path: str, state: State
 ) -> list[State]:
-    """Run branches concurrently with a deterministic operation order; updates per branch."""
+    """Run branches concurrently with a deterministic operation order; updates per branch.
+
+    A branch whose operations the IR fixes runs inline at step numbers reserved for it
+    before any branch starts (see ``reserve``); any other branch runs as a child workflow,
+    started in branch order.
+    """
     runs: list[Awaitable[Any]] = []
     for i, branch in enumerate(branches):
         bpath = f"{path}.{i}"
-        if single_op(branch):
-            runs.append(ctx.execute(branch, bpath, dict(state)))
+        ops = static_ops(branch)
+        if ops is not None:
+            runs.append(_run_reserved(ctx, branch, bpath, state, reserve(ops)))
         else:
             handle = await ctx.start_child(branch, bpath, dict(state))
             runs.append(await_child(handle))
@@ -373,6 +386,12 @@ async def gather_branches(
         if isinstance(r, BaseException):
             raise node_error(r, f"{path}.{i}:{branches[i].label}") from r
     return [r for r in results if not isinstance(r, BaseException)]
+
+
+async def _run_reserved(ctx: RunContext, branch: Node, path: str, state: State,
+                        reservations: list[Any]) -> State:
+    with running_at(reservations):
+        return await ctx.execute(branch, path, state)
 
 
 @handles(Parallel)
