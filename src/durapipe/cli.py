@@ -36,7 +36,8 @@ from rich.text import Text
 
 from . import _render, audit
 from .engine.admin import Admin, database_url_or_env, parse_since
-from .engine.app import App, Pipeline, RunStatus
+from .engine.app import App
+from .engine.runs import Pipeline, RunStatus
 from .errors import DurapipeError, OperatorError
 
 cli = typer.Typer(name="durapipe", help="Run and operate durapipe pipelines.",

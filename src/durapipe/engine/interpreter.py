@@ -40,7 +40,8 @@ from ..state import State, check_updates
 from .reserve import next_reservation, reserve, running_at, static_ops
 
 if TYPE_CHECKING:
-    from .app import App, Registered
+    from .app import App
+    from .runs import Registered
     from .tracing import Tracing
 
 WORKFLOW_NAME = "durapipe.run"
