@@ -164,3 +164,23 @@ def test_failing_step_fails_the_flow_with_its_name_and_retries_apply(make_app: C
     # The step still in flight was cancelled with the flow.
     rows = sql(database_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid = 'bad-1/0.0:slow'")
     assert rows == [("CANCELLED",)]
+
+
+def test_a_flow_can_be_dispatched_and_run_in_parallel(make_app: Callable[..., App]) -> None:
+    def small_flow(tag: str) -> Flow:
+        return Flow(goals=[f"{tag}_done"], steps=[
+            Step(f"{tag}-a", fn(lambda s, t=tag: {f"{t}_a": s["x"] + 1}, name=f"{tag}_a"),
+                 needs=["x"], outputs=[f"{tag}_a"]),
+            Step(f"{tag}-b", fn(lambda s, t=tag: {f"{t}_done": s[f"{t}_a"] * 10}, name=f"{tag}_b"),
+                 needs=[f"{tag}_a"], outputs=[f"{tag}_done"]),
+        ])
+
+    from durapipe import dispatch, join
+
+    app = make_app()
+    p = app.pipeline("p", dispatch(small_flow("bg"), names=["bg"])
+                     >> (small_flow("left") | fn(lambda s: {"right": 1}, name="right"))
+                     >> join("bg"), inputs=["x"])
+    with app:
+        state = p.run({"x": 1}).state
+    assert (state["bg_done"], state["left_done"], state["right"]) == (20, 20, 1)
