@@ -10,8 +10,14 @@ Paths of dynamic instances carry a mark: pass 2 of a loop body at ``0.3`` runs a
 
 Determinism: DBOS numbers a workflow's operations in the order they start, so concurrent
 code inside one workflow must start its operations in an order that does not depend on
-timing. Parallel branches that start at most one operation (a step) run inline under
-``asyncio.gather``; longer branches run as child workflows started in branch order.
+timing. Parallel branches whose operations the IR fixes (fn, transform, tool-less agents
+and sequences of them) run inline at step numbers reserved in branch order before any
+branch starts (``engine/reserve.py``); other branches run as child workflows started in
+branch order. Waits whose outcome depends on timing ("first done") are recorded.
+
+DBOS internals used here (``snapshot_step_context``, the system database's recorded-result
+calls) are confined to :func:`await_child`, which waits for a child without DBOS's
+one-second polling while keeping its recorded ``DBOS.getResult`` operation.
 """
 
 from __future__ import annotations
