@@ -10,34 +10,17 @@ the same run ids again (idempotent), answers the gates and waits for every run.
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
-from durapipe import App, DurapipeError, dispatch, fn, gate, join
+from side_effects import KillingLog
+
+from durapipe import App, DurapipeError, dispatch, gate, join
 
 url, log, runs, kill_at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-lock = threading.Lock()
-written = [0]
-
-
-def step(label: str) -> Any:
-    def body(state: dict[str, Any]) -> dict[str, Any]:
-        time.sleep(0.01)
-        with lock:
-            with log.open("a") as f:
-                f.write(f"{state['run']}:{label}\n")
-            written[0] += 1
-            if kill_at and written[0] == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
-        return {label: True}
-
-    body.__name__ = label
-    return fn(body)
+step = KillingLog(log, kill_at).step
 
 
 LABELS = ["a", "b1", "b2", "c", "d1", "d2", "e"]
