@@ -10,14 +10,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import psycopg
 import pytest
-from sqlalchemy.engine import make_url
 
+from dbutil import scratch_database
 from durapipe import App
 
 
@@ -56,20 +54,11 @@ def pg_server_url() -> Iterator[str]:
             shutil.rmtree(data, ignore_errors=True)
 
 
-def _admin(server_url: str) -> psycopg.Connection[Any]:
-    return psycopg.connect(make_url(server_url).set(database="postgres").render_as_string(False),
-                           autocommit=True)
-
-
 @pytest.fixture
 def database_url(pg_server_url: str) -> Iterator[str]:
     """A fresh, empty Postgres database for this test."""
-    name = f"durapipe_test_{uuid.uuid4().hex[:12]}"
-    with _admin(pg_server_url) as con:
-        con.execute(f'CREATE DATABASE "{name}"')
-    yield make_url(pg_server_url).set(database=name).render_as_string(False)
-    with _admin(pg_server_url) as con:
-        con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(pg_server_url) as url:
+        yield url
 
 
 @pytest.fixture(params=["postgres", "sqlite"])

@@ -6,10 +6,15 @@ import os
 import subprocess
 import sys
 import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from sqlalchemy.engine import make_url
 
 
 def sql(url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -36,3 +41,53 @@ def wait_for(pred: Any, timeout: float = 30.0, what: str = "condition") -> None:
 
 def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
+
+
+@contextmanager
+def scratch_database(server_url: str, prefix: str = "durapipe_test") -> Iterator[str]:
+    """A fresh, empty database on the test server, dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = make_url(server_url).set(database="postgres").render_as_string(False)
+    with psycopg.connect(admin, autocommit=True) as con:
+        con.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(server_url).set(database=name).render_as_string(False)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as con:
+            con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def step_rows(url: str, labels: list[str]) -> list[str]:
+    """``run:label`` of every recorded step named by a label, in runs, children and tasks."""
+    rows = sql(url, "SELECT workflow_uuid, function_name FROM dbos.operation_outputs "
+                    "WHERE function_name LIKE '0%:%'")
+    out = [f"{wf.split('/')[0]}:{name.split(':')[1]}" for wf, name in rows]
+    return [s for s in out if s.split(":")[1] in labels]
+
+
+def kill_then_recover(script: Path, url: str, log: Path, runs: int, kill_at: int,
+                      run_prefix: str, labels: list[str]) -> None:
+    """Run ``script`` until it SIGKILLs itself at its ``kill_at``-th side effect, run it again
+    to recover, and check the exactly-once rule of the kill tests (see their docstrings)."""
+    first = spawn(script, url, str(log), str(runs), str(kill_at))
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == -9, out
+    assert len(lines(log)) == kill_at
+    recorded = Counter(step_rows(url, labels))
+    window = set(lines(log)) - set(recorded)
+    assert all(n == 1 for n in Counter(lines(log)).values())
+
+    again = spawn(script, url, str(log), str(runs), "0")
+    out, _ = again.communicate(timeout=180)
+    assert again.returncode == 0 and "ALL DONE" in out, out
+
+    rows = Counter(step_rows(url, labels))
+    effects = Counter(lines(log))
+    expected = {f"{run_prefix}{i}:{label}" for i in range(runs) for label in labels}
+    assert set(rows) == expected and set(rows.values()) == {1}   # one row per step
+    for s in expected:
+        assert effects[s] == (2 if s in window else 1), (s, effects[s], s in window)
+        if s in recorded:
+            assert effects[s] == 1, f"{s} was recorded before the kill yet ran again"
+    assert sum(effects.values()) == sum(rows.values()) + len(window)
+    assert sql(url, "SELECT count(*) FROM dbos.workflow_status WHERE status <> 'SUCCESS'") == [(0,)]

@@ -19,16 +19,13 @@ lines is the number of rows plus the size of that window.
 from __future__ import annotations
 
 import uuid
-from collections import Counter
 from pathlib import Path
 
-import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy.engine import make_url
 
-from dbutil import lines, spawn, sql
+from dbutil import kill_then_recover, scratch_database, sql
 
 SCRIPT = Path(__file__).parent / "scripts" / "kill_mixed.py"
 RUNS = 4
@@ -36,51 +33,14 @@ LABELS = ["a", "b1", "b2", "c", "d1", "d2", "e"]
 TOTAL = RUNS * len(LABELS)
 
 
-def step_rows(url: str) -> list[str]:
-    """``run:label`` of every recorded fn step, child workflows and background tasks included."""
-    rows = sql(url, "SELECT workflow_uuid, function_name FROM dbos.operation_outputs "
-                    "WHERE function_name LIKE '0%:%'")
-    out = [f"{wf.split('/')[0]}:{name.split(':')[1]}" for wf, name in rows]
-    return [s for s in out if s.split(':')[1] in LABELS]  # not the gate's own step
-
-
 @pytest.mark.slow
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kill_at=st.integers(min_value=1, max_value=TOTAL - 1))
 def test_sigkill_in_a_mixed_pipeline_then_recover_runs_each_step_once(
         pg_server_url: str, tmp_path: Path, kill_at: int) -> None:
-    name = f"durapipe_killmix_{uuid.uuid4().hex[:10]}"
-    admin = make_url(pg_server_url).set(database="postgres").render_as_string(False)
-    with psycopg.connect(admin, autocommit=True) as con:
-        con.execute(f'CREATE DATABASE "{name}"')
-    url = make_url(pg_server_url).set(database=name).render_as_string(False)
-    log = tmp_path / f"effects-{name}.log"
-    try:
-        first = spawn(SCRIPT, url, str(log), str(RUNS), str(kill_at))
-        out, _ = first.communicate(timeout=120)
-        assert first.returncode == -9, out
-        assert len(lines(log)) == kill_at
-        recorded = Counter(step_rows(url))
-        window = set(lines(log)) - set(recorded)
-        assert all(n == 1 for n in Counter(lines(log)).values())
-
-        again = spawn(SCRIPT, url, str(log), str(RUNS), "0")
-        out, _ = again.communicate(timeout=180)
-        assert again.returncode == 0 and "ALL DONE" in out, out
-
-        rows = Counter(step_rows(url))
-        effects = Counter(lines(log))
-        expected = {f"m{i}:{label}" for i in range(RUNS) for label in LABELS}
-        assert set(rows) == expected and set(rows.values()) == {1}   # one row per step
-        for s in expected:
-            assert effects[s] == (2 if s in window else 1), (s, effects[s], s in window)
-            if s in recorded:
-                assert effects[s] == 1, f"{s} was recorded before the kill yet ran again"
-        assert sum(effects.values()) == sum(rows.values()) + len(window)
-        assert sql(url, "SELECT count(*) FROM dbos.workflow_status WHERE status <> 'SUCCESS'") == [(0,)]
+    with scratch_database(pg_server_url, "durapipe_kill") as url:
+        log = tmp_path / f"effects-{uuid.uuid4().hex}.log"
+        kill_then_recover(SCRIPT, url, log, RUNS, kill_at, "m", LABELS)
         gates = sql(url, "SELECT count(*) FROM dbos.workflow_events WHERE key = 'gate:ok' "
                          "AND value::jsonb->>'status' = 'approved'")
         assert gates == [(RUNS,)]
-    finally:
-        with psycopg.connect(admin, autocommit=True) as con:
-            con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
