@@ -160,6 +160,17 @@ def bare_import_ms() -> list[float]:
     return out
 
 
+def lg(graph: Any) -> Callable[[], object]:
+    """One durable LangGraph run (a checkpoint written before each next node) on a new thread."""
+    return lambda: graph.invoke({"trail": []}, {"configurable": {"thread_id": uuid.uuid4().hex}},
+                                durability="sync")
+
+
+def raw(wf: Callable[..., Any], *args: Any) -> Callable[[], object]:
+    """One run of a hand-written DBOS workflow, start to result."""
+    return lambda: DBOS.start_workflow(wf, *args).get_result()
+
+
 def section(database_url: str) -> str:
     from langgraph.checkpoint.postgres import PostgresSaver
     from psycopg.rows import dict_row
@@ -177,14 +188,7 @@ def section(database_url: str) -> str:
         saver.setup()
         lg_seq, lg_par = lg_graphs(saver)
 
-        def lg(graph: Any) -> Callable[[], object]:
-            return lambda: graph.invoke({"trail": []}, {"configurable": {"thread_id": uuid.uuid4().hex}},
-                                        durability="sync")
-
         with app:
-            def raw(wf: Callable[..., Any], *args: Any) -> Callable[[], object]:
-                return lambda: DBOS.start_workflow(wf, *args).get_result()
-
             seq = measure({"durapipe": lambda: dp_seq.run({}), "raw DBOS": raw(raw_seq, 10),
                            "LangGraph": lg(lg_seq)})
             par = measure({"durapipe": lambda: dp_par.run({}), "raw DBOS": raw(raw_par),

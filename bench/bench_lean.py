@@ -8,17 +8,17 @@ step numbers reserved in branch order; and throughput of (a) at 20 in flight.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable
 from typing import Any
 
 from bench_field import (
     CONCURRENCY,
     THROUGHPUT_N,
     WARMUP,
+    lg,
     lg_graphs,
     measure,
     noop,
+    raw,
     raw_noop,
     raw_par,
     raw_seq,
@@ -67,13 +67,6 @@ def section(database_url: str) -> str:
         saver = PostgresSaver(pool)
         saver.setup()
         lg_seq, lg_par = lg_graphs(saver)
-
-        def lg(graph: Any) -> Callable[[], object]:
-            return lambda: graph.invoke({"trail": []}, {"configurable": {"thread_id": uuid.uuid4().hex}},
-                                        durability="sync")
-
-        def raw(wf: Callable[..., Any], *args: Any) -> Callable[[], object]:
-            return lambda: DBOS.start_workflow(wf, *args).get_result()
 
         with app:
             a = measure({"durapipe": lambda: seq10.run({}), "raw DBOS": raw(raw_seq, 10),
