@@ -43,7 +43,7 @@ from dbos._serialization import deserialize_exception, serialize_exception, seri
 from ..errors import DurapipeError, NodeFailed, PipelineChanged, StateError, error_text, from_portable
 from ..ir import Agent, Fn, Node, Parallel, Seq, Sleep, Transform
 from ..state import State, check_updates
-from .reserve import next_reservation, reserve, running_at, static_ops
+from .reserve import next_reservation, reserve, reserving, running_at, static_ops
 
 if TYPE_CHECKING:
     from .app import App
@@ -317,8 +317,27 @@ async def _fn(ctx: RunContext, node: Fn, path: str, state: State) -> State:
     return result
 
 
+def run_sync_fn(node: Fn, path: str, state: State) -> State:
+    """A sync fn node as one DBOS step, called on a worker thread (see ``_sync_run``)."""
+    where = f"{path}:{node.label}"
+    func, view = node.func, dict(state)
+
+    def body() -> State:
+        return check_updates(func(view), where)
+
+    try:
+        result: State = DBOS.run_step(step_options(where, node.max_retries), body)  # type: ignore[call-overload]
+    except Exception as exc:
+        raise node_error(exc, where) from exc
+    return result
+
+
 @handles(Transform)
 async def _transform(ctx: RunContext, node: Transform, path: str, state: State) -> State:
+    return run_transform(node, path, state)
+
+
+def run_transform(node: Transform, path: str, state: State) -> State:
     where = f"{path}:{node.label}"
     try:
         out = node.func(dict(state))
@@ -343,13 +362,53 @@ async def _sleep(ctx: RunContext, node: Sleep, path: str, state: State) -> State
 @handles(Seq)
 async def _seq(ctx: RunContext, node: Seq, path: str, state: State) -> State:
     updates: State = {}
-    for i, child in enumerate(node.nodes):
+    nodes, i = node.nodes, 0
+    while i < len(nodes):
         for hook in BETWEEN_HOOKS if i else ():
             extra = await hook(ctx, path, state)
             if extra:
                 state = {**state, **extra}
                 updates.update(extra)
-        out = await ctx.execute(child, f"{path}.{i}", state)
+        run = _sync_run(ctx, nodes, i)
+        if run > 1:
+            out = await asyncio.to_thread(_run_sync_nodes, nodes[i:i + run], path, i, state)
+        else:
+            run = 1
+            out = await ctx.execute(nodes[i], f"{path}.{i}", state)
+        if out:
+            state = {**state, **out}
+            updates.update(out)
+        i += run
+    return updates
+
+
+def _sync_run(ctx: RunContext, nodes: tuple[Node, ...], start: int) -> int:
+    """How many nodes from ``start`` are sync fns and transforms that may run back to back
+    on one worker thread: one thread hop for the run instead of one per step.
+
+    Each fn is still its own DBOS step, recorded before the next node starts, in the same
+    order; only when nothing else would act between them (no tracing, no pending
+    background task whose progress is refreshed between nodes, no reserved step numbers).
+    """
+    if ctx.tracer is not None or ctx.tasks or reserving():
+        return 0
+    end = start
+    while end < len(nodes) and (
+        isinstance(nodes[end], Transform)
+        or (isinstance(nodes[end], Fn) and not nodes[end].is_async)  # type: ignore[attr-defined]
+    ):
+        end += 1
+    return end - start
+
+
+def _run_sync_nodes(nodes: tuple[Node, ...], path: str, first: int, state: State) -> State:
+    updates: State = {}
+    for i, child in enumerate(nodes, first):
+        if isinstance(child, Fn):
+            out = run_sync_fn(child, f"{path}.{i}", state)
+        else:
+            assert isinstance(child, Transform)
+            out = run_transform(child, f"{path}.{i}", state)
         if out:
             state = {**state, **out}
             updates.update(out)

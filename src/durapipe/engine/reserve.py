@@ -70,6 +70,11 @@ def running_at(reservations: list[Any]) -> Iterator[None]:
         _queue.reset(token)
 
 
+def reserving() -> bool:
+    """True inside a branch that runs its steps at reserved numbers."""
+    return _queue.get() is not None
+
+
 def next_reservation(where: str) -> Any | None:
     """The reservation the next step of this branch runs at, or None outside a branch."""
     queue = _queue.get()
