@@ -29,7 +29,8 @@ from ..errors import (
 )
 from ..ir import Agent, Fallback, Fn, Loop, MapOver, Node, Race, Route, Timeout, Transform
 from ..state import State
-from .interpreter import RunContext, await_child, handles, node_error, run_step, single_op
+from .children import await_child
+from .interpreter import RunContext, handles, node_error, run_step, single_op
 
 
 def recoverable(exc: BaseException) -> bool:

@@ -43,12 +43,12 @@ from ..errors import DurapipeError, NodeFailed, RunError, error_text, from_porta
 from ..ir import Dispatch, Join
 from ..state import State, check_updates
 from .agent import reset_partial_sink, set_partial_sink
+from .children import await_child
 from .interpreter import (
     BETWEEN_HOOKS,
     FINISH_HOOKS,
     TASK_WORKFLOW,
     RunContext,
-    await_child,
     finish,
     handles,
     node_error,

@@ -24,7 +24,8 @@ from ..errors import DurapipeError, NodeFailed, NodeTimeout, PlanError, StateErr
 from ..ir import Agent, Fn
 from ..planner import Flow, PlannedStep, Step, at_path
 from ..state import State
-from .interpreter import RunContext, await_child, handles, node_error
+from .children import await_child
+from .interpreter import RunContext, handles, node_error
 
 POLL_SECONDS = 0.05
 _RETRIED = (NodeFailed, NodeTimeout)
