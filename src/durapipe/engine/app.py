@@ -23,6 +23,7 @@ from . import gates, interpreter
 from .interpreter import WORKFLOW_NAME
 from .queues import QueueSpec, register_queues
 from .runs import Pipeline, Registered, RunHandle
+from .steps import StepLog
 from .tracing import Tracing
 
 _NAME_RE = re.compile(r"^[a-z0-9_-]{3,256}$")
@@ -57,7 +58,10 @@ class App:
     application version DBOS records on every run; recovery picks up runs of the same
     version only. ``tracing=True`` emits OpenTelemetry spans per run and per node through
     the global TracerProvider (``tracing=provider`` for another one; needs the ``otel``
-    extra; see :mod:`durapipe.engine.tracing`).
+    extra; see :mod:`durapipe.engine.tracing`). ``steps="lean"`` (the default) writes each
+    step row on Postgres with one statement before and one after the body, the same rows
+    and guarantees as ``DBOS.run_step`` (see :mod:`durapipe.engine.steps`);
+    ``steps="dbos"`` goes through ``DBOS.run_step`` itself. SQLite always uses DBOS's path.
     """
 
     def __init__(
@@ -70,8 +74,17 @@ class App:
         executor_id: str | None = None,
         dbos_config: dict[str, Any] | None = None,
         tracing: Any = False,
+        steps: str = "lean",
     ) -> None:
         self.name = name
+        if steps not in ("lean", "dbos"):
+            raise AppStateError(
+                f"App({name!r}, steps={steps!r}): steps must be 'lean' (durapipe writes each "
+                "step row with one statement on Postgres) or 'dbos' (DBOS.run_step)",
+                app=name, steps=repr(steps),
+            )
+        self.steps = steps
+        self._step_log: StepLog | bool | None = None
         self.dbos_name = _dbos_name(name)
         url = database_url or os.environ.get("DURAPIPE_DATABASE_URL") or _sqlite_url(self.dbos_name)
         self.database_url = _normalize_url(url)
@@ -153,6 +166,18 @@ class App:
         config.update(self._extra_config)
         return config  # type: ignore[return-value]
 
+    def step_log(self) -> StepLog | None:
+        """The writer of this app's step rows on Postgres (``steps="lean"``), else None."""
+        found = self._step_log
+        if found is None:
+            from dbos._dbos import _get_dbos_instance
+
+            dbos = _get_dbos_instance()
+            found = self._step_log = (
+                StepLog(dbos) if self.steps == "lean" and StepLog.supports(dbos) else False
+            )
+        return found if isinstance(found, StepLog) else None
+
     def launch(self) -> None:
         """Start DBOS and recover this app's unfinished runs. Prefer ``with app:``."""
         if self._launched:
@@ -160,6 +185,7 @@ class App:
         if self.database_url.startswith("sqlite"):
             _prepare_sqlite(self.database_url)
         interpreter.set_current_app(self)
+        self._step_log = None
         DBOS(config=self.dbos_config())
         try:
             if self._listen is not None:
@@ -176,6 +202,7 @@ class App:
         if not self._launched:
             return
         self._launched = False
+        self._step_log = None
         DBOS.destroy()
         interpreter.set_current_app(None)
 

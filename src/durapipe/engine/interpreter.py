@@ -34,6 +34,7 @@ from dbos._error import DBOSMaxStepRetriesExceeded
 from ..errors import DurapipeError, NodeFailed, PipelineChanged, StateError, error_text, from_portable
 from ..ir import Agent, Fn, Node, Parallel, Seq, Sleep, Transform
 from ..state import State, check_updates
+from . import steps as lean
 from .children import await_child
 from .reserve import next_reservation, reserve, reserving, running_at, static_ops
 
@@ -184,14 +185,31 @@ async def run_step(where: str, retries: int, body: Callable[[], Any]) -> Any:
     """Run ``body`` as one DBOS step named ``where``; wrap failures into durapipe errors.
 
     Inside a parallel branch that reserved its step numbers, the step runs at the next one.
+    On Postgres the step row is written by :mod:`engine.steps` (one statement before the
+    body, one after); otherwise by ``DBOS.run_step_async``.
     """
     reservation = next_reservation(where)
+    log = active_step_log()
     try:
+        if log is not None:
+            step = lean.claim(reservation) if reservation is not None else lean.next_step_context()
+            if step is not None:
+                if inspect.iscoroutinefunction(body):
+                    return await lean.run_async(log, step, where, retries, body,
+                                                _no_retry_for_durapipe_errors)
+                return await asyncio.to_thread(lean.run_sync, log, step, where, retries, body,
+                                               _no_retry_for_durapipe_errors)
         if reservation is not None:
             return await reservation.run_async(step_options(where, retries), body)
         return await DBOS.run_step_async(step_options(where, retries), body)  # type: ignore[call-overload]
     except Exception as exc:
         raise node_error(exc, where) from exc
+
+
+def active_step_log() -> lean.StepLog | None:
+    """The launched app's step writer, or None when steps go through ``DBOS.run_step``."""
+    app = _current.get("app")
+    return app.step_log() if app is not None else None
 
 
 # -- leaf handlers ----------------------------------------------------------------------
@@ -225,8 +243,14 @@ def run_sync_fn(node: Fn, path: str, state: State) -> State:
     """A sync fn node as one DBOS step, called on a worker thread (see ``_sync_run``)."""
     where = f"{path}:{node.label}"
     body = _sync_body(node, where, state)
+    log = active_step_log()
     try:
-        result: State = DBOS.run_step(step_options(where, node.max_retries), body)  # type: ignore[call-overload]
+        step = lean.next_step_context() if log is not None else None
+        if log is not None and step is not None:
+            result: State = lean.run_sync(log, step, where, node.max_retries, body,
+                                          _no_retry_for_durapipe_errors)
+        else:
+            result = DBOS.run_step(step_options(where, node.max_retries), body)  # type: ignore[call-overload]
     except Exception as exc:
         raise node_error(exc, where) from exc
     return result

@@ -1,0 +1,318 @@
+"""Durable steps recorded with one statement each, in DBOS's own step table.
+
+A durapipe step (fn, model turn, tool call) is a DBOS step: a row of
+``dbos.operation_outputs`` keyed by (workflow id, step number), written before the next
+operation of the workflow starts, and looked up on replay. DBOS's generic step path spends
+two transactions of two statements each on that, built anew by SQLAlchemy Core for every
+call (see bench/NOTES.md). On Postgres, durapipe writes the same row with the same
+guarantees in two single statements on DBOS's own connection pool, prepared by the driver:
+
+- before the body: one ``SELECT`` returns the workflow's status and the step's recorded
+  row, if any. A cancelled workflow stops here (``DBOSWorkflowCancelledError``); a recorded
+  step is replayed (its output returned or its error raised) without running the body; a
+  row of another name is ``DBOSUnexpectedStepError``. Exactly DBOS's check.
+- after the body: one ``INSERT ... SELECT`` from the workflow's status row locked
+  ``FOR NO KEY UPDATE`` writes the output or the error only while this execution still
+  owns the workflow (a cancel, resume or recovery elsewhere takes ownership away:
+  ``DBOSWorkflowConflictIDError``, which DBOS turns into adopting the owner's outcome).
+  A conflicting row with another completion time is ``DBOSStepNondeterminismError``;
+  the same time is this execution's own write retried after a lost connection.
+
+Step numbers come from DBOS (``snapshot_step_ctx``, or a ``DBOS.reserve_step()``
+reservation inside a parallel branch), serialization from DBOS's serializer, the body runs
+in DBOS's step context (so ``DBOS.step_id``, events and progress work inside it), and
+lost connections are retried with DBOS's backoff. The rows are byte-for-byte what
+``DBOS.run_step`` writes, so ``DBOS.list_workflow_steps``, fork, recovery and the audit
+views read them unchanged. SQLite apps, and ``App(steps="dbos")``, use ``DBOS.run_step``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import psycopg
+import sqlalchemy as sa
+from dbos._context import DBOSContext, EnterDBOSStepCtx, EnterDBOSStepRetry, get_local_dbos_context
+from dbos._error import (
+    DBOSMaxStepRetriesExceeded,
+    DBOSStepNondeterminismError,
+    DBOSUnexpectedStepError,
+    DBOSWorkflowCancelledError,
+    DBOSWorkflowConflictIDError,
+)
+from dbos._serialization import deserialize_exception, deserialize_value, serialize_exception, serialize_value
+from dbos._sys_db_postgres import PostgresSystemDatabase
+from dbos._utils import retriable_postgres_exception
+
+from ..errors import DurapipeError
+
+T = TypeVar("T")
+log = logging.getLogger("durapipe")
+
+_CHECK = """
+SELECT ws.status, oo.function_name, oo.output, oo.error, oo.serialization
+FROM {s}.workflow_status AS ws
+LEFT JOIN {s}.operation_outputs AS oo
+  ON oo.workflow_uuid = ws.workflow_uuid AND oo.function_id = %(fid)s
+WHERE ws.workflow_uuid = %(wf)s
+"""
+
+_RECORD = """
+WITH owner AS (
+  SELECT owner_xid FROM {s}.workflow_status WHERE workflow_uuid = %(wf)s FOR NO KEY UPDATE
+), ins AS (
+  INSERT INTO {s}.operation_outputs AS oo
+    (workflow_uuid, function_id, function_name, started_at_epoch_ms, completed_at_epoch_ms,
+     output, error, child_workflow_id, serialization, application_name, retention_timestamp)
+  SELECT %(wf)s, %(fid)s, %(name)s, %(started)s, %(completed)s, %(output)s, %(error)s, NULL,
+         %(ser)s, %(app)s, CAST(EXTRACT(epoch FROM now()) * 1000 AS BIGINT)
+  FROM owner WHERE %(xid)s::text IS NULL OR owner.owner_xid = %(xid)s
+  ON CONFLICT (workflow_uuid, function_id)
+    DO UPDATE SET completed_at_epoch_ms = oo.completed_at_epoch_ms
+  RETURNING completed_at_epoch_ms
+)
+SELECT (SELECT owner_xid FROM owner), (SELECT completed_at_epoch_ms FROM ins)
+"""
+
+_CANCELLED = "CANCELLED"
+_MAX_BACKOFF = 60.0
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class StepLog:
+    """Reads and writes durapipe's step rows for one launched DBOS runtime (Postgres only)."""
+
+    def __init__(self, dbos: Any) -> None:
+        sys_db = dbos._sys_db
+        self.sys_db = sys_db
+        self.engine: sa.Engine = sys_db.engine
+        self.serializer = dbos._serializer
+        self.app_name = sys_db.app_name
+        schema = '"' + str(sys_db.schema).replace('"', '""') + '"'
+        self.check_sql = _CHECK.format(s=schema)
+        self.record_sql = _RECORD.format(s=schema)
+
+    @staticmethod
+    def supports(dbos: Any) -> bool:
+        """True for DBOS's plain Postgres system database (not SQLite, not a sharded one)."""
+        return type(getattr(dbos, "_sys_db", None)) is PostgresSystemDatabase
+
+    # -- statements ------------------------------------------------------------------
+
+    def _execute(self, sql: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
+        """One autocommit statement on a pooled connection; lost connections are retried
+        without limit, with DBOS's backoff (DBOS blocks the same way)."""
+        backoff, attempt = 1.0, 0
+        while True:
+            try:
+                return self._execute_once(sql, params)
+            except Exception as exc:
+                if not self._retriable(exc):
+                    raise
+                attempt += 1
+                wait = backoff * (0.5 + random.random())
+                log.warning("database connection failed: %s; retrying in %.2fs (attempt %d)",
+                            exc, wait, attempt)
+                time.sleep(wait)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    def _execute_once(self, sql: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
+        try:
+            fairy = self.engine.raw_connection()
+        except psycopg.Error as exc:  # a new connection could not be made
+            raise sa.exc.DBAPIError.instance(None, None, exc, psycopg.Error) from exc
+        try:
+            conn: psycopg.Connection[Any] = fairy.driver_connection  # type: ignore[assignment]
+            conn.autocommit = True
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(sql, params)
+                    row = cur.fetchone()
+            finally:
+                if not conn.closed:
+                    conn.autocommit = False
+        except psycopg.Error as exc:
+            # Classified as SQLAlchemy classifies it for DBOS's own statements, so a lost
+            # connection is retried (or not) exactly where DBOS would retry it.
+            lost = self.engine.dialect.is_disconnect(exc, fairy, None)  # type: ignore[arg-type]
+            if lost:
+                fairy.invalidate(exc)
+            raise sa.exc.DBAPIError.instance(
+                sql, params, exc, psycopg.Error, connection_invalidated=lost,
+            ) from exc
+        finally:
+            fairy.close()
+        return row
+
+    def _retriable(self, exc: Exception) -> bool:
+        if isinstance(exc, sa.exc.TimeoutError):
+            return bool(getattr(self.sys_db, "_retry_connection_errors", True))
+        return retriable_postgres_exception(exc) and getattr(
+            self.sys_db, "_retry_connection_errors", True)
+
+    def check(self, step: DBOSContext, name: str) -> tuple[Any, Any, Any] | None:
+        """The step's recorded (output, error, serialization), or None to run it."""
+        row = self._execute(self.check_sql, {"wf": step.workflow_id, "fid": step.function_id})
+        assert row is not None, f"workflow {step.workflow_id} does not exist"
+        status, recorded_name, output, error, serialization = row
+        if status == _CANCELLED:
+            raise DBOSWorkflowCancelledError(
+                f"Workflow {step.workflow_id} is cancelled. Aborting function."
+            )
+        if recorded_name is None:
+            return None
+        if recorded_name != name:
+            raise DBOSUnexpectedStepError(step.workflow_id, step.function_id, name, recorded_name)
+        return output, error, serialization
+
+    def replay(self, recorded: tuple[Any, Any, Any]) -> Any:
+        output, error, serialization = recorded
+        if error is not None:
+            raise deserialize_exception(error, serialization, self.serializer)
+        if output is None:
+            raise DurapipeError("a recorded step has neither an output nor an error")
+        return deserialize_value(output, serialization, self.serializer)
+
+    def record(self, step: DBOSContext, name: str, started: int,
+               output: Any = None, error: Exception | None = None) -> None:
+        """Write the step's outcome while this execution owns the workflow."""
+        if error is not None:
+            err, serialization = serialize_exception(error, None, self.serializer)
+            out = None
+        else:
+            out, serialization = serialize_value(output, None, self.serializer)
+            err = None
+        completed = _now_ms()
+        row = self._execute(self.record_sql, {
+            "wf": step.workflow_id, "fid": step.function_id, "name": name,
+            "started": started, "completed": completed, "output": out, "error": err,
+            "ser": serialization, "app": self.app_name, "xid": step.owner_xid,
+        })
+        owner, recorded_at = row if row is not None else (None, None)
+        if step.owner_xid is not None and owner != step.owner_xid:
+            raise DBOSWorkflowConflictIDError(step.workflow_id)
+        if recorded_at is None or int(recorded_at) != completed:
+            raise DBOSStepNondeterminismError(step.workflow_id, step.function_id)
+
+
+_logs: dict[int, StepLog] = {}
+
+
+def step_log(dbos: Any) -> StepLog:
+    """The StepLog of a launched DBOS instance (one per instance)."""
+    key = id(dbos)
+    found = _logs.get(key)
+    if found is None or found.sys_db is not dbos._sys_db:
+        found = _logs[key] = StepLog(dbos)
+    return found
+
+
+def next_step_context() -> DBOSContext | None:
+    """Number the next step of the running workflow; None outside workflow code."""
+    ctx = get_local_dbos_context()
+    if ctx is None or not ctx.is_workflow():
+        return None
+    return ctx.snapshot_step_ctx()
+
+
+def _attributes(name: str) -> dict[str, Any]:
+    return {"name": name, "operationType": "step"}
+
+
+def _retry_wait(name: str, attempt: int, attempts: int, exc: BaseException) -> float:
+    log.warning("step %s failed (attempt %d of %d); retrying: %s", name, attempt + 1, attempts, exc)
+    return float(min(0.5 * (2.0 ** attempt), 3600.0))
+
+
+def run_sync(steps: StepLog, step: DBOSContext, name: str, retries: int,
+             body: Callable[[], T], retry_if: Callable[[BaseException], bool]) -> T:
+    """Run a sync step body at ``step``'s number (on the calling thread)."""
+    started = _now_ms()
+    recorded = steps.check(step, name)
+    if recorded is not None:
+        return steps.replay(recorded)  # type: ignore[no-any-return]
+    with EnterDBOSStepCtx(_attributes(name), step):  # type: ignore[arg-type]
+        try:
+            if retries:
+                out = _attempts_sync(name, retries + 1, body, retry_if)
+            else:
+                out = body()
+        except DBOSWorkflowCancelledError:
+            raise
+        except Exception as exc:
+            steps.record(step, name, started, error=exc)
+            raise
+        steps.record(step, name, started, output=out)
+    return out
+
+
+def _attempts_sync(name: str, attempts: int, body: Callable[[], T],
+                   retry_if: Callable[[BaseException], bool]) -> T:
+    errors: list[Exception] = []
+    for i in range(attempts):
+        try:
+            with EnterDBOSStepRetry(i, attempts):
+                return body()
+        except DBOSWorkflowCancelledError:
+            raise
+        except Exception as exc:
+            if not retry_if(exc):
+                raise
+            errors.append(exc)
+            if i < attempts - 1:
+                time.sleep(_retry_wait(name, i, attempts, exc))
+    raise DBOSMaxStepRetriesExceeded(name, attempts, errors)
+
+
+async def run_async(steps: StepLog, step: DBOSContext, name: str, retries: int,
+                    body: Callable[[], Awaitable[T]],
+                    retry_if: Callable[[BaseException], bool]) -> T:
+    """Run an async step body at ``step``'s number on the loop; the two statements run on
+    a worker thread."""
+    started = _now_ms()
+    recorded = await asyncio.to_thread(steps.check, step, name)
+    if recorded is not None:
+        return steps.replay(recorded)  # type: ignore[no-any-return]
+    with EnterDBOSStepCtx(_attributes(name), step):  # type: ignore[arg-type]
+        try:
+            out = await _attempts_async(name, retries + 1, body, retry_if)
+        except DBOSWorkflowCancelledError:
+            raise
+        except Exception as exc:
+            await asyncio.to_thread(steps.record, step, name, started, None, exc)
+            raise
+        await asyncio.to_thread(steps.record, step, name, started, out)
+    return out
+
+
+async def _attempts_async(name: str, attempts: int, body: Callable[[], Awaitable[T]],
+                          retry_if: Callable[[BaseException], bool]) -> T:
+    errors: list[Exception] = []
+    for i in range(attempts):
+        try:
+            with EnterDBOSStepRetry(i, attempts):
+                return await body()
+        except DBOSWorkflowCancelledError:
+            raise
+        except Exception as exc:
+            if attempts == 1 or not retry_if(exc):
+                raise
+            errors.append(exc)
+            if i < attempts - 1:
+                await asyncio.sleep(_retry_wait(name, i, attempts, exc))
+    raise DBOSMaxStepRetriesExceeded(name, attempts, errors)
+
+
+def claim(reservation: Any) -> DBOSContext:
+    """Take a ``DBOS.reserve_step()`` reservation: the step runs at its number."""
+    reservation._claim()
+    step: DBOSContext = reservation._step_ctx
+    return step
