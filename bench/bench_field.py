@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
-from common import median, p95, table
+from common import dbos_steps, median, p95, table
 from dbos import DBOS, SetWorkflowID
 
 from durapipe import App, fn
@@ -189,11 +189,14 @@ def section(database_url: str) -> str:
         lg_seq, lg_par = lg_graphs(saver)
 
         with app:
-            seq = measure({"durapipe": lambda: dp_seq.run({}), "raw DBOS": raw(raw_seq, 10),
-                           "LangGraph": lg(lg_seq)})
-            par = measure({"durapipe": lambda: dp_par.run({}), "raw DBOS": raw(raw_par),
-                           "LangGraph": lg(lg_par)}, PAR_ROUNDS)
+            seq = measure({"durapipe": lambda: dp_seq.run({}),
+                           "durapipe, steps=\"dbos\"": dbos_steps(app, lambda: dp_seq.run({})),
+                           "raw DBOS": raw(raw_seq, 10), "LangGraph": lg(lg_seq)})
+            par = measure({"durapipe": lambda: dp_par.run({}),
+                           "durapipe, steps=\"dbos\"": dbos_steps(app, lambda: dp_par.run({})),
+                           "raw DBOS": raw(raw_par), "LangGraph": lg(lg_par)}, PAR_ROUNDS)
             thr = {"durapipe": throughput(lambda: dp_seq.run({})),
+                   "durapipe, steps=\"dbos\"": dbos_steps(app, lambda: throughput(lambda: dp_seq.run({})))(),
                    "raw DBOS": throughput(raw(raw_seq, 10)),
                    "LangGraph": throughput(lg(lg_seq))}
     finally:
@@ -219,7 +222,10 @@ def section(database_url: str) -> str:
         "LangGraph uses `PostgresSaver` on a psycopg pool with `durability=\"sync\"` (a checkpoint "
         "written before each next step). Hand-written DBOS runs the branches as child workflows "
         "started in a fixed order; durapipe runs them as steps of the parent workflow at step "
-        "numbers reserved in branch order (see bench/NOTES.md). CPU ms is `time.process_time` of the whole "
+        "numbers reserved in branch order (see bench/NOTES.md). durapipe writes each step row "
+        "with one statement before and one after the body (`engine/steps.py`, the default on "
+        "Postgres); `durapipe, steps=\"dbos\"` is the same App with its step rows written by "
+        "`DBOS.run_step`, in the same rounds. CPU ms is `time.process_time` of the whole "
         "process (DBOS background threads included).",
         "",
         table(rows, ["case", "system", "median ms", "p95 ms", "vs raw DBOS", "CPU ms / pipeline"]),

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg
 from sqlalchemy.engine import make_url
@@ -73,3 +74,17 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def dbos_steps(app: Any, f: Callable[[], object]) -> Callable[[], object]:
+    """``f`` with the app's step rows written by ``DBOS.run_step`` (the ``App(steps="dbos")``
+    path), so both step paths run interleaved under one DBOS runtime."""
+
+    def run() -> object:
+        app.steps, app._step_log = "dbos", None
+        try:
+            return f()
+        finally:
+            app.steps, app._step_log = "lean", None
+
+    return run

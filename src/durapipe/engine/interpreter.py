@@ -245,7 +245,10 @@ def run_sync_fn(node: Fn, path: str, state: State) -> State:
     body = _sync_body(node, where, state)
     log = active_step_log()
     try:
-        step = lean.next_step_context() if log is not None else None
+        step = None
+        if log is not None:
+            reservation = next_reservation(where)
+            step = lean.claim(reservation) if reservation is not None else lean.next_step_context()
         if log is not None and step is not None:
             result: State = lean.run_sync(log, step, where, node.max_retries, body,
                                           _no_retry_for_durapipe_errors)
@@ -312,9 +315,10 @@ def _sync_run(ctx: RunContext, nodes: tuple[Node, ...], start: int) -> int:
 
     Each fn is still its own DBOS step, recorded before the next node starts, in the same
     order; only when nothing else would act between them (no tracing, no pending
-    background task whose progress is refreshed between nodes, no reserved step numbers).
+    background task whose progress is refreshed between nodes). In a branch running at
+    reserved step numbers, only steps written by :mod:`engine.steps` take them on the thread.
     """
-    if ctx.tracer is not None or ctx.tasks or reserving():
+    if ctx.tracer is not None or ctx.tasks or (reserving() and active_step_log() is None):
         return 0
     end = start
     while end < len(nodes) and (

@@ -1,0 +1,192 @@
+"""Step rows written by durapipe's lean path (engine/steps.py) against DBOS's own step path.
+
+Each behaviour runs under ``App(steps="lean")`` (the default on Postgres) and
+``App(steps="dbos")`` (``DBOS.run_step``) and must come out the same: the same rows, the
+same replay, cancellation stopping before the next step, retries, recorded errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from dbos import DBOS
+
+from dbutil import sql, wait_for
+from durapipe import App, NodeFailed, RunCancelled, RunStatus, fn, transform
+from durapipe.errors import AppStateError
+
+MODES = ["lean", "dbos"]
+
+
+def _rows(url: str, run_id: str) -> list[tuple[Any, ...]]:
+    """What a step row says, without the timestamps (checked for sanity separately)."""
+    rows = sql(url, "SELECT function_id, function_name, output, error IS NOT NULL, serialization, "
+                    "child_workflow_id, application_name, started_at_epoch_ms <= completed_at_epoch_ms, "
+                    "retention_timestamp > 0 FROM dbos.operation_outputs WHERE workflow_uuid = %s "
+                    "ORDER BY function_id", run_id)
+    return [r for r in rows]
+
+
+def _mixed(app: App, calls: dict[str, int]) -> Any:
+    def count(name: str) -> None:
+        calls[name] = calls.get(name, 0) + 1
+
+    def one(s: dict[str, Any]) -> dict[str, Any]:
+        count("one")
+        return {"n": s["n"] + 1, "text": "ünïcode ' ; \" ok"}
+
+    async def two(s: dict[str, Any]) -> dict[str, Any]:
+        count("two")
+        await asyncio.sleep(0)
+        return {"n": s["n"] * 10}
+
+    def flaky(s: dict[str, Any]) -> dict[str, Any]:
+        count("flaky")
+        if calls["flaky"] < 3:
+            raise ConnectionError(f"try {calls['flaky']}")
+        return {"flaky": calls["flaky"]}
+
+    def branch(name: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        def f(s: dict[str, Any]) -> dict[str, Any]:
+            count(name)
+            return {name: s["n"]}
+        f.__name__ = name
+        return f
+
+    return app.pipeline(
+        "mixed",
+        fn(one) >> fn(two) >> fn(flaky, retries=2)
+        >> ((fn(branch("a1")) >> fn(branch("a2"))) | fn(branch("b1"))) >> fn(lambda s: None, name="end"),
+    )
+
+
+@pytest.mark.parametrize("steps", MODES)
+def test_rows_and_results_are_the_same_on_both_paths(steps: str, pg_server_url: str) -> None:
+    from dbutil import scratch_database
+
+    with scratch_database(pg_server_url) as url:
+        calls: dict[str, int] = {}
+        app = App("steps-app", url, steps=steps)
+        p = _mixed(app, calls)
+        with app:
+            result = p.run({"n": 1}, run_id="same")
+            recorded = DBOS.list_workflow_steps("same")
+        assert result.status is RunStatus.SUCCESS
+        assert result.state["n"] == 20 and result.state["flaky"] == 3
+        assert result.state["a2"] == 20 and result.state["b1"] == 20
+        assert calls == {"one": 1, "two": 1, "flaky": 3, "a1": 1, "a2": 1, "b1": 1}
+        rows = _rows(url, "same")
+        # Row for row what the other path writes (the test's twin asserts the same list).
+        assert rows == [
+            (1, "0.0:one", '{"n":2,"text":"ünïcode \' ; \\" ok"}', False, "portable_json", None,
+             "steps-app", True, True),
+            (2, "0.1:two", '{"n":20}', False, "portable_json", None, "steps-app", True, True),
+            (3, "0.2:flaky", '{"flaky":3}', False, "portable_json", None, "steps-app", True, True),
+            (4, "0.3.0.0:a1", '{"a1":20}', False, "portable_json", None, "steps-app", True, True),
+            (5, "0.3.0.1:a2", '{"a2":20}', False, "portable_json", None, "steps-app", True, True),
+            (6, "0.3.1:b1", '{"b1":20}', False, "portable_json", None, "steps-app", True, True),
+            (7, "0.4:end", "{}", False, "portable_json", None, "steps-app", True, True),
+        ]
+        # DBOS's own reader understands the rows.
+        assert [(s["function_id"], s["function_name"]) for s in recorded] == [r[:2] for r in rows]
+        assert recorded[0]["output"] == {"n": 2, "text": "ünïcode ' ; \" ok"}
+
+
+@pytest.mark.parametrize("steps", MODES)
+def test_recorded_error_is_replayed_not_rerun(steps: str, make_app: Callable[..., App],
+                                              database_url: str) -> None:
+    calls: list[str] = []
+
+    def boom(s: dict[str, Any]) -> None:
+        calls.append("boom")
+        raise ValueError("disk on fire")
+
+    def executions(s: dict[str, Any]) -> None:
+        calls.append("execution")  # a pure node: runs on every execution of the workflow
+
+    app = make_app(steps=steps)
+    p = app.pipeline("p", transform(executions) >> fn(lambda s: {"a": 1}, name="first")
+                     >> fn(boom, retries=1))
+    with app:
+        with pytest.raises(NodeFailed, match=r"node 0.2:boom failed \(after 2 attempts\): .*disk on fire"):
+            p.run({}, run_id="err")
+        assert calls == ["execution", "boom", "boom"]
+        (error,) = sql(database_url, "SELECT error FROM dbos.operation_outputs WHERE "
+                                     "workflow_uuid = 'err' AND function_name = '0.2:boom'")[0]
+        assert "Step 0.2:boom has exceeded its maximum of 2 retries" in error
+        # A fork that keeps both recorded steps replays them: the recorded error is raised
+        # again without calling boom.
+        forked = DBOS.fork_workflow("err", 3)
+        with pytest.raises(Exception, match="Step 0.2:boom has exceeded its maximum of 2 retries"):
+            forked.get_result()
+    assert calls == ["execution", "boom", "boom", "execution"]
+
+
+@pytest.mark.parametrize("steps", MODES)
+def test_cancel_stops_before_the_next_step_and_resume_finishes(
+        steps: str, make_app: Callable[..., App]) -> None:
+    started, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def first(s: dict[str, Any]) -> dict[str, Any]:
+        calls.append("first")
+        return {"a": 1}
+
+    def hold(s: dict[str, Any]) -> dict[str, Any]:
+        calls.append("hold")
+        started.set()
+        release.wait(30)
+        return {"b": 2}
+
+    def after(s: dict[str, Any]) -> dict[str, Any]:
+        calls.append("after")
+        return {"c": 3}
+
+    app = make_app(steps=steps)
+    p = app.pipeline("p", fn(first) >> fn(hold) >> fn(after))
+    with app:
+        handle = p.start({}, run_id="cx")
+        assert started.wait(30)
+        DBOS.cancel_workflow("cx")
+        release.set()
+        wait_for(lambda: handle.status() is RunStatus.CANCELLED, what="cancelled")
+        # The step in flight at the cancel may finish, but nothing after it starts.
+        with pytest.raises(RunCancelled):
+            handle.result(timeout=2)
+        assert "after" not in calls
+        started.clear()
+        DBOS.resume_workflow("cx")
+        assert app.get_run("cx").result(timeout=30).state == {"a": 1, "b": 2, "c": 3}
+    # first ran once; hold's record was refused at the cancel, so it runs again on resume.
+    assert calls == ["first", "hold", "hold", "after"]
+
+
+@pytest.mark.parametrize("steps", MODES)
+def test_a_step_renamed_under_a_recorded_run_is_refused(
+        steps: str, make_app: Callable[..., App], database_url: str) -> None:
+    app = make_app(steps=steps)
+    p = app.pipeline("p", fn(lambda s: {"a": 1}, name="first") >> fn(lambda s: {"b": 2}, name="second"))
+    with app:
+        p.run({}, run_id="nd")
+        sql(database_url, "UPDATE dbos.operation_outputs SET function_name = '0.0:other' "
+                          "WHERE workflow_uuid = 'nd' AND function_id = 1")
+        forked = DBOS.fork_workflow("nd", 2)
+        with pytest.raises(Exception, match="0.0:other was recorded when 0.0:first was expected"):
+            forked.get_result()
+
+
+def test_steps_option_is_checked() -> None:
+    with pytest.raises(AppStateError, match=r"steps='fast'.*'lean'.*'dbos'"):
+        App("steps-app", "postgresql://nowhere/db", steps="fast")
+
+
+def test_sqlite_apps_use_dbos_steps(tmp_path: Any) -> None:
+    app = App("steps-app", f"sqlite:///{tmp_path}/x.sqlite")
+    p = app.pipeline("p", fn(lambda s: {"a": 1}, name="first"))
+    with app:
+        assert app.step_log() is None
+        assert p.run({}).state == {"a": 1}
