@@ -190,3 +190,17 @@ def test_sqlite_apps_use_dbos_steps(tmp_path: Any) -> None:
     with app:
         assert app.step_log() is None
         assert p.run({}).state == {"a": 1}
+
+
+def test_a_dbos_table_of_another_shape_falls_back_to_dbos_steps(
+        make_app: Callable[..., App], database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    app = make_app()
+    with app:
+        assert app.step_log() is not None
+    # A DBOS release that adds a required column: durapipe's statement would not fill it.
+    sql(database_url, "ALTER TABLE dbos.operation_outputs ADD COLUMN shard text NOT NULL DEFAULT 'x'")
+    sql(database_url, "ALTER TABLE dbos.operation_outputs ALTER COLUMN shard DROP DEFAULT")
+    app2 = make_app()
+    with caplog.at_level("WARNING", logger="durapipe"), app2:
+        assert app2.step_log() is None
+    assert "required ['shard']" in caplog.text and "written by DBOS.run_step" in caplog.text

@@ -173,9 +173,11 @@ class App:
             from dbos._dbos import _get_dbos_instance
 
             dbos = _get_dbos_instance()
-            found = self._step_log = (
-                StepLog(dbos) if self.steps == "lean" and StepLog.supports(dbos) else False
-            )
+            found = False
+            if self.steps == "lean" and StepLog.supports(dbos):
+                log = StepLog(dbos)
+                found = log if log.fits_schema() else False
+            self._step_log = found
         return found if isinstance(found, StepLog) else None
 
     def launch(self) -> None:
@@ -197,6 +199,7 @@ class App:
             raise
         self._launched = True
         register_queues(self._queues)
+        self.step_log()  # looked up once here rather than by the first step, on the loop
 
     def shutdown(self) -> None:
         if not self._launched:

@@ -79,6 +79,16 @@ WITH owner AS (
 SELECT (SELECT owner_xid FROM owner), (SELECT completed_at_epoch_ms FROM ins)
 """
 
+# The columns the record statement writes; any other column must have a default.
+_WRITES = frozenset({
+    "workflow_uuid", "function_id", "function_name", "started_at_epoch_ms",
+    "completed_at_epoch_ms", "output", "error", "child_workflow_id", "serialization",
+    "application_name", "retention_timestamp",
+})
+_COLUMNS = """
+SELECT column_name, is_nullable = 'NO' AND column_default IS NULL
+FROM information_schema.columns WHERE table_schema = %(schema)s AND table_name = %(table)s
+"""
 _CANCELLED = "CANCELLED"
 _MAX_BACKOFF = 60.0
 
@@ -105,15 +115,30 @@ class StepLog:
         """True for DBOS's plain Postgres system database (not SQLite, not a sharded one)."""
         return type(getattr(dbos, "_sys_db", None)) is PostgresSystemDatabase
 
+    def fits_schema(self) -> bool:
+        """True when ``operation_outputs`` has the columns this module writes and needs no
+        other; a DBOS whose table differs keeps its own step path (with a warning)."""
+        rows = self._execute(_COLUMNS, {"schema": str(self.sys_db.schema), "table": "operation_outputs"},
+                             fetch_all=True)
+        columns = {name: required for name, required in rows or ()}
+        missing = sorted(_WRITES - set(columns))
+        extra = sorted(c for c, required in columns.items() if required and c not in _WRITES)
+        if missing or extra:
+            log.warning("DBOS's operation_outputs table differs from the one durapipe writes "
+                        "(missing %s, required %s): step rows are written by DBOS.run_step",
+                        missing, extra)
+            return False
+        return True
+
     # -- statements ------------------------------------------------------------------
 
-    def _execute(self, sql: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
+    def _execute(self, sql: str, params: dict[str, Any], fetch_all: bool = False) -> Any:
         """One autocommit statement on a pooled connection; lost connections are retried
         without limit, with DBOS's backoff (DBOS blocks the same way)."""
         backoff, attempt = 1.0, 0
         while True:
             try:
-                return self._execute_once(sql, params)
+                return self._execute_once(sql, params, fetch_all)
             except Exception as exc:
                 if not self._retriable(exc):
                     raise
@@ -124,7 +149,7 @@ class StepLog:
                 time.sleep(wait)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
 
-    def _execute_once(self, sql: str, params: dict[str, Any]) -> tuple[Any, ...] | None:
+    def _execute_once(self, sql: str, params: dict[str, Any], fetch_all: bool) -> Any:
         try:
             fairy = self.engine.raw_connection()
         except psycopg.Error as exc:  # a new connection could not be made
@@ -135,7 +160,7 @@ class StepLog:
             try:
                 with conn.cursor() as cur:
                     cur.execute(sql, params)
-                    row = cur.fetchone()
+                    row = cur.fetchall() if fetch_all else cur.fetchone()
             finally:
                 if not conn.closed:
                     conn.autocommit = False
