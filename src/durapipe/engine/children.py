@@ -19,6 +19,8 @@ from dbos._dbos import _get_dbos_instance
 from dbos._error import DBOSAwaitedWorkflowCancelledError, DBOSWorkflowCancelledError
 from dbos._serialization import deserialize_exception, serialize_exception, serialize_value
 
+from .steps import StepLog
+
 # How often a wait on a child workflow that runs elsewhere polls its status (DBOS's own
 # get_result polls once a second).
 RESULT_POLL_SEC = 0.05
@@ -75,28 +77,50 @@ GET_RESULT = "DBOS.getResult"
 async def _recorded_get_result(
     workflow_id: str, wait: Callable[[Any], Awaitable[Any]], ctx: Any, check: bool
 ) -> Any:
-    """``call_coroutine_as_step`` for a child's result, recorded with the child's id."""
+    """``call_coroutine_as_step`` for a child's result, recorded with the child's id.
+
+    On Postgres the check and the record are the two statements of :mod:`engine.steps`.
+    """
     sys_db = _get_dbos_instance()._sys_db
     if not (ctx and ctx.is_workflow()):
         return await wait(sys_db)
+    log = active_step_log()
     start_ms = int(time.time() * 1000)
     if check:
-        recorded = await asyncio.to_thread(
-            sys_db.check_operation_execution, ctx.workflow_id, ctx.function_id, GET_RESULT)
-        if recorded is not None:
-            return sys_db._replay_recorded(recorded, GET_RESULT)
+        if log is not None:
+            found = await asyncio.to_thread(log.check, ctx, GET_RESULT)
+            if found is not None:
+                return log.replay(found)
+        else:
+            recorded = await asyncio.to_thread(
+                sys_db.check_operation_execution, ctx.workflow_id, ctx.function_id, GET_RESULT)
+            if recorded is not None:
+                return sys_db._replay_recorded(recorded, GET_RESULT)
+
+    async def record(output: str | None, error: str | None, fmt: str | None) -> None:
+        if log is not None:
+            await asyncio.to_thread(log.write, ctx, GET_RESULT, start_ms, output, error, fmt,
+                                    workflow_id)
+        else:
+            await asyncio.to_thread(sys_db.record_get_result, workflow_id, output, error, fmt,
+                                    ctx, started_at_epoch_ms=start_ms)
+
     try:
         result = await wait(sys_db)
     except Exception as exc:
         recorded_error = _portable_error(exc, sys_db.serializer)
         if recorded_error is not None:  # an unrecordable error is left for a replay to wait again
-            await asyncio.to_thread(sys_db.record_get_result, workflow_id, None, *recorded_error,
-                                    ctx, started_at_epoch_ms=start_ms)
+            await record(None, *recorded_error)
         raise
     output, fmt = serialize_value(result, None, sys_db.serializer)
-    await asyncio.to_thread(sys_db.record_get_result, workflow_id, output, None, fmt, ctx,
-                            started_at_epoch_ms=start_ms)
+    await record(output, None, fmt)
     return result
+
+
+def active_step_log() -> StepLog | None:
+    from .interpreter import active_step_log as current
+
+    return current()
 
 
 def _portable_error(exc: Exception, serializer: Any) -> tuple[str, str | None] | None:

@@ -69,7 +69,7 @@ WITH owner AS (
   INSERT INTO {s}.operation_outputs AS oo
     (workflow_uuid, function_id, function_name, started_at_epoch_ms, completed_at_epoch_ms,
      output, error, child_workflow_id, serialization, application_name, retention_timestamp)
-  SELECT %(wf)s, %(fid)s, %(name)s, %(started)s, %(completed)s, %(output)s, %(error)s, NULL,
+  SELECT %(wf)s, %(fid)s, %(name)s, %(started)s, %(completed)s, %(output)s, %(error)s, %(child)s,
          %(ser)s, %(app)s, CAST(EXTRACT(epoch FROM now()) * 1000 AS BIGINT)
   FROM owner WHERE %(xid)s::text IS NULL OR owner.owner_xid = %(xid)s
   ON CONFLICT (workflow_uuid, function_id)
@@ -215,16 +215,22 @@ class StepLog:
         else:
             out, serialization = serialize_value(output, None, self.serializer)
             err = None
+        self.write(step, name, started, out, err, serialization)
+
+    def write(self, step: DBOSContext, name: str, started: int, output: str | None,
+              error: str | None, serialization: str | None, child: str | None = None) -> None:
+        """Write one serialized operation row. With ``child`` (the ``DBOS.getResult`` row of a
+        child workflow's result) a row already there is this write retried, as DBOS has it."""
         completed = _now_ms()
         row = self._execute(self.record_sql, {
             "wf": step.workflow_id, "fid": step.function_id, "name": name,
-            "started": started, "completed": completed, "output": out, "error": err,
-            "ser": serialization, "app": self.app_name, "xid": step.owner_xid,
+            "started": started, "completed": completed, "output": output, "error": error,
+            "ser": serialization, "app": self.app_name, "xid": step.owner_xid, "child": child,
         })
         owner, recorded_at = row if row is not None else (None, None)
         if step.owner_xid is not None and owner != step.owner_xid:
             raise DBOSWorkflowConflictIDError(step.workflow_id)
-        if recorded_at is None or int(recorded_at) != completed:
+        if child is None and (recorded_at is None or int(recorded_at) != completed):
             raise DBOSStepNondeterminismError(step.workflow_id, step.function_id)
 
 
