@@ -16,7 +16,7 @@ import pytest
 from dbos import DBOS
 
 from dbutil import sql, wait_for
-from durapipe import App, NodeFailed, RunCancelled, RunStatus, fn, transform
+from durapipe import App, NodeFailed, RunCancelled, RunStatus, dispatch, fn, join, transform
 from durapipe.errors import AppStateError
 
 MODES = ["lean", "dbos"]
@@ -177,6 +177,30 @@ def test_a_step_renamed_under_a_recorded_run_is_refused(
         forked = DBOS.fork_workflow("nd", 2)
         with pytest.raises(Exception, match="0.0:other was recorded when 0.0:first was expected"):
             forked.get_result()
+
+
+@pytest.mark.parametrize("steps", MODES)
+def test_a_join_records_the_child_it_read_and_replays_it(
+        steps: str, make_app: Callable[..., App], database_url: str) -> None:
+    calls: list[str] = []
+
+    def task(s: dict[str, Any]) -> dict[str, Any]:
+        calls.append("task")
+        return {"t": 1}
+
+    app = make_app(steps=steps)
+    p = app.pipeline("p", dispatch(fn(task), names=["bg"]) >> join() >> fn(lambda s: {"u": 2}, name="after"))
+    with app:
+        assert p.run({}, run_id="dj").state == {"t": 1, "u": 2}
+        rows = sql(database_url, "SELECT function_id, function_name, child_workflow_id, output "
+                                 "FROM dbos.operation_outputs WHERE workflow_uuid = 'dj' ORDER BY 1")
+        assert [r[1:] for r in rows if r[1] == "DBOS.getResult"] == [
+            ("DBOS.getResult", "dj/0.0.0:bg", '{"t":1}')]
+        # A fork that keeps the join's row replays it: the task is not started again.
+        keep = max(r[0] for r in rows if r[1] == "DBOS.getResult")
+        forked = DBOS.fork_workflow("dj", keep + 1)
+        assert forked.get_result() == {"t": 1, "u": 2}
+    assert calls == ["task"]
 
 
 def test_steps_option_is_checked() -> None:
