@@ -27,7 +27,7 @@ from durapipe import App, fn
 
 HERE = Path(__file__).parent
 ROUNDS = 30
-PAR_ROUNDS = 8  # branches of several nodes wait about 1 s each on DBOS's result polling
+PAR_ROUNDS = 20  # hand-written DBOS waits about 1 s per round on its result polling
 WARMUP = 3
 THROUGHPUT_N = 200
 CONCURRENCY = 20

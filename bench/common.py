@@ -81,10 +81,11 @@ def dbos_steps(app: Any, f: Callable[[], object]) -> Callable[[], object]:
     path), so both step paths run interleaved under one DBOS runtime."""
 
     def run() -> object:
-        app.steps, app._step_log = "dbos", None
+        lean = app.step_log()
+        app.steps, app._step_log = "dbos", False
         try:
             return f()
         finally:
-            app.steps, app._step_log = "lean", None
+            app.steps, app._step_log = "lean", lean
 
     return run
