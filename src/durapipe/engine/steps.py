@@ -169,7 +169,9 @@ class StepLog:
             # connection is retried (or not) exactly where DBOS would retry it.
             lost = self.engine.dialect.is_disconnect(exc, fairy, None)  # type: ignore[arg-type]
             if lost:
-                fairy.invalidate(exc)
+                # As SQLAlchemy does for DBOS's statements: every connection of the pool
+                # made before now is replaced at its next checkout, this one at once.
+                self.engine.pool._invalidate(fairy, exc)
             raise sa.exc.DBAPIError.instance(
                 sql, params, exc, psycopg.Error, connection_invalidated=lost,
             ) from exc
