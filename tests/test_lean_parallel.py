@@ -7,6 +7,7 @@ numbering is the same whatever the timing: a run killed mid fan-out replays clea
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -92,10 +93,14 @@ def test_sigkill_mid_fanout_replays_every_interleaving(database_url: str, tmp_pa
 
 def test_fanout_of_sequences_starts_no_child_workflow(make_app: Any, database_url: str) -> None:
     seen: list[str] = []
+    # The branches' first steps meet here: only branches running at the same time get past.
+    meet = threading.Barrier(3, timeout=20)
 
     def step(name: str) -> Any:
         def body(state: dict[str, Any]) -> dict[str, Any]:
             seen.append(name)
+            if name.startswith("a"):
+                meet.wait()
             return {name: True}
         body.__name__ = name
         return fn(body)
@@ -112,6 +117,7 @@ def test_fanout_of_sequences_starts_no_child_workflow(make_app: Any, database_ur
     assert names == canonical(names) and len(names) == 7
     # Branches really ran concurrently: each branch's first step before any second step.
     assert {seen.index(f"a{b}") for b in range(3)} == {0, 1, 2}
+    assert not meet.broken
 
 
 def test_pure_nodes_write_no_rows(make_app: Any, database_url: str) -> None:
