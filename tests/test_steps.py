@@ -65,35 +65,33 @@ def _mixed(app: App, calls: dict[str, int]) -> Any:
 
 
 @pytest.mark.parametrize("steps", MODES)
-def test_rows_and_results_are_the_same_on_both_paths(steps: str, pg_server_url: str) -> None:
-    from dbutil import scratch_database
-
-    with scratch_database(pg_server_url) as url:
-        calls: dict[str, int] = {}
-        app = App("steps-app", url, steps=steps)
-        p = _mixed(app, calls)
-        with app:
-            result = p.run({"n": 1}, run_id="same")
-            recorded = DBOS.list_workflow_steps("same")
-        assert result.status is RunStatus.SUCCESS
-        assert result.state["n"] == 20 and result.state["flaky"] == 3
-        assert result.state["a2"] == 20 and result.state["b1"] == 20
-        assert calls == {"one": 1, "two": 1, "flaky": 3, "a1": 1, "a2": 1, "b1": 1}
-        rows = _rows(url, "same")
-        # Row for row what the other path writes (the test's twin asserts the same list).
-        assert rows == [
-            (1, "0.0:one", '{"n":2,"text":"ünïcode \' ; \\" ok"}', False, "portable_json", None,
-             "steps-app", True, True),
-            (2, "0.1:two", '{"n":20}', False, "portable_json", None, "steps-app", True, True),
-            (3, "0.2:flaky", '{"flaky":3}', False, "portable_json", None, "steps-app", True, True),
-            (4, "0.3.0.0:a1", '{"a1":20}', False, "portable_json", None, "steps-app", True, True),
-            (5, "0.3.0.1:a2", '{"a2":20}', False, "portable_json", None, "steps-app", True, True),
-            (6, "0.3.1:b1", '{"b1":20}', False, "portable_json", None, "steps-app", True, True),
-            (7, "0.4:end", "{}", False, "portable_json", None, "steps-app", True, True),
-        ]
-        # DBOS's own reader understands the rows.
-        assert [(s["function_id"], s["function_name"]) for s in recorded] == [r[:2] for r in rows]
-        assert recorded[0]["output"] == {"n": 2, "text": "ünïcode ' ; \" ok"}
+def test_rows_and_results_are_the_same_on_both_paths(
+        steps: str, make_app: Callable[..., App], database_url: str) -> None:
+    calls: dict[str, int] = {}
+    app = make_app("steps-app", steps=steps)
+    p = _mixed(app, calls)
+    with app:
+        result = p.run({"n": 1}, run_id="same")
+        recorded = DBOS.list_workflow_steps("same")
+    assert result.status is RunStatus.SUCCESS
+    assert result.state["n"] == 20 and result.state["flaky"] == 3
+    assert result.state["a2"] == 20 and result.state["b1"] == 20
+    assert calls == {"one": 1, "two": 1, "flaky": 3, "a1": 1, "a2": 1, "b1": 1}
+    rows = _rows(database_url, "same")
+    # Row for row what the other path writes (the test's twin asserts the same list).
+    assert rows == [
+        (1, "0.0:one", '{"n":2,"text":"ünïcode \' ; \\" ok"}', False, "portable_json", None,
+         "steps-app", True, True),
+        (2, "0.1:two", '{"n":20}', False, "portable_json", None, "steps-app", True, True),
+        (3, "0.2:flaky", '{"flaky":3}', False, "portable_json", None, "steps-app", True, True),
+        (4, "0.3.0.0:a1", '{"a1":20}', False, "portable_json", None, "steps-app", True, True),
+        (5, "0.3.0.1:a2", '{"a2":20}', False, "portable_json", None, "steps-app", True, True),
+        (6, "0.3.1:b1", '{"b1":20}', False, "portable_json", None, "steps-app", True, True),
+        (7, "0.4:end", "{}", False, "portable_json", None, "steps-app", True, True),
+    ]
+    # DBOS's own reader understands the rows.
+    assert [(s["function_id"], s["function_name"]) for s in recorded] == [r[:2] for r in rows]
+    assert recorded[0]["output"] == {"n": 2, "text": "ünïcode ' ; \" ok"}
 
 
 @pytest.mark.parametrize("steps", MODES)

@@ -21,8 +21,8 @@ guarantees in two single statements on DBOS's own connection pool, prepared by t
 Step numbers come from DBOS (``snapshot_step_ctx``, or a ``DBOS.reserve_step()``
 reservation inside a parallel branch), serialization from DBOS's serializer, the body runs
 in DBOS's step context (so ``DBOS.step_id``, events and progress work inside it), and
-lost connections are retried with DBOS's backoff. The rows are byte-for-byte what
-``DBOS.run_step`` writes, so ``DBOS.list_workflow_steps``, fork, recovery and the audit
+lost connections are retried with DBOS's backoff. The rows are the ones ``DBOS.run_step``
+writes (``tests/test_steps.py`` compares them), so ``DBOS.list_workflow_steps``, fork, recovery and the audit
 views read them unchanged. SQLite apps, and ``App(steps="dbos")``, use ``DBOS.run_step``.
 """
 
@@ -234,18 +234,6 @@ class StepLog:
             raise DBOSWorkflowConflictIDError(step.workflow_id)
         if child is None and (recorded_at is None or int(recorded_at) != completed):
             raise DBOSStepNondeterminismError(step.workflow_id, step.function_id)
-
-
-_logs: dict[int, StepLog] = {}
-
-
-def step_log(dbos: Any) -> StepLog:
-    """The StepLog of a launched DBOS instance (one per instance)."""
-    key = id(dbos)
-    found = _logs.get(key)
-    if found is None or found.sys_db is not dbos._sys_db:
-        found = _logs[key] = StepLog(dbos)
-    return found
 
 
 def next_step_context() -> DBOSContext | None:
