@@ -49,7 +49,7 @@ from dbos._serialization import deserialize_exception, deserialize_value, serial
 from dbos._sys_db_postgres import PostgresSystemDatabase
 from dbos._utils import retriable_postgres_exception
 
-from ..errors import DurapipeError
+from ..errors import DurapipeError, error_text
 
 T = TypeVar("T")
 log = logging.getLogger("durapipe")
@@ -253,6 +253,14 @@ def _retry_wait(name: str, attempt: int, attempts: int, exc: BaseException) -> f
     return float(min(0.5 * (2.0 ** attempt), 3600.0))
 
 
+def _exceeded(name: str, attempts: int, errors: list[Exception]) -> DBOSMaxStepRetriesExceeded:
+    """DBOS's error for a step out of attempts; its recorded message also names the last
+    error, so the step's row says why (DBOS's own row says only that retries ran out)."""
+    exc = DBOSMaxStepRetriesExceeded(name, attempts, errors)
+    exc.message = f"{exc.message}; last error: {error_text(errors[-1])}"
+    return exc
+
+
 def run_sync(steps: StepLog, step: DBOSContext, name: str, retries: int,
              body: Callable[[], T], retry_if: Callable[[BaseException], bool]) -> T:
     """Run a sync step body at ``step``'s number (on the calling thread)."""
@@ -290,7 +298,7 @@ def _attempts_sync(name: str, attempts: int, body: Callable[[], T],
             errors.append(exc)
             if i < attempts - 1:
                 time.sleep(_retry_wait(name, i, attempts, exc))
-    raise DBOSMaxStepRetriesExceeded(name, attempts, errors)
+    raise _exceeded(name, attempts, errors)
 
 
 async def run_async(steps: StepLog, step: DBOSContext, name: str, retries: int,
@@ -329,7 +337,7 @@ async def _attempts_async(name: str, attempts: int, body: Callable[[], Awaitable
             errors.append(exc)
             if i < attempts - 1:
                 await asyncio.sleep(_retry_wait(name, i, attempts, exc))
-    raise DBOSMaxStepRetriesExceeded(name, attempts, errors)
+    raise _exceeded(name, attempts, errors)
 
 
 def claim(reservation: Any) -> DBOSContext:
