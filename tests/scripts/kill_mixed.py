@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from side_effects import KillingLog
+from side_effects import KillingLog, start_then_die_or_finish
 
 from durapipe import App, DurapipeError, dispatch, gate, join
 
@@ -49,15 +49,6 @@ def approver() -> None:
 if __name__ == "__main__":
     with app:
         threading.Thread(target=approver, daemon=True).start()
-        if kill_at:
-            for i in range(runs):
-                pipeline.start({"run": f"m{i}"}, run_id=f"m{i}")
-            time.sleep(120)
-            print("KILL POINT NEVER REACHED", flush=True)
-            sys.exit(3)
-        handles = [pipeline.start({"run": f"m{i}"}, run_id=f"m{i}") for i in range(runs)]
-        for handle in handles:
-            result = handle.result(timeout=120)
-            assert all(result.state[label] for label in LABELS), result.state
+        start_then_die_or_finish(pipeline, runs, "m", kill_at, LABELS)
         stop.set()
         print("ALL DONE", flush=True)

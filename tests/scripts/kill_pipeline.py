@@ -9,10 +9,9 @@ DBOS records that step). With KILL_AT = 0 it recovers, starts the same run ids a
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
-from side_effects import KillingLog
+from side_effects import KillingLog, start_then_die_or_finish
 
 from durapipe import App
 
@@ -29,16 +28,5 @@ pipeline = app.pipeline(
 
 if __name__ == "__main__":
     with app:
-        if kill_at:
-            for i in range(runs):
-                pipeline.start({"run": f"k{i}"}, run_id=f"k{i}")
-            time.sleep(120)
-            print("KILL POINT NEVER REACHED", flush=True)
-            sys.exit(3)
-        # Start again every run the first process meant to start: a run that had been
-        # recorded returns its (recovering) self, one the kill prevented starts now.
-        handles = [pipeline.start({"run": f"k{i}"}, run_id=f"k{i}") for i in range(runs)]
-        for handle in handles:
-            result = handle.result(timeout=120)
-            assert all(result.state[label] for label in LABELS), result.state
+        start_then_die_or_finish(pipeline, runs, "k", kill_at, LABELS)
         print("ALL DONE", flush=True)

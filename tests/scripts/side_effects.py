@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,3 +34,24 @@ class KillingLog:
 
         body.__name__ = label
         return fn(body)
+
+
+def start_then_die_or_finish(pipeline: Any, runs: int, prefix: str, kill_at: int,
+                             labels: list[str]) -> None:
+    """The two lives of a kill script.
+
+    With ``kill_at`` the runs ``<prefix>0..`` start and the process waits for a step to kill
+    it. Without, it recovers: every run id the first process meant to start is started
+    again (a recorded run returns its recovering self, one the kill prevented starts now),
+    and each run must end with every label's step done.
+    """
+    if kill_at:
+        for i in range(runs):
+            pipeline.start({"run": f"{prefix}{i}"}, run_id=f"{prefix}{i}")
+        time.sleep(120)
+        print("KILL POINT NEVER REACHED", flush=True)
+        sys.exit(3)
+    handles = [pipeline.start({"run": f"{prefix}{i}"}, run_id=f"{prefix}{i}") for i in range(runs)]
+    for handle in handles:
+        result = handle.result(timeout=120)
+        assert all(result.state[label] for label in labels), result.state
