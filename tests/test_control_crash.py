@@ -78,24 +78,21 @@ def test_an_answered_gate_survives_a_kill_before_the_run_recorded_the_decision(
     assert [json.loads(v) for (v,) in history][1:] == [decided]
 
 
-def test_sleep_keeps_its_deadline_across_a_restart(database_url: str, tmp_path: Path) -> None:
-    log = tmp_path / "log"
-    crash_and_recover(database_url, "sleep", log, "t0", delay=1.0)
+def _deadline_kept_across_a_restart(database_url: str, log: Path, pipeline: str, kill_at: str) -> None:
+    crash_and_recover(database_url, pipeline, log, kill_at, delay=1.0)
     seen = stamps(log)
     t0, t1, restart = seen["t0"][0], seen["t1"][0], seen["process-second"][0]
     assert len(seen["t0"]) == 1 and len(seen["t1"]) == 1
-    assert t1 >= t0 + 4          # the sleep was honoured ...
+    assert t1 >= t0 + 4          # the deadline was honoured ...
     assert t1 < restart + 4      # ... and not started over by the restart
 
 
+def test_sleep_keeps_its_deadline_across_a_restart(database_url: str, tmp_path: Path) -> None:
+    _deadline_kept_across_a_restart(database_url, tmp_path / "log", "sleep", "t0")
+
+
 def test_timeout_keeps_its_deadline_across_a_restart(database_url: str, tmp_path: Path) -> None:
-    log = tmp_path / "log"
-    crash_and_recover(database_url, "timeout", log, "slow-start", delay=1.0)
-    seen = stamps(log)
-    t0, t1, restart = seen["t0"][0], seen["t1"][0], seen["process-second"][0]
-    assert len(seen["t0"]) == 1 and len(seen["t1"]) == 1
-    assert t1 >= t0 + 4
-    assert t1 < restart + 4
+    _deadline_kept_across_a_restart(database_url, tmp_path / "log", "timeout", "slow-start")
     status = sql(database_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid LIKE %s",
                  "crash-1/0.1.0%")
     assert status == [("CANCELLED",)]
