@@ -15,8 +15,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
@@ -171,23 +172,35 @@ def raw(wf: Callable[..., Any], *args: Any) -> Callable[[], object]:
     return lambda: DBOS.start_workflow(wf, *args).get_result()
 
 
-def section(database_url: str) -> str:
+def field_pipelines(app: App) -> tuple[Any, Any]:
+    """durapipe's (a) 10 sequential no-op fn nodes and (b) 3 branches x 3 nodes + join."""
+    seq = app.pipeline("seq10", fn(noop) >> fn(noop) >> fn(noop) >> fn(noop) >> fn(noop)
+                       >> fn(noop) >> fn(noop) >> fn(noop) >> fn(noop) >> fn(noop))
+    branch = fn(noop) >> fn(noop) >> fn(noop)
+    return seq, app.pipeline("par3x3", (branch | branch | branch) >> fn(noop, name="join"))
+
+
+@contextmanager
+def langgraph(database_url: str) -> Iterator[tuple[Any, Any]]:
+    """LangGraph's (a) and (b) on a PostgresSaver, over a psycopg pool sized for (c)."""
     from langgraph.checkpoint.postgres import PostgresSaver
     from psycopg.rows import dict_row
     from psycopg_pool import ConnectionPool
 
-    app = App("bench-field", database_url)
-    dp_seq = app.pipeline("seq10", fn(noop) >> fn(noop) >> fn(noop) >> fn(noop) >> fn(noop)
-                          >> fn(noop) >> fn(noop) >> fn(noop) >> fn(noop) >> fn(noop))
-    branch = fn(noop) >> fn(noop) >> fn(noop)
-    dp_par = app.pipeline("par3x3", (branch | branch | branch) >> fn(noop, name="join"))
     pool = ConnectionPool(database_url, max_size=CONCURRENCY + 2, open=True,
                           kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row})
     try:
         saver = PostgresSaver(pool)
         saver.setup()
-        lg_seq, lg_par = lg_graphs(saver)
+        yield lg_graphs(saver)
+    finally:
+        pool.close()
 
+
+def section(database_url: str) -> str:
+    app = App("bench-field", database_url)
+    dp_seq, dp_par = field_pipelines(app)
+    with langgraph(database_url) as (lg_seq, lg_par):
         with app:
             seq = measure({"durapipe": lambda: dp_seq.run({}),
                            "durapipe, steps=\"dbos\"": dbos_steps(app, lambda: dp_seq.run({})),
@@ -199,8 +212,6 @@ def section(database_url: str) -> str:
                    "durapipe, steps=\"dbos\"": dbos_steps(app, lambda: throughput(lambda: dp_seq.run({})))(),
                    "raw DBOS": throughput(raw(raw_seq, 10)),
                    "LangGraph": throughput(lg(lg_seq))}
-    finally:
-        pool.close()
     rec, imports, launches = recovery(database_url)
     bare = bare_import_ms()
 

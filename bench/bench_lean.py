@@ -14,8 +14,9 @@ from bench_field import (
     CONCURRENCY,
     THROUGHPUT_N,
     WARMUP,
+    field_pipelines,
+    langgraph,
     lg,
-    lg_graphs,
     measure,
     noop,
     raw,
@@ -49,25 +50,12 @@ async def raw_par_reserved() -> int:
 
 
 def section(database_url: str) -> str:
-    from langgraph.checkpoint.postgres import PostgresSaver
-    from psycopg.rows import dict_row
-    from psycopg_pool import ConnectionPool
-
     app = App("bench-lean", database_url)
-    seq10 = app.pipeline("seq10", fn(noop) >> fn(noop) >> fn(noop) >> fn(noop) >> fn(noop)
-                         >> fn(noop) >> fn(noop) >> fn(noop) >> fn(noop) >> fn(noop))
+    seq10, par = field_pipelines(app)
     pure = transform(lambda s: {"k": s.get("k", 0) + 1}, name="pure")
     mixed = app.pipeline("mixed", fn(noop) >> pure >> fn(noop) >> pure >> fn(noop) >> pure
                          >> fn(noop) >> pure >> fn(noop) >> pure)
-    branch = fn(noop) >> fn(noop) >> fn(noop)
-    par = app.pipeline("par3x3", (branch | branch | branch) >> fn(noop, name="join"))
-    pool = ConnectionPool(database_url, max_size=22, open=True,
-                          kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row})
-    try:
-        saver = PostgresSaver(pool)
-        saver.setup()
-        lg_seq, lg_par = lg_graphs(saver)
-
+    with langgraph(database_url) as (lg_seq, lg_par):
         with app:
             a = measure({"durapipe": lambda: seq10.run({}), "raw DBOS": raw(raw_seq, 10),
                          "LangGraph": lg(lg_seq)}, ROUNDS)
@@ -82,9 +70,7 @@ def section(database_url: str) -> str:
                    "raw DBOS": throughput(raw(raw_seq, 10)),
                    "LangGraph": throughput(lg(lg_seq))}
             recorded = len(DBOS.list_workflows(name="durapipe.run", limit=100000))
-        runs = 2 * (WARMUP + ROUNDS) + WARMUP + PAR_ROUNDS + CONCURRENCY + THROUGHPUT_N
-    finally:
-        pool.close()
+    runs = 2 * (WARMUP + ROUNDS) + WARMUP + PAR_ROUNDS + CONCURRENCY + THROUGHPUT_N
 
     def rows(label: str, res: dict[str, tuple[list[float], list[float]]], base: str,
              nodes: int) -> list[list[str]]:

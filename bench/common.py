@@ -5,15 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Any
 
-import psycopg
-from sqlalchemy.engine import make_url
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from dbutil import scratch_database  # noqa: E402
 
 
 @contextmanager
@@ -34,17 +35,9 @@ def postgres_server() -> Iterator[str]:
         shutil.rmtree(data, ignore_errors=True)
 
 
-@contextmanager
-def fresh_database(server_url: str) -> Iterator[str]:
-    name = f"durapipe_bench_{uuid.uuid4().hex[:10]}"
-    admin = make_url(server_url).set(database="postgres").render_as_string(False)
-    with psycopg.connect(admin, autocommit=True) as con:
-        con.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(server_url).set(database=name).render_as_string(False)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as con:
-            con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def fresh_database(server_url: str) -> AbstractContextManager[str]:
+    """A new database on the server for one section, dropped afterwards (the tests' helper)."""
+    return scratch_database(server_url, "durapipe_bench")
 
 
 def interleave(cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 10) -> dict[str, list[float]]:
