@@ -192,7 +192,7 @@ async def run_step(where: str, retries: int, body: Callable[[], Any]) -> Any:
     log = active_step_log()
     try:
         if log is not None:
-            step = lean.claim(reservation) if reservation is not None else lean.next_step_context()
+            step = lean.take_step(reservation)
             if step is not None:
                 if inspect.iscoroutinefunction(body):
                     return await lean.run_async(log, step, where, retries, body,
@@ -245,10 +245,7 @@ def run_sync_fn(node: Fn, path: str, state: State) -> State:
     body = _sync_body(node, where, state)
     log = active_step_log()
     try:
-        step = None
-        if log is not None:
-            reservation = next_reservation(where)
-            step = lean.claim(reservation) if reservation is not None else lean.next_step_context()
+        step = lean.take_step(next_reservation(where)) if log is not None else None
         if log is not None and step is not None:
             result: State = lean.run_sync(log, step, where, node.max_retries, body,
                                           _no_retry_for_durapipe_errors)

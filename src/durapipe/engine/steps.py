@@ -236,8 +236,14 @@ class StepLog:
             raise DBOSStepNondeterminismError(step.workflow_id, step.function_id)
 
 
-def next_step_context() -> DBOSContext | None:
-    """Number the next step of the running workflow; None outside workflow code."""
+def take_step(reservation: Any | None) -> DBOSContext | None:
+    """The step context of the next step: at ``reservation``'s number (a
+    ``DBOS.reserve_step()`` of a parallel branch) or, without one, at the running
+    workflow's next number. None outside workflow code."""
+    if reservation is not None:
+        reservation._claim()
+        reserved: DBOSContext = reservation._step_ctx
+        return reserved
     ctx = get_local_dbos_context()
     if ctx is None or not ctx.is_workflow():
         return None
@@ -270,10 +276,7 @@ def run_sync(steps: StepLog, step: DBOSContext, name: str, retries: int,
         return steps.replay(recorded)  # type: ignore[no-any-return]
     with EnterDBOSStepCtx(_attributes(name), step):  # type: ignore[arg-type]
         try:
-            if retries:
-                out = _attempts_sync(name, retries + 1, body, retry_if)
-            else:
-                out = body()
+            out = _attempts_sync(name, retries + 1, body, retry_if)
         except DBOSWorkflowCancelledError:
             raise
         except Exception as exc:
@@ -285,6 +288,8 @@ def run_sync(steps: StepLog, step: DBOSContext, name: str, retries: int,
 
 def _attempts_sync(name: str, attempts: int, body: Callable[[], T],
                    retry_if: Callable[[BaseException], bool]) -> T:
+    if attempts == 1:  # no retry context, as DBOS has it for a step without retries
+        return body()
     errors: list[Exception] = []
     for i in range(attempts):
         try:
@@ -324,6 +329,8 @@ async def run_async(steps: StepLog, step: DBOSContext, name: str, retries: int,
 
 async def _attempts_async(name: str, attempts: int, body: Callable[[], Awaitable[T]],
                           retry_if: Callable[[BaseException], bool]) -> T:
+    if attempts == 1:  # no retry context, as DBOS has it for a step without retries
+        return await body()
     errors: list[Exception] = []
     for i in range(attempts):
         try:
@@ -332,16 +339,9 @@ async def _attempts_async(name: str, attempts: int, body: Callable[[], Awaitable
         except DBOSWorkflowCancelledError:
             raise
         except Exception as exc:
-            if attempts == 1 or not retry_if(exc):
+            if not retry_if(exc):
                 raise
             errors.append(exc)
             if i < attempts - 1:
                 await asyncio.sleep(_retry_wait(name, i, attempts, exc))
     raise _exceeded(name, attempts, errors)
-
-
-def claim(reservation: Any) -> DBOSContext:
-    """Take a ``DBOS.reserve_step()`` reservation: the step runs at its number."""
-    reservation._claim()
-    step: DBOSContext = reservation._step_ctx
-    return step
