@@ -29,8 +29,8 @@ def install_views(database_url: str) -> None:
     """Create or replace the audit views in a Postgres database holding DBOS's tables."""
     if not database_url.startswith(("postgresql://", "postgres://")):
         raise OperatorError(
-            f"the audit views need Postgres; {_redact(database_url)} is not a postgresql:// URL",
-            url=_redact(database_url),
+            f"the audit views need Postgres; {redact(database_url)} is not a postgresql:// URL",
+            url=redact(database_url),
         )
     import psycopg
 
@@ -38,23 +38,23 @@ def install_views(database_url: str) -> None:
         with psycopg.connect(database_url, autocommit=True, connect_timeout=10) as con:
             if con.execute("SELECT to_regclass('dbos.operation_outputs')").fetchone() == (None,):
                 raise OperatorError(
-                    f"{_redact(database_url)} has no DBOS tables (dbos.*): launch a durapipe "
-                    "App on it once, then install the views", url=_redact(database_url),
+                    f"{redact(database_url)} has no DBOS tables (dbos.*): launch a durapipe "
+                    "App on it once, then install the views", url=redact(database_url),
                 )
             con.execute(views_sql().encode())
     except psycopg.OperationalError as exc:
         raise OperatorError(
-            f"cannot reach database {_redact(database_url)}: {_first_line(exc)}",
-            url=_redact(database_url),
+            f"cannot reach database {redact(database_url)}: {first_line(exc)}",
+            url=redact(database_url),
         ) from None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 

@@ -176,8 +176,8 @@ def _launch(app: App) -> None:
     except DurapipeError:
         raise
     except Exception as exc:
-        raise OperatorError(f"cannot launch app {app.name!r} on {audit._redact(app.database_url)}: "
-                            f"{audit._first_line(exc)}") from None
+        raise OperatorError(f"cannot launch app {app.name!r} on {audit.redact(app.database_url)}: "
+                            f"{audit.first_line(exc)}") from None
 
 
 # -- commands ----------------------------------------------------------------------------

@@ -20,8 +20,9 @@ from dbos import DBOSClient
 from dbos._serialization import DBOSPortableJSONSerializer
 from dbos._utils import INTERNAL_QUEUE_NAME
 
-from ..audit import NodeRecord, RunInfo, RunTree, model_usage, path_key, split_step_name
+from ..audit import NodeRecord, RunInfo, RunTree, first_line, model_usage, path_key, redact, split_step_name
 from ..errors import OperatorError, UnknownRun, error_text, from_portable
+from .app import normalize_url
 from .dispatch import fate_key, task_status
 from .interpreter import DURAPIPE_WORKFLOWS, TASK_WORKFLOW, WORKFLOW_NAME
 
@@ -38,7 +39,7 @@ def database_url_or_env(url: str | None) -> str:
     url = url or os.environ.get("DURAPIPE_DATABASE_URL")
     if not url:
         raise OperatorError("no database given: pass --database-url or set DURAPIPE_DATABASE_URL")
-    return re.sub(r"^postgresql\+\w+://", "postgresql://", url)
+    return normalize_url(url)
 
 
 def parse_since(text: str) -> datetime:
@@ -90,8 +91,8 @@ class Admin:
                 retry_connection_errors=False,
             )
         except Exception as exc:
-            raise OperatorError(f"cannot reach database {_redact(self.url)}: {_first_line(exc)}",
-                                url=_redact(self.url)) from None
+            raise OperatorError(f"cannot reach database {redact(self.url)}: {first_line(exc)}",
+                                url=redact(self.url)) from None
 
     def close(self) -> None:
         self.client.destroy()
@@ -142,7 +143,7 @@ class Admin:
     def run(self, run_id: str) -> RunInfo:
         st = self._status(run_id)
         if st is None or st.name != WORKFLOW_NAME:
-            raise UnknownRun(f"no durapipe run with id {run_id!r} in {_redact(self.url)}", run_id=run_id)
+            raise UnknownRun(f"no durapipe run with id {run_id!r} in {redact(self.url)}", run_id=run_id)
         return self._info(st)
 
     def tree(self, run_id: str) -> RunTree:
@@ -298,11 +299,3 @@ class Admin:
                 ids.append(st.workflow_id)
         return ids
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _redact(url: str) -> str:
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)

@@ -44,7 +44,7 @@ def _sqlite_url(name: str) -> str:
     return f"sqlite:///{name.replace('-', '_')}.sqlite"
 
 
-def _normalize_url(url: str) -> str:
+def normalize_url(url: str) -> str:
     # SQLAlchemy-style driver suffixes are accepted: DBOS wants the plain scheme.
     return re.sub(r"^postgresql\+\w+://", "postgresql://", url)
 
@@ -87,7 +87,7 @@ class App:
         self._step_log: StepLog | bool | None = None
         self.dbos_name = _dbos_name(name)
         url = database_url or os.environ.get("DURAPIPE_DATABASE_URL") or _sqlite_url(self.dbos_name)
-        self.database_url = _normalize_url(url)
+        self.database_url = normalize_url(url)
         self.model = model
         self.version = version
         self.executor_id = executor_id
