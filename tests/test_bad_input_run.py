@@ -1,9 +1,11 @@
 """Bad run inputs and bad node outputs against a launched App on Postgres.
 
 Non-JSON values, NaN, non-string keys, odd and huge keys and values, unicode (lone
-surrogates and NUL included), wrong types. A refused start raises a StateError and leaves no
-workflow row; an accepted one round-trips exactly; a node returning junk ends its run in
-ERROR with a DurapipeError, recorded.
+surrogates and NUL included), deep nesting, wrong types. A refused start raises a StateError
+and leaves no workflow row; an accepted one round-trips exactly and reads back as jsonb; a
+node returning junk ends its run in ERROR with a DurapipeError, recorded. The values that
+once slipped through are pinned as ``@example`` cases, so no run depends on what hypothesis
+happens to draw.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from typing import Any
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.engine import make_url
 
 from dbutil import sql
 from durapipe import App, DurapipeError, Pipeline, RunStatus, StateError, fn
+from durapipe.state import MAX_DEPTH, MAX_INT_DIGITS
 
 TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=12)  # surrogates, NUL
 JSONISH = st.recursive(
@@ -72,16 +75,36 @@ def runner(pg_server_url: str) -> Iterator[tuple[str, Pipeline, Pipeline]]:
             con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def is_json(value: Any) -> bool:
-    if value is None or isinstance(value, (bool, int, str)):
+def storable_text(text: str) -> bool:
+    """Text Postgres reads back as jsonb: no NUL, no lone surrogate."""
+    return "\x00" not in text and not any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+
+
+def is_json(value: Any, depth: int = 0) -> bool:
+    """``depth`` counts the containers around ``value`` below the top-level dict."""
+    if isinstance(value, (list, dict)) and depth > MAX_DEPTH:
+        return False
+    if value is None or isinstance(value, bool):
         return True
+    if isinstance(value, int):
+        return abs(value) < 10**MAX_INT_DIGITS
+    if isinstance(value, str):
+        return storable_text(value)
     if isinstance(value, float):
         return math.isfinite(value)
     if isinstance(value, list):
-        return all(is_json(v) for v in value)
+        return all(is_json(v, depth + 1) for v in value)
     if isinstance(value, dict):
-        return all(isinstance(k, str) and is_json(v) for k, v in value.items())
+        return all(isinstance(k, str) and storable_text(k) and is_json(v, depth + 1)
+                   for k, v in value.items())
     return False
+
+
+def nested(levels: int) -> Any:
+    value: Any = "leaf"
+    for _ in range(levels):
+        value = [value]
+    return value
 
 
 def acceptable(inputs: Any) -> bool:
@@ -90,6 +113,14 @@ def acceptable(inputs: Any) -> bool:
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(inputs=INPUTS)
+@example(inputs={"\ud800": None})
+@example(inputs={"k": "a\udfffb"})
+@example(inputs={"k": "\x00"})
+@example(inputs={"\x00": 1})
+@example(inputs={"k": nested(MAX_DEPTH - 1)})
+@example(inputs={"k": 10**5000})
+@example(inputs={"k": 10**MAX_INT_DIGITS - 1})
+@example(inputs={"k": -(10**300)})
 def test_run_inputs_are_stored_exactly_or_refused_before_anything_is_written(
     runner: tuple[str, Pipeline, Pipeline], inputs: Any
 ) -> None:
@@ -106,10 +137,18 @@ def test_run_inputs_are_stored_exactly_or_refused_before_anything_is_written(
     assert result.status is RunStatus.SUCCESS
     assert result.state == {**(inputs or {}), "__echo": True}
     assert echo_p.app.get_run(run_id).result(timeout=60).state == result.state  # read back from Postgres
+    for table, column in [("workflow_input", "inputs"), ("workflow_output", "output"),
+                          ("operation_outputs", "output")]:
+        assert sql(url, f"SELECT count(*) FROM dbos.{table} WHERE workflow_uuid = %s "
+                        f"AND {column}::jsonb IS NOT NULL", run_id) == [(1,)], table
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(value=VALUES, shape=st.integers(min_value=0, max_value=2))
+@example(value={"\ud800": None}, shape=0)
+@example(value="\ud800", shape=1)
+@example(value="nul\x00", shape=2)
+@example(value=10**5000, shape=1)
 def test_a_node_returning_junk_fails_its_run_with_a_recorded_durapipe_error(
     runner: tuple[str, Pipeline, Pipeline], value: Any, shape: int
 ) -> None:
@@ -133,7 +172,19 @@ def test_a_node_returning_junk_fails_its_run_with_a_recorded_durapipe_error(
 @given(st.just(None))
 def test_huge_values_and_keys_round_trip(runner: tuple[str, Pipeline, Pipeline], _: None) -> None:
     url, echo_p, _p = runner
-    huge = {"x" * 10_000: "é" * 2_000_000, "list": list(range(100_000)), "\x00nul": "\x00",
-            "🙂 key with spaces; DROP TABLE x; --": {"'": '"'}}
+    huge = {"x" * 10_000: "é" * 2_000_000, "list": list(range(100_000)), "big": 10**4000,
+            "🙂 key with spaces; DROP TABLE x; --": {"'": '"'}, "ctl": "\x01\x1f\u2028"}
     result = echo_p.run(huge, run_id=f"huge-{uuid.uuid4().hex}", timeout=120)
     assert result.state == {**huge, "__echo": True}
+
+
+def test_deep_nesting_is_refused_with_the_node_and_key(runner: tuple[str, Pipeline, Pipeline]) -> None:
+    """5,000 levels (past Python's recursion limit) in an input and in a node's output."""
+    url, echo_p, junk_p = runner
+    with pytest.raises(StateError, match=r"inputs: state key 'k.deep.*levels deep"):
+        echo_p.run({"k": {"deep": nested(5_000)}}, run_id="deep-in")
+    assert sql(url, "SELECT count(*) FROM dbos.workflow_status WHERE workflow_uuid = 'deep-in'") == [(0,)]
+    OUTPUTS["deep-out"] = {"k": nested(5_000)}
+    with pytest.raises(StateError, match=r"0:junk_out: state key 'k\[0\].*levels deep") as caught:
+        junk_p.run({"ref": "deep-out"}, run_id="deep-out")
+    assert caught.value.data["node"] == "0:junk_out"
