@@ -426,6 +426,27 @@ def sql_install(database_url: DbUrl = None) -> None:
     out.print(f"installed views durapipe.{{{', '.join(audit.VIEWS)}}}")
 
 
+@cli.command()
+@guarded
+def graph(target: Annotated[str, typer.Argument(help="MODULE:PIPELINE, e.g. examples/demo.py:publish")],
+          fmt: Annotated[str, typer.Option("--format", help="mermaid (text), svg or png")] = "mermaid",
+          output: Annotated[Path | None, typer.Option("--output", "-o", help="file for svg/png")] = None,
+          ) -> None:
+    """Draw a pipeline as a Mermaid flowchart (SVG/PNG through mmdc when it is installed)."""
+    from . import diagram
+
+    _, pipeline = load_target(target)
+    text = pipeline.mermaid()
+    if fmt == "mermaid":
+        out.file.write(text + "\n")
+        return
+    if fmt not in ("svg", "png"):
+        raise OperatorError(f"--format {fmt!r}: use mermaid, svg or png")
+    dest = output or Path(f"{pipeline.name}.{fmt}")
+    diagram.render(text, fmt, str(dest))
+    out.print(_render.literal(f"wrote {dest}"), highlight=False)
+
+
 def main() -> None:
     """Entry point of the ``durapipe`` script."""
     cli()

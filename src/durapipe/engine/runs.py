@@ -96,6 +96,12 @@ class Pipeline:
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, version={self.version!r})"
 
+    def mermaid(self, statuses: dict[str, str] | None = None) -> str:
+        """The pipeline as a Mermaid flowchart (see :mod:`durapipe.diagram`)."""
+        from ..diagram import mermaid
+
+        return mermaid(self.node, statuses, title=self.name)
+
     def _inputs(self, inputs: Any) -> State:
         state = check_inputs(inputs, self.name)
         missing = sorted(k for k in self._reg.inputs if k not in state)
