@@ -24,6 +24,8 @@ from .errors import (
     RunCancelled,
     RunError,
     StateError,
+    UnknownGate,
+    UnknownRun,
 )
 from .ir import Agent, Node
 from .models import FakeModel
@@ -33,6 +35,6 @@ __all__ = [
     "Agent", "App", "BuildError", "DurapipeError", "FakeModel", "Flow", "GateRejected",
     "ModelError", "Node", "NodeFailed", "NodeTimeout", "PendingGate", "Pipeline", "Plan",
     "PlanError", "RunCancelled", "RunError", "RunHandle", "RunResult", "RunStatus",
-    "StateError", "Step", "dispatch", "fn", "gate", "join", "map_over", "progress", "race",
+    "StateError", "Step", "UnknownGate", "UnknownRun", "dispatch", "fn", "gate", "join", "map_over", "progress", "race",
     "route", "sleep", "transform", "until",
 ]

@@ -49,6 +49,14 @@ def when(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def requested(ms: Any) -> str:
+    """A gate's request time (epoch ms) as a UTC time and how long ago, e.g. ``... (3m ago)``."""
+    if not isinstance(ms, (int, float)) or isinstance(ms, bool):
+        return "-"
+    ago = datetime.now(timezone.utc).timestamp() * 1000 - ms
+    return f"{when(int(ms))} UTC ({duration(max(ago, 0))} ago)"
+
+
 def status_text(status: str) -> Text:
     return Text(f"{_MARK.get(status, '•')} {status}", style=_STYLE.get(status, ""))
 

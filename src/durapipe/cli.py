@@ -55,8 +55,18 @@ AppModule = Annotated[str | None, typer.Option(
     "--app", envvar="DURAPIPE_APP", help="Module (or file) defining the App, e.g. myproj.pipelines")]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out.print(f"durapipe {version('durapipe')}", highlight=False)
+        raise typer.Exit()
+
+
 @cli.callback()
-def _quiet() -> None:
+def _quiet(_version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+           ) -> None:
     """Keep DBOS's own log lines (and tracebacks) out of the command's output."""
     os.environ.setdefault("DURAPIPE_LOG_LEVEL", "CRITICAL")
     logging.getLogger("dbos").setLevel(os.environ["DURAPIPE_LOG_LEVEL"])
@@ -340,8 +350,11 @@ def pending(run_id: Annotated[str | None, typer.Option("--run")] = None,
     for g in gates:
         table.add_row(*(_render.literal(v) for v in (
             g["run_id"], g.get("gate"), g.get("message") or "",
-            ", ".join(map(str, g.get("approvers") or [])) or "anyone", g.get("requested_at") or "")))
+            ", ".join(map(str, g.get("approvers") or [])) or "anyone", _render.requested(g.get("requested_at")))))
     out.print(table)
+    for g in gates:
+        out.print(_render.literal(f"answer: durapipe approve {g['run_id']} {g.get('gate')} --by NAME "
+                                  "--app MODULE   (or durapipe reject ...)"), highlight=False)
 
 
 @cli.command()
