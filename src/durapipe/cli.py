@@ -460,6 +460,38 @@ def graph(target: Annotated[str, typer.Argument(help="MODULE:PIPELINE, e.g. exam
     out.print(_render.literal(f"wrote {dest}"), highlight=False)
 
 
+@cli.command()
+@guarded
+def ui(app_module: AppModule = None,
+       host: Annotated[str, typer.Option("--host", help="interface to bind; 127.0.0.1 keeps it local")] = "127.0.0.1",
+       port: Annotated[int, typer.Option("--port")] = 8233,
+       database_url: DbUrl = None) -> None:
+    """Serve the web console: runs, run pages with diagram and timeline, approvals.
+
+    Changing a run needs a token: DURAPIPE_UI_TOKEN="alice:secret,bob:other" (or a bare shared
+    token, whose holder types their name)."""
+    if not app_module:
+        raise OperatorError("give --app MODULE (or set DURAPIPE_APP): the module defining the App")
+    try:
+        import uvicorn
+
+        from .web import create_console
+    except ImportError as exc:
+        raise OperatorError(f"durapipe ui needs FastAPI and uvicorn ({exc.name} is missing): "
+                            "pip install 'durapipe[service]'") from None
+    app = find_app(load_module(app_module))
+    _prepare(app, database_url, f"durapipe-ui-{uuid.uuid4().hex[:8]}")
+    _launch(app)
+    try:
+        console = create_console(app)
+        mode = "" if os.environ.get("DURAPIPE_UI_TOKEN") else " (read-only: set DURAPIPE_UI_TOKEN to allow changes)"
+        out.print(_render.literal(f"durapipe console for app {app.name!r} on http://{host}:{port}/{mode}"),
+                  highlight=False)
+        uvicorn.run(console, host=host, port=port, log_level="warning")
+    finally:
+        app.shutdown()
+
+
 def main() -> None:
     """Entry point of the ``durapipe`` script."""
     cli()

@@ -1,0 +1,157 @@
+"""What a run says about each node of its pipeline: one status per node path.
+
+>>> statuses = node_statuses(pipeline.node, admin.tree("post-42"))
+>>> statuses["0.2"]
+'RUNNING'
+
+Steps are recorded when they finish, so a step in flight has no row yet; a node is shown
+RUNNING when the run is active and the node before it in its sequence is done. Nodes that
+record nothing of their own (joins, transforms, routes, sleeps) are done once a node after
+them has started. Nodes never reached are PENDING; a route's branch not taken stays PENDING
+(``SKIPPED`` once the run has finished).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from .audit import NodeRecord, RunTree
+from .ir import Dispatch, Gate, Node, Race, Route, Seq
+
+ACTIVE_RUN = ("PENDING", "ENQUEUED", "DELAYED")
+DONE = ("SUCCESS", "APPROVED")
+FAILED = ("ERROR", "REJECTED", "TIMED_OUT", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED")
+_GATE = {"waiting": "WAITING", "approved": "APPROVED", "rejected": "REJECTED",
+         "timed_out": "TIMED_OUT", "skipped": "SKIPPED"}
+_MARKS = re.compile(r"#\d+")
+
+
+def base_path(path: str) -> str:
+    """``0.3#2.1`` (instance 2 of a loop or map body) -> ``0.3.1``."""
+    return _MARKS.sub("", path)
+
+
+def _merge(statuses: list[str]) -> str:
+    for s in ("ERROR", "REJECTED", "TIMED_OUT", "CANCELLED", "WAITING", "RUNNING"):
+        if s in statuses:
+            return s
+    return "SUCCESS"
+
+
+def recorded_statuses(tree: RunTree) -> dict[str, str]:
+    """Status per node path from the run's own records (steps, child workflows, tasks)."""
+    seen: dict[str, list[str]] = {}
+    for rec in tree.walk():
+        if rec.path is None or rec.kind not in ("step", "child", "task"):
+            continue
+        status = "RUNNING" if rec.status in ACTIVE_RUN else rec.status
+        seen.setdefault(base_path(rec.path), []).append(status)
+    return {p: _merge(s) for p, s in seen.items()}
+
+
+def _gate_statuses(node: Node, records: list[NodeRecord]) -> dict[str, str]:
+    by_name: dict[str, str] = {}
+    for rec in records:
+        if rec.kind == "gate":
+            by_name[rec.name] = _GATE.get(rec.status.lower(), rec.status)
+    return {p: by_name[n.name] for p, n in node.walk() if isinstance(n, Gate) and n.name in by_name}
+
+
+def node_statuses(node: Node, tree: RunTree | None) -> dict[str, str]:
+    """Status of every node path of ``node`` in the run ``tree`` (PENDING when not reached)."""
+    if tree is None:
+        return {p: "PENDING" for p, _ in node.walk()}
+    own = recorded_statuses(tree)
+    own.update(_gate_statuses(node, tree.walk()))
+    active = tree.run.status in ACTIVE_RUN
+    out: dict[str, str] = {}
+    _resolve(node, "0", own, out, active, reached=True)
+    if not active:
+        final = "SKIPPED" if tree.run.status == "SUCCESS" else "PENDING"
+        for p, s in out.items():
+            if s == "RUNNING":  # nothing runs once the run has ended
+                out[p] = "CANCELLED" if tree.run.status == "CANCELLED" else final
+    return out
+
+
+def _resolve(node: Node, path: str, own: dict[str, str], out: dict[str, str],
+             active: bool, reached: bool) -> str:
+    kids = [(f"{path}.{i}", c) for i, c in enumerate(node.children())]
+    if isinstance(node, Seq):
+        statuses = [_resolve(c, p, own, out, active, reached=False) for p, c in kids]
+        # a node with no record of its own is done once something after it started
+        last_started = max((i for i, s in enumerate(statuses) if s != "PENDING"), default=-1)
+        for i, (p, c) in enumerate(kids):
+            if i < last_started and statuses[i] == "PENDING" and not c.children():
+                statuses[i] = out[p] = "SUCCESS"
+        # the first node not yet recorded after a finished one is the one in flight
+        if active and (reached or last_started >= 0):
+            nxt = 0 if last_started < 0 else (last_started + 1 if statuses[last_started] in DONE else -1)
+            if 0 <= nxt < len(kids) and statuses[nxt] == "PENDING":
+                _mark_running(kids[nxt][1], kids[nxt][0], out)
+                statuses[nxt] = "RUNNING"
+        started = [s for s in statuses if s != "PENDING"]
+        if not started:
+            status = "PENDING"
+        elif len(started) < len(statuses) and active:
+            status = _merge(started + ["RUNNING"])
+        else:
+            status = _merge(started)
+        out[path] = status
+        return status
+    child_statuses = [_resolve(c, p, own, out, active, reached=False) for p, c in kids]
+    if path in own:
+        status = own[path]
+    elif isinstance(node, Dispatch):
+        status = "SUCCESS" if any(s != "PENDING" for s in child_statuses) else "PENDING"
+    else:
+        started = [s for s in child_statuses if s != "PENDING"]
+        if not started:
+            status = "PENDING"
+        elif isinstance(node, (Route, Race)) or all(s != "PENDING" for s in child_statuses):
+            status = _merge(started)
+        else:
+            status = _merge(started + ["RUNNING"]) if active else _merge(started)
+    out[path] = status
+    return status
+
+
+def _mark_running(node: Node, path: str, out: dict[str, str]) -> None:
+    """Mark the node in flight and, inside it, the first node that has not finished."""
+    out[path] = "RUNNING"
+    if isinstance(node, Seq):
+        kids = [(f"{path}.{i}", c) for i, c in enumerate(node.children())]
+        for p, c in kids:
+            if out.get(p, "PENDING") == "PENDING":
+                _mark_running(c, p, out)
+                return
+    elif not isinstance(node, (Route, Dispatch)):
+        for i, c in enumerate(node.children()):
+            p = f"{path}.{i}"
+            if out.get(p, "PENDING") == "PENDING":
+                _mark_running(c, p, out)
+
+
+def timeline(tree: RunTree, now_ms: int) -> tuple[int, int, list[dict[str, Any]]]:
+    """The run's start, its end (``now_ms`` while active) and one bar per recorded
+    operation with a start time: ``{path, name, kind, status, start_ms, end_ms, depth}``."""
+    t0 = tree.run.created_ms or now_ms
+    end = t0 + tree.run.duration_ms if tree.run.duration_ms is not None else now_ms
+    bars: list[dict[str, Any]] = []
+
+    def add(records: list[NodeRecord], depth: int) -> None:
+        for rec in records:
+            if rec.started_ms is not None and rec.kind != "dbos-op":
+                stop = rec.started_ms + (rec.duration_ms or 0)
+                bars.append({"path": rec.path, "name": rec.name, "kind": rec.kind,
+                             "status": rec.status, "start_ms": rec.started_ms,
+                             "end_ms": max(stop, rec.started_ms), "depth": depth})
+            add(rec.children, depth + 1)
+
+    add(tree.nodes, 0)
+    end = max([end, *(b["end_ms"] for b in bars)])
+    return t0, end, bars
+
+
+__all__ = ["base_path", "node_statuses", "recorded_statuses", "timeline"]
