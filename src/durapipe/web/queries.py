@@ -25,7 +25,10 @@ PAGE_SQL = """
 SELECT s.workflow_uuid, s.status, s.created_at, s.completed_at, s.executor_id,
        s.application_version, s.forked_from, wi.inputs, wo.error
 FROM dbos.workflow_status s
-LEFT JOIN dbos.workflow_input wi ON wi.workflow_uuid = s.workflow_uuid
+-- OFFSET 0 keeps the input lookup per run: the filters on inputs never drive the plan,
+-- the created_at index does (a JSON filter's selectivity is a guess the planner gets wrong).
+LEFT JOIN LATERAL (SELECT i.inputs FROM dbos.workflow_input i
+                   WHERE i.workflow_uuid = s.workflow_uuid OFFSET 0) wi ON true
 LEFT JOIN dbos.workflow_output wo ON wo.workflow_uuid = s.workflow_uuid
 WHERE s.name = %(name)s AND s.parent_workflow_id IS NULL
   AND (%(status)s::text IS NULL OR s.status = %(status)s::text)

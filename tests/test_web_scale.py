@@ -1,0 +1,54 @@
+"""The console's runs list at 100,000 runs: keyset pages read DBOS's created_at index
+backwards from the cursor (the plan is checked, never a timing), filters and deep pages
+return the right rows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import psycopg
+
+from durapipe import App, fn
+from durapipe.engine.admin import Admin
+from durapipe.web.queries import PAGE_SQL, RunFilter, list_page
+
+N = 100_000
+T0 = 1_700_000_000_000
+
+
+def noop(state: dict[str, object]) -> None:
+    return None
+
+
+def test_pages_use_the_created_at_index_at_100k_runs(make_app: Callable[..., App], database_url: str) -> None:
+    app = make_app("web-scale")
+    app.pipeline("p", fn(noop))
+    with app:  # creates DBOS's tables
+        pass
+    with psycopg.connect(database_url, autocommit=True) as con:
+        con.execute(f"""INSERT INTO dbos.workflow_status (workflow_uuid, status, name, created_at)
+            SELECT 'bulk-' || lpad(g::text, 6, '0'), CASE WHEN g % 10 = 0 THEN 'ERROR' ELSE 'SUCCESS' END,
+                   'durapipe.run', {T0} + g * 1000 FROM generate_series(1, {N}) g""")
+        con.execute(f"""INSERT INTO dbos.workflow_input (workflow_uuid, inputs)
+            SELECT 'bulk-' || lpad(g::text, 6, '0'),
+                   '{{"positionalArgs": ["p' || (g % 3) || '", "v", {{"n": "item-' || g || '"}}, "0"]}}'
+            FROM generate_series(1, {N}) g""")
+        con.execute("ANALYZE dbos.workflow_status")
+        con.execute("ANALYZE dbos.workflow_input")
+        deep = RunFilter(status="SUCCESS", pipeline="p1", cursor=f"{T0 + 50_000 * 1000}:bulk-050000")
+        for flt in (RunFilter(), deep):
+            plan = "\n".join(r[0] for r in con.execute("EXPLAIN " + PAGE_SQL, flt.params(51)).fetchall())
+            assert "workflow_status_created_at_index" in plan, plan
+            assert "Seq Scan on workflow_status" not in plan, plan
+    with Admin(database_url) as admin:
+        first, cursor = list_page(admin, RunFilter(), 50)
+        assert [r.run_id for r in first[:2]] == ["bulk-100000", "bulk-099999"] and len(first) == 50
+        second, _ = list_page(admin, RunFilter(cursor=cursor), 50)
+        assert second[0].run_id == "bulk-099950"
+        rows, nxt = list_page(admin, deep, 5)
+        # below 50,000, pipeline p1 (n % 3 == 1), not a multiple of 10
+        assert [r.run_id for r in rows] == ["bulk-049999", "bulk-049996", "bulk-049993", "bulk-049987",
+                                            "bulk-049984"]
+        assert all(r.pipeline == "p1" and r.status == "SUCCESS" for r in rows) and nxt
+        found, _ = list_page(admin, RunFilter(text="item-77777"), 5)
+        assert [r.run_id for r in found] == ["bulk-077777"]
