@@ -34,7 +34,7 @@ def test_run_then_runs_and_show(database_url: str) -> None:
                     "--database-url", database_url)
     assert proc.returncode == 0, proc.stderr
     assert "writer" in proc.stdout and "SUCCESS" in proc.stdout and '"done": true' in proc.stdout
-    assert "nodes recorded" in proc.stderr  # the live view
+    assert "nodes done" in proc.stderr  # the live view
 
     proc = durapipe("run", f"{APP_FILE}:broken", "--run-id", "cli-2", "--database-url", database_url)
     assert proc.returncode == 1

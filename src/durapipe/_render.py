@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -17,7 +18,7 @@ _STYLE = {"SUCCESS": "green", "ERROR": "red", "CANCELLED": "yellow", "PENDING": 
           "ENQUEUED": "blue", "WAITING": "magenta", "APPROVED": "green", "REJECTED": "red",
           "TIMED_OUT": "red", "MAX_RECOVERY_ATTEMPTS_EXCEEDED": "red", "RUNNING": "cyan"}
 _MARK = {"SUCCESS": "✓", "ERROR": "✗", "CANCELLED": "⊘", "PENDING": "…", "RUNNING": "…",
-         "WAITING": "⏸", "APPROVED": "✓", "REJECTED": "✗"}
+         "WAITING": "⏸", "APPROVED": "✓", "REJECTED": "✗", "SKIPPED": "-", "UNANSWERED": "⊘"}
 
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -105,40 +106,90 @@ def run_tree(tree: RunTree, show_ops: bool = False) -> Tree:
     if tin or tout:
         head.append(f"  tokens {tin}→{tout}", style="blue")
     root = Tree(head)
-    _add(root, tree.nodes, show_ops)
+    t0 = r.created_ms
+    _add(root, _one_line_gates(tree.nodes, r.status), show_ops, t0)
     if r.error:
         root.add(literal(f"error: {r.error}", style="red"))
     return root
 
 
-def _add(parent: Tree, nodes: list[NodeRecord], show_ops: bool) -> None:
+def _one_line_gates(nodes: list[NodeRecord], run_status: str) -> list[NodeRecord]:
+    """A gate is one line: its event's decision, at the path and time of its own step.
+    A gate still marked waiting under a finished run was never answered."""
+    gates = {n.name: replace(n) for n in nodes if n.kind == "gate"}
+    out = []
+    for n in nodes:
+        gate = gates.get(n.name)
+        if n.kind == "gate" and gate is not None:
+            continue
+        if n.kind == "step" and gate is not None and gate.path is None:
+            gate.path, gate.started_ms, gate.duration_ms = n.path, n.started_ms, n.duration_ms
+            continue
+        out.append(n)
+    for g in gates.values():
+        if g.status == "WAITING" and run_status not in ("PENDING", "ENQUEUED", "DELAYED"):
+            g.status = "UNANSWERED"
+        out.append(g)
+    out.sort(key=lambda n: (path_key(n.path), n.started_ms or 0))
+    return out
+
+
+def _add(parent: Tree, nodes: list[NodeRecord], show_ops: bool, t0: int | None) -> None:
     for n in nodes:
         if n.kind == "dbos-op" and not show_ops:
             continue
-        branch = parent.add(_label(n))
-        _add(branch, n.children, show_ops)
+        label = _label(n)
+        if t0 is not None and n.started_ms is not None:
+            label.append(f"  @+{duration(max(n.started_ms - t0, 0))}", style="dim")
+        branch = parent.add(label)
+        _add(branch, n.children, show_ops, t0)
+
+
+def text_timeline(tree: RunTree, now_ms: int, width: int = 40) -> Text:
+    """One bar per recorded step, child workflow and task on the run's time axis."""
+    from .runview import timeline
+
+    t0, end, bars = timeline(tree, now_ms)
+    span = max(end - t0, 1)
+    text = Text(f"timeline 0 → {duration(span)}\n", style="dim")
+    name_width = min(max((len(f"{b['path'] or ''} {b['name']}") + 2 * b["depth"] for b in bars), default=4), 32)
+    for b in bars:
+        start = int(width * (b["start_ms"] - t0) / span)
+        length = max(1, round(width * (b["end_ms"] - b["start_ms"]) / span))
+        name = ("  " * b["depth"] + f"{b['path'] or ''} {b['name']}")[:name_width]
+        text.append(clean(name).ljust(name_width) + " ")
+        text.append(" " * start + "█" * min(length, width - start or 1), style=_STYLE.get(b["status"], ""))
+        text.append("\n")
+    return text
 
 
 def live_table(node: Node, tree: RunTree | None, run_status: str) -> Table:
-    """The pipeline's leaf nodes with what the run recorded for each so far."""
+    """The pipeline's leaf nodes with one status each: done, running (the step in flight),
+    waiting (a gate), or pending (not reached yet)."""
+    from .runview import base_path, node_statuses
+
+    statuses = node_statuses(node, tree)
     recorded: dict[str, NodeRecord] = {}
+    usage: dict[str, tuple[str, int, int]] = {}
     if tree is not None:
         for n in tree.walk():
             if n.path is not None and n.kind in ("step", "child", "task"):
-                base = n.path.split("#")[0] if "#" in n.path else n.path
-                recorded.setdefault(base, n)
+                recorded.setdefault(base_path(n.path), n)
+            if n.path is not None and n.model:
+                m, tin, tout = usage.get(base_path(n.path), (n.model, 0, 0))
+                usage[base_path(n.path)] = (m, tin + (n.input_tokens or 0), tout + (n.output_tokens or 0))
     leaves = [(p, n) for p, n in node.walk() if not n.children()]
     leaves.sort(key=lambda pn: path_key(pn[0]))
-    done = sum(1 for p, _ in leaves if p in recorded)
-    table = Table(title=f"{done}/{len(leaves)} nodes recorded · run {run_status}")
+    done = sum(1 for p, _ in leaves if statuses.get(p) in ("SUCCESS", "APPROVED", "SKIPPED"))
+    table = Table(title=f"{done}/{len(leaves)} nodes done · run {run_status}")
     for col in ("node", "name", "status", "duration", "model / tokens"):
         table.add_column(col)
     for path, leaf in leaves:
         rec = recorded.get(path)
-        status = rec.status if rec else ("RUNNING" if run_status == "PENDING" else "-")
-        usage = clean(f"{rec.model} {rec.input_tokens}→{rec.output_tokens}") if rec and rec.model else ""
-        table.add_row(path, literal(leaf.label), status_text(status) if status != "-" else Text("· waiting", "dim"),
-                      duration(rec.duration_ms if rec else None), usage)
+        status = statuses.get(path, "PENDING")
+        tokens = clean(f"{usage[path][0]} {usage[path][1]}→{usage[path][2]}") if path in usage else ""
+        shown = Text("· pending", "dim") if status == "PENDING" else status_text(status)
+        table.add_row(path, literal(leaf.label), shown, duration(rec.duration_ms if rec else None), tokens)
     return table
 
 

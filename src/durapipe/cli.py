@@ -292,6 +292,7 @@ def show(
         _print_json(tree.to_json())
     else:
         out.print(_render.run_tree(tree, ops))
+        out.print(_render.text_timeline(tree, int(time.time() * 1000)))
 
 
 def _decide(approve: bool, run_id: str, gate: str, by: str, comment: str | None,
