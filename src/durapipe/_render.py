@@ -96,7 +96,8 @@ def _label(n: NodeRecord) -> Text:
     return text
 
 
-def run_tree(tree: RunTree, show_ops: bool = False) -> Tree:
+def run_tree(tree: RunTree, show_ops: bool = False,
+             logs: dict[tuple[str, str], dict[str, Any]] | None = None) -> Tree:
     r = tree.run
     head = Text(f"run {clean(r.run_id)}  ", style="bold")
     head.append(f"{clean(r.pipeline or '?')}  ")
@@ -107,7 +108,7 @@ def run_tree(tree: RunTree, show_ops: bool = False) -> Tree:
         head.append(f"  tokens {tin}→{tout}", style="blue")
     root = Tree(head)
     t0 = r.created_ms
-    _add(root, _one_line_gates(tree.nodes, r.status), show_ops, t0)
+    _add(root, _one_line_gates(tree.nodes, r.status), show_ops, t0, logs or {})
     if r.error:
         root.add(literal(f"error: {r.error}", style="red"))
     return root
@@ -134,7 +135,8 @@ def _one_line_gates(nodes: list[NodeRecord], run_status: str) -> list[NodeRecord
     return out
 
 
-def _add(parent: Tree, nodes: list[NodeRecord], show_ops: bool, t0: int | None) -> None:
+def _add(parent: Tree, nodes: list[NodeRecord], show_ops: bool, t0: int | None,
+         logs: dict[tuple[str, str], dict[str, Any]]) -> None:
     for n in nodes:
         if n.kind == "dbos-op" and not show_ops:
             continue
@@ -142,7 +144,25 @@ def _add(parent: Tree, nodes: list[NodeRecord], show_ops: bool, t0: int | None) 
         if t0 is not None and n.started_ms is not None:
             label.append(f"  @+{duration(max(n.started_ms - t0, 0))}", style="dim")
         branch = parent.add(label)
-        _add(branch, n.children, show_ops, t0)
+        logged = logs.get((n.workflow_id or "", f"{n.path}:{n.name}")) if n.kind == "step" else None
+        if logged:
+            branch.add(step_log_text(logged))
+        _add(branch, n.children, show_ops, t0, logs)
+
+
+def step_log_text(logged: dict[str, Any]) -> Text:
+    """A step's captured log records and, when it failed, its user-code frames."""
+    text = Text()
+    for rec in logged.get("records") or []:
+        text.append(f"{rec.get('level', '?'):<7} ", style="yellow" if rec.get("level") == "WARNING" else "dim")
+        text.append(clean(f"{rec.get('logger')}: {rec.get('message')}\n"))
+        if rec.get("dropped"):
+            text.append(f"        ({rec['dropped']} more records dropped)\n", style="dim")
+    for fr in logged.get("traceback") or []:
+        text.append(clean(f"  at {fr.get('file')}:{fr.get('line')} in {fr.get('function')}"), style="red")
+        text.append(clean(f"  {fr.get('code')}\n" if fr.get("code") else "\n"), style="dim")
+    text.rstrip()
+    return text
 
 
 def text_timeline(tree: RunTree, now_ms: int, width: int = 40) -> Text:

@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import OperatorError
 
-VIEWS = ("runs", "steps", "llm_calls", "background_tasks", "approvals")
+VIEWS = ("runs", "steps", "llm_calls", "background_tasks", "approvals", "step_logs")
 _PATH_RE = re.compile(r"^(\d[\d.#]*):(.+)$")
 
 

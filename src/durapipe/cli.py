@@ -291,7 +291,9 @@ def show(
     if as_json:
         _print_json(tree.to_json())
     else:
-        out.print(_render.run_tree(tree, ops))
+        with Admin(database_url) as admin:
+            logs = admin.step_logs(tree)
+        out.print(_render.run_tree(tree, ops, logs))
         out.print(_render.text_timeline(tree, int(time.time() * 1000)))
 
 

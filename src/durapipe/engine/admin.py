@@ -25,6 +25,7 @@ from ..errors import OperatorError, UnknownRun, error_text, from_portable
 from .app import normalize_url
 from .dispatch import fate_key, task_status
 from .interpreter import DURAPIPE_WORKFLOWS, TASK_WORKFLOW, WORKFLOW_NAME
+from .steplogs import LOG_EVENT_PREFIX
 
 # Child workflows durapipe starts: subtrees (|, race, timeout, map, flow) and dispatched tasks.
 CHILD_WORKFLOWS = DURAPIPE_WORKFLOWS
@@ -214,6 +215,17 @@ class Admin:
 
     def _events(self, workflow_id: str) -> dict[str, Any]:
         return dict(self.client._sys_db.get_all_events(workflow_id))
+
+    def step_logs(self, tree: RunTree) -> dict[tuple[str, str], dict[str, Any]]:
+        """What the steps of a run and of its child workflows logged, and the traceback of
+        each failed one: (workflow id, step name) -> the ``log:<step name>`` event."""
+        ids = {tree.run.run_id} | {n.workflow_id for n in tree.walk() if n.workflow_id}
+        found: dict[tuple[str, str], dict[str, Any]] = {}
+        for wid in sorted(ids):
+            for key, value in self._events(wid).items():
+                if key.startswith(LOG_EVENT_PREFIX) and isinstance(value, dict):
+                    found[(wid, key[len(LOG_EVENT_PREFIX):])] = value
+        return found
 
     def waiting_gates(self, run_id: str | None = None) -> list[dict[str, Any]]:
         """Gates some active run is waiting at (from the ``gate:<name>`` events)."""

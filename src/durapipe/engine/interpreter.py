@@ -34,6 +34,7 @@ from dbos._error import DBOSMaxStepRetriesExceeded
 from ..errors import DurapipeError, NodeFailed, PipelineChanged, StateError, error_text, from_portable
 from ..ir import Agent, Fn, Node, Parallel, Seq, Sleep, Transform
 from ..state import State, check_updates
+from . import steplogs
 from . import steps as lean
 from .children import await_child
 from .reserve import next_reservation, reserve, reserving, running_at, static_ops
@@ -188,6 +189,7 @@ async def run_step(where: str, retries: int, body: Callable[[], Any]) -> Any:
     On Postgres the step row is written by :mod:`engine.steps` (one statement before the
     body, one after); otherwise by ``DBOS.run_step_async``.
     """
+    body = steplogs.capturing(where, body)
     reservation = next_reservation(where)
     log = active_step_log()
     try:
@@ -242,7 +244,7 @@ def _sync_body(node: Fn, where: str, state: State) -> Callable[[], State]:
 def run_sync_fn(node: Fn, path: str, state: State) -> State:
     """A sync fn node as one DBOS step, called on a worker thread (see ``_sync_run``)."""
     where = f"{path}:{node.label}"
-    body = _sync_body(node, where, state)
+    body = steplogs.capturing(where, _sync_body(node, where, state))
     log = active_step_log()
     try:
         step = lean.take_step(next_reservation(where)) if log is not None else None

@@ -197,3 +197,25 @@ FROM dbos.workflow_events e
 JOIN durapipe.workflows w ON w.workflow_id = e.workflow_uuid
 CROSS JOIN LATERAL (SELECT durapipe.jsonb_or_null(e.value) AS v) v
 WHERE e.key LIKE 'gate:%';
+
+-- One row per log record a step emitted (DBOS event "log:<step name>", written when the
+-- step logged or failed); a failed step without records has one row with its traceback.
+CREATE OR REPLACE VIEW durapipe.step_logs AS
+SELECT w.run_id, w.pipeline,
+       e.workflow_uuid                                        AS workflow_id,
+       split_part(substr(e.key, 5), ':', 1)                   AS node_path,
+       substr(e.key, 5)                                       AS step_name,
+       r.ord                                                  AS seq,
+       durapipe.ts(r.rec->'at_ms')                            AS logged_at,
+       r.rec->>'level'                                        AS level,
+       r.rec->>'logger'                                       AS logger,
+       r.rec->>'message'                                      AS message,
+       v.v->>'error'                                          AS error,
+       v.v->'traceback'                                       AS traceback
+FROM dbos.workflow_events e
+JOIN durapipe.workflows w ON w.workflow_id = e.workflow_uuid
+CROSS JOIN LATERAL (SELECT durapipe.jsonb_or_null(e.value) AS v) v
+LEFT JOIN LATERAL jsonb_array_elements(
+  CASE WHEN jsonb_typeof(v.v->'records') = 'array' THEN v.v->'records' ELSE '[]'::jsonb END
+) WITH ORDINALITY AS r(rec, ord) ON true
+WHERE e.key LIKE 'log:%';

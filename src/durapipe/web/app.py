@@ -160,7 +160,8 @@ def create_console(app: App, *, token: str | None = None,
         statuses = node_statuses(node, tree) if node is not None else {}
         gates = admin().waiting_gates(run_id) if tree.run.status in pages.ACTIVE else []
         html = pages.run_live(tree, node, statuses, now, outputs(tree), gates,
-                              ask_name=any(n is None for n in tokens.values()) and auth is None)
+                              ask_name=any(n is None for n in tokens.values()) and auth is None,
+                              logs=admin().step_logs(tree))
         return html, tree, node, inputs
 
     # -- pages --------------------------------------------------------------------------

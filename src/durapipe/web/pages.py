@@ -152,7 +152,19 @@ def _json(value: Any, limit: int = 4000) -> str:
     return f"<pre>{e(text)}</pre>"
 
 
-def _node_row(n: NodeRecord, t0: int, outputs: dict[tuple[str, str], Any]) -> str:
+def _logs(logged: dict[str, Any] | None) -> str:
+    if not logged:
+        return ""
+    lines = [f'<div class="log log-{e(str(r.get("level", "")).lower())}">{e(r.get("level"))} '
+             f'{e(r.get("logger"))}: {e(r.get("message"))}</div>' for r in logged.get("records") or []]
+    frames = [f'<div class="frame">at {e(f.get("file"))}:{e(f.get("line"))} in {e(f.get("function"))}'
+              f'<code>{e(f.get("code"))}</code></div>' for f in logged.get("traceback") or []]
+    trace = f'<div class="traceback">{"".join(frames)}</div>' if frames else ""
+    return f'<div class="logs">{"".join(lines)}{trace}</div>'
+
+
+def _node_row(n: NodeRecord, t0: int, outputs: dict[tuple[str, str], Any],
+              logs: dict[tuple[str, str], dict[str, Any]]) -> str:
     usage = f"{n.model} {n.input_tokens or 0}→{n.output_tokens or 0} tok" if n.model else ""
     extra = []
     if n.detail.get("task_status"):
@@ -161,6 +173,7 @@ def _node_row(n: NodeRecord, t0: int, outputs: dict[tuple[str, str], Any]) -> st
     out = outputs.get((n.workflow_id or "", f"{n.path}:{n.name}"))
     details = f"<details><summary>output</summary>{_json(out)}</details>" if out is not None else ""
     err = f'<div class="err">{e(n.error)}</div>' if n.error else ""
+    err += _logs(logs.get((n.workflow_id or "", f"{n.path}:{n.name}")) if n.kind == "step" else None)
     return (f'<tr data-path="{e(n.path)}"><td>{e(n.path or "")}</td><td>{e(n.name)}</td><td>{e(n.kind)}</td>'
             f"<td>{badge(n.status)}</td><td>{_offset(n.started_ms, t0)}</td><td>{e(duration(n.duration_ms))}</td>"
             f'<td>{e(usage)}</td><td>{e("; ".join(extra))}{err}{details}</td></tr>')
@@ -185,7 +198,7 @@ def gate_forms(run_id: str, gates: list[dict[str, Any]], ask_name: bool) -> str:
 
 def run_live(tree: RunTree, node: Node | None, statuses: dict[str, str], now_ms: int,
              outputs: dict[tuple[str, str], Any], gates: list[dict[str, Any]], ask_name: bool,
-             note: str | None = None) -> str:
+             logs: dict[tuple[str, str], dict[str, Any]]) -> str:
     """The part of the run page the script refreshes while the run is active."""
     r = tree.run
     t0 = r.created_ms or now_ms
@@ -199,7 +212,7 @@ def run_live(tree: RunTree, node: Node | None, statuses: dict[str, str], now_ms:
     err = f'<pre class="err run-error">{e(r.error)}</pre>' if r.error else ""
     dia = (f'<div class="diagram">{diagram(node, statuses)}</div>' if node is not None else
            '<p class="empty">this app does not register the pipeline, so no diagram</p>')
-    nodes = "".join(_node_row(n, t0, outputs) for n in tree.walk() if n.kind != "dbos-op")
+    nodes = "".join(_node_row(n, t0, outputs, logs) for n in tree.walk() if n.kind != "dbos-op")
     tasks = [n for n in tree.walk() if n.kind == "task"]
     task_list = "".join(f"<li>{e(n.name)}: {badge(n.status)} {e(n.detail.get('task_status'))}</li>"
                         for n in tasks)
