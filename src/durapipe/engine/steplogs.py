@@ -29,6 +29,7 @@ from dbos._core import set_event as _dbos_set_event
 from dbos._dbos import _get_dbos_instance
 
 from ..errors import error_text
+from . import outcomes
 
 LOG_EVENT_PREFIX = "log:"
 MAX_RECORDS = 200
@@ -129,5 +130,7 @@ def capturing(where: str, body: Callable[[], Any]) -> Callable[[], Any]:
         return out
     return run_sync
 
+
+outcomes.install()
 
 __all__ = ["LOG_EVENT_PREFIX", "capturing", "user_frames"]
