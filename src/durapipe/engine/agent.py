@@ -167,6 +167,8 @@ async def run_agent(ctx: RunContext, node: Agent, path: str, state: State) -> St
             return await _call_model(model_ref, request, step, turn)
 
         response = ModelResponse.from_json(await run_step(step, node.max_retries, ask))
+        if ctx.tracer is not None:
+            ctx.tracer.model_call(ctx, node.name, response)
         if response.tool_calls:
             messages.append({"role": "model", "text": response.text,
                              "tool_calls": [c.to_json() for c in response.tool_calls]})

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,8 @@ class _Frame:
 
     span: Any
     fresh: bool = False
+    input_tokens: int = 0
+    output_tokens: int = 0
 
 
 _frame: contextvars.ContextVar[_Frame | None] = contextvars.ContextVar("durapipe_trace_frame",
@@ -77,9 +80,18 @@ class Tracing:
             raise AppStateError(
                 "App(tracing=...) needs OpenTelemetry; install it with `pip install durapipe[otel]`"
             ) from None
+        from opentelemetry import metrics
+
         self._trace = trace
         self._context = context
         self.tracer = trace.get_tracer("durapipe", tracer_provider=provider)
+        meter = metrics.get_meter("durapipe")
+        self.runs = meter.create_counter(
+            "durapipe.runs", unit="{run}", description="Run executions that ended, by pipeline and status")
+        self.node_duration = meter.create_histogram(
+            "durapipe.node.duration", unit="ms", description="Latency of nodes that ran (not replayed)")
+        self.tokens = meter.create_counter(
+            "durapipe.llm.tokens", unit="{token}", description="Model tokens by pipeline, agent, model and type")
 
     def propagate(self) -> Any:
         """Wrap a child workflow's start: store the current span's context with it."""
@@ -108,7 +120,37 @@ class Tracing:
         }
         span = self.tracer.start_span("durapipe.child_run" if child else "durapipe.run",
                                       context=parent, attributes=attrs)
-        return await self._within(span, None, body)
+        if child:
+            return await self._within(span, None, body)
+        outcome = "ERROR"
+        try:
+            out = await self._within(span, None, body)
+            outcome = "SUCCESS"
+            return out
+        except BaseException as exc:
+            outcome = "CANCELLED" if "Cancel" in type(exc).__name__ else "ERROR"
+            raise
+        finally:
+            self.runs.add(1, {ATTR + "pipeline": ctx.pipeline.name, ATTR + "status": outcome,
+                              ATTR + "resumed": ctx.recorded_ops > 0})
+
+    def model_call(self, ctx: RunContext, agent: str, response: Any) -> None:
+        """Put a model answer's model and tokens on the agent's span; count fresh tokens."""
+        frame = _frame.get()
+        if frame is None:
+            return
+        frame.input_tokens += response.input_tokens
+        frame.output_tokens += response.output_tokens
+        frame.span.set_attribute("gen_ai.request.model", response.model)
+        frame.span.set_attribute("gen_ai.response.model", response.model)
+        frame.span.set_attribute("gen_ai.usage.input_tokens", frame.input_tokens)
+        frame.span.set_attribute("gen_ai.usage.output_tokens", frame.output_tokens)
+        dbos_ctx = get_local_dbos_context()
+        if dbos_ctx is not None and dbos_ctx.function_id <= ctx.recorded_ops:
+            return  # answered from the record: these tokens were counted when they were spent
+        base = {ATTR + "pipeline": ctx.pipeline.name, ATTR + "agent": agent, "gen_ai.request.model": response.model}
+        self.tokens.add(response.input_tokens, {**base, "gen_ai.token.type": "input"})
+        self.tokens.add(response.output_tokens, {**base, "gen_ai.token.type": "output"})
 
     # -- one node -----------------------------------------------------------------------
     async def node(self, ctx: RunContext, node: Node, path: str, state: State, handler: Handler) -> State:
@@ -133,13 +175,25 @@ class Tracing:
                 return first
             return max(first, dbos_ctx.function_id)
 
+        started = time.monotonic()
+        failed = [True]
+
         def done() -> None:
             replayed = not frame.fresh and last_op() <= ctx.recorded_ops
             span.set_attribute(ATTR + "replayed", replayed)
             if not replayed and parent is not None:
                 parent.fresh = True
+            if not replayed:
+                self.node_duration.record((time.monotonic() - started) * 1000, {
+                    ATTR + "pipeline": ctx.pipeline.name, ATTR + "node_kind": node.kind,
+                    ATTR + "node_name": node.label, ATTR + "status": "ERROR" if failed[0] else "SUCCESS"})
 
-        return await self._within(span, frame, lambda: handler(ctx, node, path, state), done)
+        async def run() -> State:
+            out = await handler(ctx, node, path, state)
+            failed[0] = False
+            return out
+
+        return await self._within(span, frame, run, done)
 
     async def _within(self, span: Any, frame: _Frame | None, body: Callable[[], Awaitable[State]],
                       done: Callable[[], None] | None = None) -> State:
