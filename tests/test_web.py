@@ -159,7 +159,10 @@ def test_cancel_resume_and_fork(app: App) -> None:
         assert res.status_code == 303
         handle = app.get_run("r4")
         wait_for(lambda: handle.status().value == "CANCELLED", what="the run to be cancelled")
-        assert 'action="/runs/r4/resume"' in client.get("/runs/r4", headers=HTML).text
+        cancelled = client.get("/runs/r4", headers=HTML).text
+        assert 'action="/runs/r4/resume"' in cancelled
+        assert statuses(cancelled)["0.1"] == "UNANSWERED"  # never WAITING under an ended run
+        assert cancelled.count('data-path="0.1"><td>0.1</td><td>legal</td>') == 1  # the gate, once
         res = client.post("/runs/r4/resume", headers=auth, follow_redirects=False)
         assert res.status_code == 303
         wait_for(lambda: app.pending("r4"), what="the resumed run to wait at its gate again")

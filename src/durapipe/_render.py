@@ -108,13 +108,13 @@ def run_tree(tree: RunTree, show_ops: bool = False,
         head.append(f"  tokens {tin}→{tout}", style="blue")
     root = Tree(head)
     t0 = r.created_ms
-    _add(root, _one_line_gates(tree.nodes, r.status), show_ops, t0, logs or {})
+    _add(root, one_line_gates(tree.nodes, r.status), show_ops, t0, logs or {})
     if r.error:
         root.add(literal(f"error: {r.error}", style="red"))
     return root
 
 
-def _one_line_gates(nodes: list[NodeRecord], run_status: str) -> list[NodeRecord]:
+def one_line_gates(nodes: list[NodeRecord], run_status: str) -> list[NodeRecord]:
     """A gate is one line: its event's decision, at the path and time of its own step.
     A gate still marked waiting under a finished run was never answered."""
     gates = {n.name: replace(n) for n in nodes if n.kind == "gate"}

@@ -489,7 +489,7 @@ def ui(app_module: AppModule = None,
         console = create_console(app)
         mode = "" if os.environ.get("DURAPIPE_UI_TOKEN") else " (read-only: set DURAPIPE_UI_TOKEN to allow changes)"
         out.print(_render.literal(f"durapipe console for app {app.name!r} on http://{host}:{port}/{mode}"),
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
         uvicorn.run(console, host=host, port=port, log_level="warning")
     finally:
         app.shutdown()

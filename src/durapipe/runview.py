@@ -72,6 +72,8 @@ def node_statuses(node: Node, tree: RunTree | None) -> dict[str, str]:
         for p, s in out.items():
             if s == "RUNNING":  # nothing runs once the run has ended
                 out[p] = "CANCELLED" if tree.run.status == "CANCELLED" else final
+            elif s == "WAITING":  # a gate nobody answered before the run ended
+                out[p] = "UNANSWERED"
     return out
 
 

@@ -12,7 +12,7 @@ from html import escape
 from typing import Any
 from urllib.parse import urlencode
 
-from .._render import duration, when
+from .._render import duration, one_line_gates, when
 from ..audit import NodeRecord, RunInfo, RunTree
 from ..ir import Dispatch, Fallback, Gate, Join, Loop, MapOver, Node, Parallel, Race, Route, Seq, Timeout
 from ..planner import Flow, Step
@@ -212,7 +212,9 @@ def run_live(tree: RunTree, node: Node | None, statuses: dict[str, str], now_ms:
     err = f'<pre class="err run-error">{e(r.error)}</pre>' if r.error else ""
     dia = (f'<div class="diagram">{diagram(node, statuses)}</div>' if node is not None else
            '<p class="empty">this app does not register the pipeline, so no diagram</p>')
-    nodes = "".join(_node_row(n, t0, outputs, logs) for n in tree.walk() if n.kind != "dbos-op")
+    shown = one_line_gates(tree.nodes, r.status)
+    nodes = "".join(_node_row(n, t0, outputs, logs) for top in shown for n in top.walk()
+                    if n.kind != "dbos-op")
     tasks = [n for n in tree.walk() if n.kind == "task"]
     task_list = "".join(f"<li>{e(n.name)}: {badge(n.status)} {e(n.detail.get('task_status'))}</li>"
                         for n in tasks)
