@@ -108,7 +108,12 @@ def run_tree(tree: RunTree, show_ops: bool = False,
         head.append(f"  tokens {tin}→{tout}", style="blue")
     root = Tree(head)
     t0 = r.created_ms
-    _add(root, one_line_gates(tree.nodes, r.status), show_ops, t0, logs or {})
+    shown = one_line_gates(tree.nodes, r.status)
+    _add(root, shown, show_ops, t0, logs or {})
+    for g in shown:
+        if g.kind == "gate" and g.status == "WAITING":
+            root.add(literal(f"answer: durapipe approve {r.run_id} {g.name} --by NAME --app MODULE "
+                             "(or durapipe reject ...)", style="magenta"))
     if r.error:
         root.add(literal(f"error: {r.error}", style="red"))
     return root

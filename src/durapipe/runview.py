@@ -7,8 +7,9 @@
 Steps are recorded when they finish, so a step in flight has no row yet; a node is shown
 RUNNING when the run is active and the node before it in its sequence is done. Nodes that
 record nothing of their own (joins, transforms, routes, sleeps) are done once a node after
-them has started. Nodes never reached are PENDING; a route's branch not taken stays PENDING
-(``SKIPPED`` once the run has finished).
+them has started. Nodes never reached are PENDING; once a run has succeeded, a node it never
+ran (a route's branch not taken) is SKIPPED, and a gate left waiting by an ended run is
+UNANSWERED.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def node_statuses(node: Node, tree: RunTree | None) -> dict[str, str]:
                 out[p] = "CANCELLED" if tree.run.status == "CANCELLED" else final
             elif s == "WAITING":  # a gate nobody answered before the run ended
                 out[p] = "UNANSWERED"
+            elif s == "PENDING" and tree.run.status == "SUCCESS":  # e.g. a route's other branch
+                out[p] = "SKIPPED"
     return out
 
 
