@@ -121,7 +121,12 @@ def test_approvals_need_an_authenticated_allowed_person(app: App) -> None:
         assert [g.gate for g in app.pending("r2")] == ["legal"]       # nothing changed
         login = client.post("/login", data={"token": "alice-secret", "next": "/runs/r2"},
                             follow_redirects=False)
-        assert login.status_code == 303
+        assert login.status_code == 303 and login.headers["location"] == "/runs/r2"
+        for outside in ("//evil.example/x", "/\\evil.example", "https://evil.example/"):
+            away = client.post("/login", data={"token": "alice-secret", "next": outside},
+                               follow_redirects=False)
+            assert away.headers["location"] == "/"  # a sign-in never sends you off the console
+        assert client.post("/login", data={"token": "nope"}).status_code == 401
         done = client.post("/runs/r2/gates/legal/approve", data={"comment": "fine"}, headers=HTML)
         assert done.status_code == 200 and "approved gate legal as alice" in done.text
         wait_for(lambda: app.get_run("r2").status().finished, what="the approved run to end")

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -50,6 +51,13 @@ def parse_tokens(spec: str | None) -> dict[str, str | None]:
         name, sep, secret = item.partition(":")
         out[secret if sep else name] = name if sep else None
     return out
+
+
+def local_path(target: str) -> str:
+    """``target`` if it is a path on this server, else ``/``: no redirect leaves the console."""
+    if target.startswith("/") and not target.startswith(("//", "/\\")) and "\\" not in target:
+        return target
+    return "/"
 
 
 def _page(body: str, title: str, status: int = 200, note: str | None = None,
@@ -118,7 +126,8 @@ def create_console(app: App, *, token: str | None = None,
         if "text/html" not in request.headers.get("accept", ""):
             return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
         title = {401: "Sign in needed", 403: "Refused", 404: "Not found"}.get(exc.status_code, "Error")
-        back = str(request.headers.get("referer") or "/")
+        ref = urlsplit(str(request.headers.get("referer") or "/"))
+        back = local_path(ref.path + (f"?{ref.query}" if ref.query else ""))
         body = pages.message_page(title, str(exc.detail), back)
         if exc.status_code == 401:
             body += pages.login_page(back)
@@ -214,8 +223,7 @@ def create_console(app: App, *, token: str | None = None,
     def login(token: str = Form(...), next: str = Form("/")) -> Response:  # noqa: B008
         if not any(hmac.compare_digest(token.encode(), s.encode()) for s in tokens):
             return _page(pages.login_page(next, "unknown token"), "sign in", 401)
-        target = next if next.startswith("/") and not next.startswith("//") else "/"
-        resp = RedirectResponse(target, 303)
+        resp = RedirectResponse(local_path(next), 303)
         resp.set_cookie(COOKIE, token, httponly=True, samesite="strict")
         return resp
 
