@@ -60,6 +60,7 @@ def check_console(database_url: str) -> None:
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: answers(base + "/"), timeout=60, what="durapipe ui to listen")
         assert 'href="/runs/ui-1"' in httpx.get(base + "/").text
+        assert httpx.get(base + "/", headers={"host": "rebound.example"}).status_code == 400
         page = httpx.get(base + "/runs/ui-1").text
         assert 'data-gate="legal"' in page and 'data-status="WAITING"' in page
         refused = httpx.post(base + "/runs/ui-1/gates/legal/approve", data={"by": "alice"})

@@ -486,7 +486,8 @@ def ui(app_module: AppModule = None,
     _prepare(app, database_url, f"durapipe-ui-{uuid.uuid4().hex[:8]}")
     _launch(app)
     try:
-        console = create_console(app)
+        local = host in ("127.0.0.1", "localhost", "::1")
+        console = create_console(app, allowed_hosts=["127.0.0.1", "localhost", "[::1]"] if local else None)
         mode = "" if os.environ.get("DURAPIPE_UI_TOKEN") else " (read-only: set DURAPIPE_UI_TOKEN to allow changes)"
         out.print(_render.literal(f"durapipe console for app {app.name!r} on http://{host}:{port}/{mode}"),
                   highlight=False, soft_wrap=True)

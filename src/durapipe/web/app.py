@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 from fastapi import Depends, FastAPI, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ..audit import RunTree
 from ..engine.admin import Admin, parse_since
@@ -67,8 +68,10 @@ def _page(body: str, title: str, status: int = 200, note: str | None = None,
 
 def create_console(app: App, *, token: str | None = None,
                    auth: Callable[..., Any] | None = None, database_url: str | None = None,
-                   page_size: int = 50) -> FastAPI:
-    """The console for ``app``'s runs (see the module docstring)."""
+                   page_size: int = 50, allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The console for ``app``'s runs (see the module docstring). ``allowed_hosts`` refuses
+    requests naming another host (``durapipe ui`` on 127.0.0.1 allows only local names, so
+    a web page cannot reach the console through a rebound DNS name)."""
     tokens = parse_tokens(token if token is not None else os.environ.get("DURAPIPE_UI_TOKEN"))
     admin_box: list[Admin] = []
 
@@ -82,6 +85,8 @@ def create_console(app: App, *, token: str | None = None,
 
     api = FastAPI(title=f"durapipe console: {app.name}", docs_url=None, redoc_url=None,
                   openapi_url=None, lifespan=lifespan)
+    if allowed_hosts:
+        api.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)
     static = resources.files("durapipe.web").joinpath("static")
     api.mount("/static", StaticFiles(directory=str(static)), name="static")
 
