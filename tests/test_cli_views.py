@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import io
 import re
+import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -98,3 +100,28 @@ def test_live_table_and_show_at_each_moment(make_app: Callable[..., App], databa
     assert re.search(r"timeline 0 → \S+\n", res.output)
     assert re.search(r"0\.1 hold\s+ *█", res.output)                   # a bar per step
     assert len(re.findall(r"^0\.3 ok +█", res.output, re.M)) == 1
+
+
+def test_show_with_the_app_marks_the_step_in_flight(database_url: str, tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ops import blog_app
+
+    app = blog_app.app
+    app.database_url = database_url
+    blog_app.release.clear()
+    log = tmp_path / "log"
+    try:
+        with app:
+            handle = blog_app.hold.start({"log": str(log)}, run_id="hold-1")
+            wait_for(lambda: log.exists(), what="the held step to start")
+            res = CliRunner().invoke(cli, ["show", "hold-1", "--app", "ops.blog_app",
+                                           "--database-url", database_url], env={"COLUMNS": "200"})
+            blog_app.release.set()
+            handle.result(timeout=30)
+    finally:
+        blog_app.release.set()
+        app.shutdown()
+    assert res.exit_code == 0, res.output
+    assert re.search(r"0/2 nodes done · run PENDING", res.output)
+    assert re.search(r"0\.0 +│ wait_for_release +│ … RUNNING", res.output), res.output
+    assert re.search(r"0\.1 +│ finish +│ · pending", res.output)

@@ -39,6 +39,7 @@ from .engine.admin import Admin, database_url_or_env, parse_since
 from .engine.app import App
 from .engine.runs import Pipeline, RunStatus
 from .errors import DurapipeError, OperatorError
+from .ir import Node
 
 cli = typer.Typer(name="durapipe", help="Run and operate durapipe pipelines.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -273,16 +274,20 @@ def show(
     ops: Annotated[bool, typer.Option("--ops", help="Also show DBOS's own operations (sleep, recv, ...).")] = False,
     database_url: DbUrl = None,
     as_json: AsJson = False,
+    app_module: Annotated[str | None, typer.Option(
+        "--app", help="Module defining the App: adds every node of the pipeline, the one in flight "
+                      "shown running and those not reached pending")] = None,
 ) -> None:
     """Show a run as a tree: nodes, child workflows, tasks, gates, timings, tokens, errors."""
+    node = _pipeline_node(app_module, database_url, run_id) if app_module else None
     with Admin(database_url) as admin:
         tree = admin.tree(run_id)
         if follow and not as_json:
-            with Live(_render.run_tree(tree, ops), console=out, refresh_per_second=4) as live:
+            with Live(_show_view(node, tree, ops), console=out, refresh_per_second=4) as live:
                 while tree.run.status in ("PENDING", "ENQUEUED", "DELAYED"):
                     time.sleep(0.5)
                     tree = admin.tree(run_id)
-                    live.update(_render.run_tree(tree, ops))
+                    live.update(_show_view(node, tree, ops))
             return
         if follow:
             while tree.run.status in ("PENDING", "ENQUEUED", "DELAYED"):
@@ -293,8 +298,28 @@ def show(
     else:
         with Admin(database_url) as admin:
             logs = admin.step_logs(tree)
+        if node is not None:
+            out.print(_render.live_table(node, tree, tree.run.status))
         out.print(_render.run_tree(tree, ops, logs))
         out.print(_render.text_timeline(tree, int(time.time() * 1000)))
+
+
+def _pipeline_node(app_module: str, database_url: str | None, run_id: str) -> Node:
+    """The IR of the pipeline a run was started from, from the module defining its App."""
+    app = find_app(load_module(app_module))
+    with Admin(database_url or app.database_url) as admin:
+        pipeline = admin.run(run_id).pipeline
+    if pipeline not in app.pipelines:
+        raise OperatorError(f"app {app.name!r} of {app_module!r} has no pipeline {pipeline!r} "
+                            f"(registered: {sorted(app.pipelines)})")
+    return app.registered(pipeline).node
+
+
+def _show_view(node: Node | None, tree: Any, ops: bool) -> Any:
+    from rich.console import Group
+
+    view = _render.run_tree(tree, ops)
+    return Group(_render.live_table(node, tree, tree.run.status), view) if node is not None else view
 
 
 def _decide(approve: bool, run_id: str, gate: str, by: str, comment: str | None,
