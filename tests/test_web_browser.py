@@ -30,6 +30,7 @@ if not (CHROMIUM and DRIVER):
                 allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
@@ -106,12 +107,15 @@ def shot(driver: WebDriver, name: str) -> None:
 
 
 def box_status(driver: WebDriver, path: str) -> str | None:
-    found = driver.find_elements(By.CSS_SELECTOR, f'#live .box[data-path="{path}"]')
-    return found[0].get_attribute("data-status") if found else None
+    # read in one script: the page's live refresh may replace the element between two calls
+    return driver.execute_script(  # type: ignore[no-any-return]
+        "const b = document.querySelector(`#live .box[data-path='${arguments[0]}']`);"
+        "return b ? b.dataset.status : null;", path)
 
 
 def bar_paths(driver: WebDriver) -> list[str]:
-    return [str(b.get_attribute("data-path")) for b in driver.find_elements(By.CSS_SELECTOR, "#live .tl-bar")]
+    return driver.execute_script(  # type: ignore[no-any-return]
+        "return [...document.querySelectorAll('#live .tl-bar')].map(b => b.dataset.path);")
 
 
 def sign_in(driver: WebDriver, base: str, token: str, then: str) -> None:
@@ -121,7 +125,13 @@ def sign_in(driver: WebDriver, base: str, token: str, then: str) -> None:
 
 
 def click_approve(driver: WebDriver) -> None:
-    driver.find_element(By.CSS_SELECTOR, '.gate[data-gate="legal"] button.approve').click()
+    for _ in range(10):  # the live refresh may replace the button between finding and clicking it
+        try:
+            driver.find_element(By.CSS_SELECTOR, '.gate[data-gate="legal"] button.approve').click()
+            return
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError("the approve button kept being replaced")
 
 
 def test_console_in_a_browser(served: tuple[App, str], browser_factory: Callable[[], WebDriver]) -> None:
