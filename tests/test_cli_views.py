@@ -100,6 +100,7 @@ def test_live_table_and_show_at_each_moment(make_app: Callable[..., App], databa
     assert re.search(r"timeline 0 → \S+\n", res.output)
     assert re.search(r"0\.1 hold\s+ *█", res.output)                   # a bar per step
     assert len(re.findall(r"^0\.3 ok +█", res.output, re.M)) == 1
+    assert len(re.findall(r"^gate ok +█", res.output, re.M)) == 1  # the wait for the approval
 
 
 def test_show_with_the_app_marks_the_step_in_flight(database_url: str, tmp_path: Path) -> None:

@@ -177,11 +177,13 @@ def text_timeline(tree: RunTree, now_ms: int, width: int = 40) -> Text:
     t0, end, bars = timeline(tree, now_ms)
     span = max(end - t0, 1)
     text = Text(f"timeline 0 → {duration(span)}\n", style="dim")
-    name_width = min(max((len(f"{b['path'] or ''} {b['name']}") + 2 * b["depth"] for b in bars), default=4), 32)
-    for b in bars:
+    labels = [f"{b['path'] or ''} {b['name']}".strip() for b in bars]
+    name_width = min(max((len(label) + 2 * b["depth"] for label, b in zip(labels, bars, strict=True)),
+                         default=4), 32)
+    for label, b in zip(labels, bars, strict=True):
         start = int(width * (b["start_ms"] - t0) / span)
         length = max(1, round(width * (b["end_ms"] - b["start_ms"]) / span))
-        name = ("  " * b["depth"] + f"{b['path'] or ''} {b['name']}")[:name_width]
+        name = ("  " * b["depth"] + label)[:name_width]
         text.append(clean(name).ljust(name_width) + " ")
         text.append(" " * start + "█" * min(length, width - start or 1), style=_STYLE.get(b["status"], ""))
         text.append("\n")

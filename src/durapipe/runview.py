@@ -140,14 +140,21 @@ def _mark_running(node: Node, path: str, out: dict[str, str]) -> None:
 
 def timeline(tree: RunTree, now_ms: int) -> tuple[int, int, list[dict[str, Any]]]:
     """The run's start, its end (``now_ms`` while active) and one bar per recorded
-    operation with a start time: ``{path, name, kind, status, start_ms, end_ms, depth}``."""
+    operation with a start time, and per gate from its request to its answer (to now while
+    it waits): ``{path, name, kind, status, start_ms, end_ms, depth}``."""
     t0 = tree.run.created_ms or now_ms
     end = t0 + tree.run.duration_ms if tree.run.duration_ms is not None else now_ms
     bars: list[dict[str, Any]] = []
 
     def add(records: list[NodeRecord], depth: int) -> None:
         for rec in records:
-            if rec.started_ms is not None and rec.kind != "dbos-op":
+            asked, decided = rec.detail.get("requested_at"), rec.detail.get("decided_at")
+            if rec.kind == "gate" and isinstance(asked, int):  # the wait for a person
+                stop = decided if isinstance(decided, int) else (now_ms if rec.status == "WAITING" else asked)
+                bars.append({"path": rec.path, "name": f"gate {rec.name}", "kind": "gate",
+                             "status": rec.status, "start_ms": asked, "end_ms": max(stop, asked),
+                             "depth": depth})
+            if rec.started_ms is not None and rec.kind not in ("dbos-op", "gate"):
                 stop = rec.started_ms + (rec.duration_ms or 0)
                 bars.append({"path": rec.path, "name": rec.name, "kind": rec.kind,
                              "status": rec.status, "start_ms": rec.started_ms,

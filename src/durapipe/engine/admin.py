@@ -191,7 +191,8 @@ class Admin:
                 nodes.append(NodeRecord(
                     path=None, name=str(value.get("gate") or key.split(":", 1)[1]), kind="gate",
                     status=str(value.get("status", "")).upper(), workflow_id=workflow_id,
-                    detail={k: value.get(k) for k in ("message", "by", "comment", "approvers")
+                    detail={k: value.get(k) for k in ("message", "by", "comment", "approvers",
+                                                      "requested_at", "decided_at")
                             if value.get(k) is not None},
                 ))
         nodes.sort(key=lambda n: (n.kind == "gate", path_key(n.path), n.started_ms or 0))
