@@ -25,6 +25,7 @@ from ..errors import OperatorError, UnknownRun, error_text, from_portable
 from .app import normalize_url
 from .dispatch import fate_key, task_status
 from .interpreter import DURAPIPE_WORKFLOWS, TASK_WORKFLOW, WORKFLOW_NAME
+from .scope import check_run_id
 
 # Child workflows durapipe starts: subtrees (|, race, timeout, map, flow) and dispatched tasks.
 CHILD_WORKFLOWS = DURAPIPE_WORKFLOWS
@@ -141,6 +142,7 @@ class Admin:
         return rows[0] if rows else None
 
     def run(self, run_id: str) -> RunInfo:
+        run_id = check_run_id(run_id, "run")
         st = self._status(run_id)
         if st is None or st.name != WORKFLOW_NAME:
             raise UnknownRun(f"no durapipe run with id {run_id!r} in {redact(self.url)}", run_id=run_id)

@@ -17,12 +17,13 @@ from dbos import DBOS, DBOSConfig
 from dbos._serialization import DBOSPortableJSONSerializer
 
 from .. import validate
-from ..errors import AppStateError, BuildError, UnknownRun
+from ..errors import AppStateError, BuildError
 from ..ir import as_node
 from . import gates, interpreter
 from .interpreter import WORKFLOW_NAME
 from .queues import QueueSpec, register_queues
 from .runs import Pipeline, Registered, RunHandle
+from .scope import belongs_to, check_run_id, refuse
 from .steps import StepLog
 from .tracing import Tracing
 
@@ -234,12 +235,14 @@ class App:
     def get_run(self, run_id: str) -> RunHandle:
         """A handle for any run of this app, also one started by an earlier process."""
         self._require_launched("get_run")
+        run_id = check_run_id(run_id, f"app {self.name!r}.get_run")
         status = DBOS.get_workflow_status(run_id)
         self._check_run(run_id, status)
         return RunHandle(self, run_id)
 
     async def get_run_async(self, run_id: str) -> RunHandle:
         self._require_launched("get_run")
+        run_id = check_run_id(run_id, f"app {self.name!r}.get_run_async")
         status = await DBOS.get_workflow_status_async(run_id)
         self._check_run(run_id, status)
         return RunHandle(self, run_id)
@@ -256,10 +259,9 @@ class App:
         self._listen = list(names)
 
     def _check_run(self, run_id: str, status: Any, kinds: tuple[str, ...] = (WORKFLOW_NAME,)) -> None:
-        if status is None or status.name not in kinds or (
-            status.app_version and not status.app_version.startswith(f"durapipe-{self.dbos_name}-")
-        ):
-            raise UnknownRun(f"app {self.name!r} has no run with id {run_id!r}", run_id=run_id)
+        """Raise UnknownRun unless ``status`` is a workflow of one of ``kinds`` of this app."""
+        if status is None or status.name not in kinds or not belongs_to(self.dbos_name, status):
+            raise refuse(self.name, run_id)
 
     # -- gates --------------------------------------------------------------------------
     def approve(self, run_id: str, gate: str, *, by: str, comment: str | None = None) -> None:
