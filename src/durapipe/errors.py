@@ -153,10 +153,59 @@ def from_portable(exc: BaseException) -> BaseException:
     return cls(message, **(data if isinstance(data, dict) else {}))
 
 
+def storable_text(text: str) -> str:
+    """``text`` with NUL and lone surrogates escaped (``\\x00``, ``\\ud800``), so that
+    Postgres can store it in jsonb and UTF-8 can encode it."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def message_of(exc: BaseException) -> str:
+    """``str(exc)``, storable; when ``__str__`` itself raises, says so instead of raising."""
+    try:
+        text = str(exc)
+    except Exception as failed:
+        text = f"<str() of the error raised {type(failed).__name__}>"
+    return storable_text(text)
+
+
 def error_text(exc: BaseException) -> str:
-    """``Type: message`` of an error, also for one that came back from the database."""
+    """``Type: message`` of an error, also for one that came back from the database; it
+    never raises, and it is storable (see :func:`storable_text`)."""
     name = getattr(exc, "name", None)
     message = getattr(exc, "message", None)
     if type(exc).__name__ == "PortableWorkflowError" and isinstance(name, str):
-        return f"{name}: {message}"
-    return f"{type(exc).__name__}: {exc}"
+        return storable_text(f"{name}: {message}")
+    return f"{type(exc).__name__}: {message_of(exc)}"
+
+
+class UnprintableError(Exception):
+    """Stands in for an exception whose text cannot be stored (``__str__`` raised, or NUL
+    or lone surrogates in it): a subclass of the same name carries the storable text, so a
+    step's recorded error still names the original type. Not a DurapipeError: retries
+    apply as they would to the original."""
+
+
+_STAND_INS: dict[str, type[UnprintableError]] = {}
+
+
+def storable_error(exc: Exception) -> Exception:
+    """``exc`` when its text can be stored as it is, else its stand-in (see above)."""
+    if isinstance(exc, DurapipeError):
+        return exc
+    try:
+        text = str(exc)
+        if storable_text(text) == text:
+            return exc
+    except Exception:
+        pass
+    name = type(exc).__name__
+    cls = _STAND_INS.get(name)
+    if cls is None:
+        cls = _STAND_INS.setdefault(name, type(name, (UnprintableError,), {"__module__": __name__}))
+    return cls(message_of(exc))
