@@ -18,6 +18,7 @@
     ├── ApprovalRefused           the answer came from someone not among the gate's approvers
     ├── AppStateError             the App was used in the wrong state (e.g. registered after launch)
     ├── OperatorError             an operator command cannot be carried out (database, module, node)
+    ├── DatabaseError             the App's database cannot be reached or used (URL redacted)
     └── ModelError                a model call failed or returned an unusable answer
 
 Every error keeps its details in ``self.data`` (a JSON object), so it survives DBOS's
@@ -111,6 +112,10 @@ class AppStateError(DurapipeError):
 class OperatorError(DurapipeError):
     """An operator command (CLI, admin API) cannot be carried out: an unreachable database,
     a module path that does not import, a node that recorded nothing."""
+
+
+class DatabaseError(DurapipeError):
+    """The App's database cannot be reached or used; ``url`` is the redacted URL."""
 
 
 class ModelError(DurapipeError):

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 from typing import Any
@@ -17,9 +18,18 @@ from dbos import DBOS, DBOSConfig
 from dbos._serialization import DBOSPortableJSONSerializer
 
 from .. import validate
-from ..errors import AppStateError, BuildError
+from ..audit import redact
+from ..errors import AppStateError, BuildError, DatabaseError
 from ..ir import as_node
 from . import gates, interpreter
+from .database import (
+    check_postgres,
+    check_url,
+    launch_error,
+    one_line_workflow_errors,
+    resolve_url,
+    sqlite_problem,
+)
 from .interpreter import WORKFLOW_NAME
 from .queues import QueueSpec, register_queues
 from .runs import Pipeline, Registered, RunHandle
@@ -27,6 +37,7 @@ from .scope import belongs_to, check_run_id, refuse
 from .steps import StepLog
 from .tracing import Tracing
 
+log = logging.getLogger("durapipe")
 _NAME_RE = re.compile(r"^[a-z0-9_-]{3,256}$")
 
 
@@ -43,11 +54,6 @@ def _dbos_name(name: str) -> str:
 
 def _sqlite_url(name: str) -> str:
     return f"sqlite:///{name.replace('-', '_')}.sqlite"
-
-
-def normalize_url(url: str) -> str:
-    # SQLAlchemy-style driver suffixes are accepted: DBOS wants the plain scheme.
-    return re.sub(r"^postgresql\+\w+://", "postgresql://", url)
 
 
 class App:
@@ -87,8 +93,8 @@ class App:
         self.steps = steps
         self._step_log: StepLog | bool | None = None
         self.dbos_name = _dbos_name(name)
-        url = database_url or os.environ.get("DURAPIPE_DATABASE_URL") or _sqlite_url(self.dbos_name)
-        self.database_url = normalize_url(url)
+        self.database_url, self.database_source = resolve_url(
+            database_url, name, _sqlite_url(self.dbos_name))
         self.model = model
         self.version = version
         self.executor_id = executor_id
@@ -185,8 +191,17 @@ class App:
         """Start DBOS and recover this app's unfinished runs. Prefer ``with app:``."""
         if self._launched:
             return
-        if self.database_url.startswith("sqlite"):
-            _prepare_sqlite(self.database_url)
+        url = self.database_url = check_url(self.database_url, self.name, "database_url")
+        exists = True
+        if url.startswith("sqlite"):
+            problem = sqlite_problem()
+            if problem:
+                raise DatabaseError(f"App({self.name!r}): {problem}", url=url)
+            _prepare_sqlite(url)
+        else:
+            exists = check_postgres(url)
+        log.info("app %r records to %s", self.name, redact(url))
+        one_line_workflow_errors()
         interpreter.set_current_app(self)
         self._step_log = None
         DBOS(config=self.dbos_config())
@@ -194,10 +209,17 @@ class App:
             if self._listen is not None:
                 DBOS.listen_queues(self._listen)
             DBOS.launch()
-        except Exception:
+        except Exception as exc:
             interpreter.set_current_app(None)
             DBOS.destroy()
+            error = launch_error(exc, url)
+            if error is not None:
+                raise error from None
             raise
+        if not exists:
+            log.warning("app %r created the database %s, which did not exist; if its name is "
+                        "a typo, fix the URL (runs recorded there are not in the database meant)",
+                        self.name, redact(url))
         self._launched = True
         register_queues(self._queues)
         self.step_log()  # looked up once here rather than by the first step, on the loop
