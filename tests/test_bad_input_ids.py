@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
 from dbutil import sql, wait_for
-from durapipe import App, DurapipeError, NodeFailed, Pipeline, StateError, fn, gate
+from durapipe import App, BuildError, DurapipeError, NodeFailed, Pipeline, StateError, fn, gate
 from durapipe.cli import cli
 from durapipe.errors import UnknownRun
 from test_bad_input_run import nested
@@ -190,3 +190,22 @@ def test_the_cli_refuses_hostile_run_ids_with_one_line(env: Any, run_id: str) ->
         assert res.output.startswith("error:") and "Traceback" not in res.output, res.output
         assert "run id" in res.output and "SELECT" not in res.output
     all_rows_read_as_jsonb(url)
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=TEXT, message=TEXT, approver=TEXT)
+@example(name="le\x00gal", message="ok?", approver="alice")
+@example(name="legal", message="ok \ud800?", approver="alice")
+@example(name="legal", message="ok?", approver="al\x00ice")
+def test_gate_and_node_names_the_database_cannot_store_are_refused_at_registration(
+    name: str, message: str, approver: str
+) -> None:
+    app = App("build-only", "postgresql://nobody@localhost/never")
+    storable = all(valid_id(t or "x") for t in (name, message, approver))
+    try:
+        app.pipeline("p", gate(name, message.replace("{", "").replace("}", ""), approvers=[approver])
+                     >> fn(echo, name=name or "echo"))
+    except BuildError as exc:
+        assert not storable or not name or not approver, exc
+        return
+    assert storable

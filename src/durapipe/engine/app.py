@@ -19,7 +19,7 @@ from dbos._serialization import DBOSPortableJSONSerializer
 
 from .. import validate
 from ..audit import redact
-from ..errors import AppStateError, BuildError, DatabaseError
+from ..errors import AppStateError, BuildError, DatabaseError, storable_text
 from ..ir import as_node
 from . import gates, interpreter
 from .database import (
@@ -114,8 +114,9 @@ class App:
                 "`with app:` so that recovery after a crash can find it",
                 app=self.name, pipeline=name,
             )
-        if not isinstance(name, str) or not name:
-            raise BuildError(f"app.pipeline({name!r}): the name must be a non-empty string")
+        if not isinstance(name, str) or not name or storable_text(name) != name:
+            raise BuildError(f"app.pipeline({name!r}): the name must be a non-empty string "
+                             "without NUL characters or lone surrogates")
         if inputs is not None and (
             not isinstance(inputs, (list, tuple))
             or not all(isinstance(k, str) and k for k in inputs)
