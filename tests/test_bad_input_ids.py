@@ -209,3 +209,10 @@ def test_gate_and_node_names_the_database_cannot_store_are_refused_at_registrati
         assert not storable or not name or not approver, exc
         return
     assert storable
+
+
+@pytest.mark.parametrize("executor", ["w\x00", "\ud800", "", "x" * 300])
+def test_the_cli_refuses_hostile_executor_ids_with_one_line(env: Any, executor: str) -> None:
+    res = CliRunner().invoke(cli, ["recover", executor, "--database-url", env[0]])
+    assert res.exit_code == 1 and res.output.startswith("error:"), res.output
+    assert "executor id" in res.output and "Traceback" not in res.output

@@ -67,6 +67,8 @@ def test_dbos_config_yaml_names_the_database(clean_env: Path, monkeypatch: pytes
     caplog.clear()
     app = App("cfg-app")
     assert app.database_url == "sqlite:///cfg_app.sqlite"
+    with app:
+        pass
     assert "names system_database_url ${CFG_TEST_DB}, which is empty here" in caplog.text
 
 

@@ -25,7 +25,7 @@ from ..errors import OperatorError, UnknownRun, error_text, from_portable
 from .database import normalize_url
 from .dispatch import fate_key, task_status
 from .interpreter import DURAPIPE_WORKFLOWS, TASK_WORKFLOW, WORKFLOW_NAME
-from .scope import check_run_id
+from .scope import check_name, check_run_id
 
 # Child workflows durapipe starts: subtrees (|, race, timeout, map, flow) and dispatched tasks.
 CHILD_WORKFLOWS = DURAPIPE_WORKFLOWS
@@ -292,6 +292,8 @@ class Admin:
         it was started directly; a live worker of the same application version replays it
         from its last checkpoint. Only name executors whose process is gone.
         """
+        for executor in executor_ids:
+            check_name(executor, "executor id", "recover")
         ids: list[str] = []
         for st in self.client.list_workflows(status="PENDING", executor_id=list(executor_ids),
                                              load_input=False, load_output=False):

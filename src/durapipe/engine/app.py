@@ -33,7 +33,7 @@ from .database import (
 from .interpreter import WORKFLOW_NAME
 from .queues import QueueSpec, register_queues
 from .runs import Pipeline, Registered, RunHandle
-from .scope import belongs_to, check_run_id, refuse
+from .scope import belongs_to, check_name, check_run_id, refuse
 from .steps import StepLog
 from .tracing import Tracing
 
@@ -93,7 +93,7 @@ class App:
         self.steps = steps
         self._step_log: StepLog | bool | None = None
         self.dbos_name = _dbos_name(name)
-        self.database_url, self.database_source = resolve_url(
+        self.database_url, self._database_warning = resolve_url(
             database_url, name, _sqlite_url(self.dbos_name))
         self.model = model
         self.version = version
@@ -201,6 +201,8 @@ class App:
             _prepare_sqlite(url)
         else:
             exists = check_postgres(url)
+        if self._database_warning and url.startswith("sqlite"):
+            log.warning("%s", self._database_warning)
         log.info("app %r records to %s", self.name, redact(url))
         one_line_workflow_errors()
         interpreter.set_current_app(self)
@@ -334,6 +336,8 @@ class App:
         process is gone: a live one would lose ownership of its work mid-step.
         """
         self._require_launched("recover")
+        for executor in executor_ids:
+            check_name(executor, "executor id", f"app {self.name!r}.recover")
         handles = DBOS._recover_pending_workflows(list(executor_ids))
         return [h.workflow_id for h in handles]
 

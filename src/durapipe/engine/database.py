@@ -69,21 +69,22 @@ def config_file_url(path: str = CONFIG_FILE, env: Mapping[str, str] | None = Non
     return _VAR_RE.sub(lambda m: values.get(m.group(1), ""), raw).strip(), raw
 
 
-def resolve_url(explicit: str | None, app: str, sqlite_default: str) -> tuple[str, str]:
-    """The database an App records to and where that choice came from."""
+def resolve_url(explicit: str | None, app: str, sqlite_default: str) -> tuple[str, str | None]:
+    """The database an App records to, and a warning to log at launch (or None)."""
     if explicit:
-        return check_url(explicit, app, "database_url="), "database_url="
+        return check_url(explicit, app, "database_url="), None
     env = os.environ.get("DURAPIPE_DATABASE_URL")
     if env:
-        return check_url(env, app, "DURAPIPE_DATABASE_URL"), "DURAPIPE_DATABASE_URL"
+        return check_url(env, app, "DURAPIPE_DATABASE_URL"), None
     found = config_file_url()
     if found is not None:
         url, raw = found
         if url:
-            return check_url(url, app, CONFIG_FILE), CONFIG_FILE
-        log.warning("%s names system_database_url %s, which is empty here (is the variable "
-                    "set?): app %r records to the embedded SQLite file instead", CONFIG_FILE, raw, app)
-    return sqlite_default, "the embedded default"
+            return check_url(url, app, CONFIG_FILE), None
+        return sqlite_default, (
+            f"{CONFIG_FILE} names system_database_url {raw}, which is empty here (is the "
+            f"variable set?): app {app!r} records to the embedded SQLite file instead")
+    return sqlite_default, None
 
 
 def sqlite_problem(python: tuple[int, ...] | None = None, sqlite: tuple[int, ...] | None = None) -> str | None:
