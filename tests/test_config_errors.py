@@ -114,7 +114,9 @@ def test_an_unreachable_database_is_one_durapipe_error(pg_server_url: str, make_
         assert p.run({}).state == {"ok": True}
 
 
-def test_a_failed_runs_traceback_is_logged_as_one_line(make_app: Callable[..., App]) -> None:
+def test_a_failed_runs_traceback_is_logged_as_one_line(make_app: Callable[..., App],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DURAPIPE_LOG_LEVEL", "WARNING")  # the CLI's tests quieten DBOS
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]

@@ -142,7 +142,7 @@ class Admin:
         return rows[0] if rows else None
 
     def run(self, run_id: str) -> RunInfo:
-        run_id = check_run_id(run_id, "run")
+        run_id = check_run_id(run_id, "")
         st = self._status(run_id)
         if st is None or st.name != WORKFLOW_NAME:
             raise UnknownRun(f"no durapipe run with id {run_id!r} in {redact(self.url)}", run_id=run_id)

@@ -79,11 +79,12 @@ def check_run_id(run_id: Any, where: str, *, new: bool = False) -> str:
     DurapipeError for a new run (``new``)."""
     why = bad_text(run_id, MAX_RUN_ID)
     if why is not None:
-        shown = _shown(run_id) if isinstance(run_id, str) else repr(run_id)[:60]
+        shown = f"'{_shown(run_id)}'" if isinstance(run_id, str) else repr(run_id)[:60]
         # A lookup by an id no run can have finds no run; a new run is refused outright.
         cls = DurapipeError if new else UnknownRun
-        raise cls(f"{where}: run id {shown!r} {why}; use a string of up to {MAX_RUN_ID} "
-                  "characters such as 'post-42'", run_id=shown)
+        raise cls(f"{where + ': ' if where else ''}run id {shown} {why}; a run id is a string "
+                  f"of 1 to {MAX_RUN_ID} characters without NUL or lone surrogates, e.g. 'post-42'",
+                  run_id=shown)
     return str(run_id)
 
 
@@ -94,10 +95,10 @@ def check_name(value: Any, what: str, where: str, limit: int = MAX_NAME,
         return
     why = bad_text(value, limit)
     if why is not None:
-        shown = _shown(value) if isinstance(value, str) else repr(value)[:60]
-        raise DurapipeError(f"{where}: {what} {shown!r} {why}", value=shown)
+        shown = f"'{_shown(value)}'" if isinstance(value, str) else repr(value)[:60]
+        raise DurapipeError(f"{where}: {what} {shown} {why}", value=shown)
 
 
 def refuse(app_name: str, run_id: str) -> UnknownRun:
     """The error for a run id that is not one of the app's (whoever else may own it)."""
-    return UnknownRun(f"app {app_name!r} has no run with id {_shown(run_id)!r}", run_id=_shown(run_id))
+    return UnknownRun(f"app {app_name!r} has no run with id '{_shown(run_id)}'", run_id=_shown(run_id))
