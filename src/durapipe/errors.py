@@ -28,6 +28,8 @@ class from what DBOS stored.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 
@@ -214,3 +216,28 @@ def storable_error(exc: Exception) -> Exception:
     if cls is None:
         cls = _STAND_INS.setdefault(name, type(name, (UnprintableError,), {"__module__": __name__}))
     return cls(message_of(exc))
+
+
+def storable_errors(body: Callable[[], Any]) -> Callable[[], Any]:
+    """``body`` raising :func:`storable_error`'s stand-in for an error whose text cannot
+    be recorded (so the step's row is written and names the error's type)."""
+    if inspect.iscoroutinefunction(body):
+        async def run_async() -> Any:
+            try:
+                return await body()
+            except Exception as exc:
+                clean = storable_error(exc)
+                if clean is exc:
+                    raise
+                raise clean from exc
+        return run_async
+
+    def run() -> Any:
+        try:
+            return body()
+        except Exception as exc:
+            clean = storable_error(exc)
+            if clean is exc:
+                raise
+            raise clean from exc
+    return run

@@ -38,7 +38,7 @@ from ..errors import (
     StateError,
     error_text,
     from_portable,
-    storable_error,
+    storable_errors,
 )
 from ..ir import Agent, Fn, Node, Parallel, Seq, Sleep, Transform
 from ..state import State, check_updates
@@ -198,7 +198,7 @@ async def run_step(where: str, retries: int, body: Callable[[], Any]) -> Any:
     """
     reservation = next_reservation(where)
     log = active_step_log()
-    body = _storable_errors(body)
+    body = storable_errors(body)
     try:
         if log is not None:
             step = lean.take_step(reservation)
@@ -213,31 +213,6 @@ async def run_step(where: str, retries: int, body: Callable[[], Any]) -> Any:
         return await DBOS.run_step_async(step_options(where, retries), body)  # type: ignore[call-overload]
     except Exception as exc:
         raise node_error(exc, where) from exc
-
-
-def _storable_errors(body: Callable[[], Any]) -> Callable[[], Any]:
-    """``body`` raising :func:`storable_error`'s stand-in for an error whose text cannot
-    be recorded (so the step's row is written and names the error's type)."""
-    if inspect.iscoroutinefunction(body):
-        async def run_async() -> Any:
-            try:
-                return await body()
-            except Exception as exc:
-                clean = storable_error(exc)
-                if clean is exc:
-                    raise
-                raise clean from exc
-        return run_async
-
-    def run() -> Any:
-        try:
-            return body()
-        except Exception as exc:
-            clean = storable_error(exc)
-            if clean is exc:
-                raise
-            raise clean from exc
-    return run
 
 
 def active_step_log() -> lean.StepLog | None:
@@ -276,7 +251,7 @@ def _sync_body(node: Fn, where: str, state: State) -> Callable[[], State]:
 def run_sync_fn(node: Fn, path: str, state: State) -> State:
     """A sync fn node as one DBOS step, called on a worker thread (see ``_sync_run``)."""
     where = f"{path}:{node.label}"
-    body = _storable_errors(_sync_body(node, where, state))
+    body = storable_errors(_sync_body(node, where, state))
     log = active_step_log()
     try:
         step = lean.take_step(next_reservation(where)) if log is not None else None
