@@ -197,8 +197,18 @@ class UnprintableError(Exception):
     step's recorded error still names the original type. Not a DurapipeError: retries
     apply as they would to the original."""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_stand_in, (type(self).__name__, str(self)))
+
 
 _STAND_INS: dict[str, type[UnprintableError]] = {}
+
+
+def _stand_in(name: str, message: str) -> UnprintableError:
+    cls = _STAND_INS.get(name)
+    if cls is None:
+        cls = _STAND_INS.setdefault(name, type(name, (UnprintableError,), {"__module__": __name__}))
+    return cls(message)
 
 
 def storable_error(exc: Exception) -> Exception:
@@ -211,11 +221,7 @@ def storable_error(exc: Exception) -> Exception:
             return exc
     except Exception:
         pass
-    name = type(exc).__name__
-    cls = _STAND_INS.get(name)
-    if cls is None:
-        cls = _STAND_INS.setdefault(name, type(name, (UnprintableError,), {"__module__": __name__}))
-    return cls(message_of(exc))
+    return _stand_in(type(exc).__name__, message_of(exc))
 
 
 def storable_errors(body: Callable[[], Any]) -> Callable[[], Any]:
