@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +39,27 @@ def shop(app: App) -> Any:
                         >> fn(pay) >> join("audit"))
 
 
+def db_sql(url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    """``sql`` on Postgres, or the same query on the SQLite file (no schema there)."""
+    if not url.startswith("sqlite:///"):
+        return sql(url, query, *params)
+    con = sqlite3.connect(url.removeprefix("sqlite:///"))
+    try:
+        with con:
+            return con.execute(query.replace("dbos.", "").replace("%s", "?"), params).fetchall()
+    finally:
+        con.close()
+
+
 def snapshot(url: str, run_id: str) -> Any:
     """Everything of a run a cross-app write could change."""
     return (
-        sql(url, "SELECT status, application_name FROM dbos.workflow_status WHERE workflow_uuid = %s",
+        db_sql(url, "SELECT status, application_name FROM dbos.workflow_status WHERE workflow_uuid = %s",
             run_id),
-        sql(url, "SELECT key, value FROM dbos.workflow_events WHERE workflow_uuid = %s ORDER BY key",
+        db_sql(url, "SELECT key, value FROM dbos.workflow_events WHERE workflow_uuid = %s ORDER BY key",
             run_id),
-        sql(url, "SELECT count(*) FROM dbos.notifications WHERE destination_uuid = %s", run_id),
-        sql(url, "SELECT count(*) FROM dbos.operation_outputs WHERE workflow_uuid = %s", run_id),
+        db_sql(url, "SELECT count(*) FROM dbos.notifications WHERE destination_uuid = %s", run_id),
+        db_sql(url, "SELECT count(*) FROM dbos.operation_outputs WHERE workflow_uuid = %s", run_id),
     )
 
 
@@ -57,7 +70,7 @@ def start_victim(make_app: Callable[..., App], url: str, name: str, run_id: str)
         pipeline.start({}, run_id=run_id)
         wait_for(lambda: bool(victim.pending(run_id)), what="the victim's gate")
     # As if the victim's worker were still running it (this process's shutdown ended it).
-    sql(url, "UPDATE dbos.workflow_status SET status = 'PENDING' WHERE workflow_uuid = %s", run_id)
+    db_sql(url, "UPDATE dbos.workflow_status SET status = 'PENDING' WHERE workflow_uuid = %s", run_id)
 
 
 def attack(attacker: App, run_id: str) -> None:
@@ -93,10 +106,25 @@ def shop_pipeline(app: App, name: str) -> Any:
     return Pipeline(app, app.registered(name))
 
 
+@pytest.fixture
+def apps_on(any_database_url: str) -> Iterator[Callable[..., App]]:
+    """Apps on this test's Postgres database, then on one SQLite file; shut down after."""
+    made: list[App] = []
+
+    def factory(name: str) -> App:
+        made.append(App(name, any_database_url))
+        return made[-1]
+
+    yield factory
+    for app in made:
+        app.shutdown()
+
+
 @pytest.mark.parametrize(("victim_name", "attacker_name"), [("shop-eu", "shop"), ("shop", "shop-eu")])
 def test_an_app_cannot_read_or_answer_another_apps_runs(
-    make_app: Callable[..., App], database_url: str, victim_name: str, attacker_name: str
+    apps_on: Callable[..., App], any_database_url: str, victim_name: str, attacker_name: str
 ) -> None:
+    make_app, database_url = apps_on, any_database_url
     run_id = f"{victim_name}-order-1"
     start_victim(make_app, database_url, victim_name, run_id)
     before = snapshot(database_url, run_id)
