@@ -201,7 +201,7 @@ class App:
             _prepare_sqlite(url)
         else:
             exists = check_postgres(url)
-        if self._database_warning and url.startswith("sqlite"):
+        if self._database_warning and url == _sqlite_url(self.dbos_name):
             log.warning("%s", self._database_warning)
         log.info("app %r records to %s", self.name, redact(url))
         one_line_workflow_errors()
