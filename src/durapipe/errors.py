@@ -18,6 +18,7 @@
     ├── ApprovalRefused           the answer came from someone not among the gate's approvers
     ├── AppStateError             the App was used in the wrong state (e.g. registered after launch)
     ├── OperatorError             an operator command cannot be carried out (database, module, node)
+    ├── DatabaseError             the App's database cannot be reached or used (URL redacted)
     └── ModelError                a model call failed or returned an unusable answer
 
 Every error keeps its details in ``self.data`` (a JSON object), so it survives DBOS's
@@ -27,6 +28,8 @@ class from what DBOS stored.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 
@@ -113,6 +116,10 @@ class OperatorError(DurapipeError):
     a module path that does not import, a node that recorded nothing."""
 
 
+class DatabaseError(DurapipeError):
+    """The App's database cannot be reached or used; ``url`` is the redacted URL."""
+
+
 class ModelError(DurapipeError):
     """A model call failed or gave an answer that cannot be used."""
 
@@ -153,10 +160,90 @@ def from_portable(exc: BaseException) -> BaseException:
     return cls(message, **(data if isinstance(data, dict) else {}))
 
 
+def storable_text(text: str) -> str:
+    """``text`` with NUL and lone surrogates escaped (``\\x00``, ``\\ud800``), so that
+    Postgres can store it in jsonb and UTF-8 can encode it."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def message_of(exc: BaseException) -> str:
+    """``str(exc)``, storable; when ``__str__`` itself raises, says so instead of raising."""
+    try:
+        text = str(exc)
+    except Exception as failed:
+        text = f"<str() of the error raised {type(failed).__name__}>"
+    return storable_text(text)
+
+
 def error_text(exc: BaseException) -> str:
-    """``Type: message`` of an error, also for one that came back from the database."""
+    """``Type: message`` of an error, also for one that came back from the database; it
+    never raises, and it is storable (see :func:`storable_text`)."""
     name = getattr(exc, "name", None)
     message = getattr(exc, "message", None)
     if type(exc).__name__ == "PortableWorkflowError" and isinstance(name, str):
-        return f"{name}: {message}"
-    return f"{type(exc).__name__}: {exc}"
+        return storable_text(f"{name}: {message}")
+    return f"{type(exc).__name__}: {message_of(exc)}"
+
+
+class UnprintableError(Exception):
+    """Stands in for an exception whose text cannot be stored (``__str__`` raised, or NUL
+    or lone surrogates in it): a subclass of the same name carries the storable text, so a
+    step's recorded error still names the original type. Not a DurapipeError: retries
+    apply as they would to the original."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_stand_in, (type(self).__name__, str(self)))
+
+
+_STAND_INS: dict[str, type[UnprintableError]] = {}
+
+
+def _stand_in(name: str, message: str) -> UnprintableError:
+    cls = _STAND_INS.get(name)
+    if cls is None:
+        cls = _STAND_INS.setdefault(name, type(name, (UnprintableError,), {"__module__": __name__}))
+    return cls(message)
+
+
+def storable_error(exc: Exception) -> Exception:
+    """``exc`` when its text can be stored as it is, else its stand-in (see above)."""
+    if isinstance(exc, DurapipeError):
+        return exc
+    try:
+        text = str(exc)
+        if storable_text(text) == text:
+            return exc
+    except Exception:
+        pass
+    return _stand_in(type(exc).__name__, message_of(exc))
+
+
+def storable_errors(body: Callable[[], Any]) -> Callable[[], Any]:
+    """``body`` raising :func:`storable_error`'s stand-in for an error whose text cannot
+    be recorded (so the step's row is written and names the error's type)."""
+    if inspect.iscoroutinefunction(body):
+        async def run_async() -> Any:
+            try:
+                return await body()
+            except Exception as exc:
+                clean = storable_error(exc)
+                if clean is exc:
+                    raise
+                raise clean from exc
+        return run_async
+
+    def run() -> Any:
+        try:
+            return body()
+        except Exception as exc:
+            clean = storable_error(exc)
+            if clean is exc:
+                raise
+            raise clean from exc
+    return run

@@ -8,9 +8,9 @@ time instead, where a missing key is still a clear error naming the node and the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
-from .errors import BuildError, PlanError
+from .errors import BuildError, PlanError, storable_text
 from .ir import Agent, Dispatch, Fn, Gate, Join, MapOver, Node, Parallel, Seq, Transform
 from .planner import Flow, Plan, PlannedStep, Step, at_path
 
@@ -176,8 +176,23 @@ def _upstream_outputs(planned: PlannedStep, plan: Plan) -> set[str]:
     return out
 
 
+def check_texts(node: Node) -> None:
+    """Refuse names, messages and keys the database cannot store (NUL, lone surrogates):
+    they end up in step names, events and state."""
+    for path, n in node.walk():
+        for f in fields(n):
+            value = getattr(n, f.name)
+            for text in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(text, str) and storable_text(text) != text:
+                    raise BuildError(
+                        f"node {path}:{storable_text(n.label)}: {f.name} {storable_text(text)!r} "
+                        "contains a NUL character or a lone surrogate, which the database cannot "
+                        "store; remove it", path=path)
+
+
 def check(node: Node, inputs: list[str] | tuple[str, ...] | None = None) -> frozenset[str]:
     """Check a pipeline; return the input keys it needs (declared, or inferred when not)."""
+    check_texts(node)
     checker = Checker(frozenset(inputs) if inputs is not None else None)
     checker.flow(node, "0", Avail(keys=checker.inputs or frozenset()))
     return checker.inputs if checker.inputs is not None else frozenset(checker.required)

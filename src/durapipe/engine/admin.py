@@ -22,9 +22,10 @@ from dbos._utils import INTERNAL_QUEUE_NAME
 
 from ..audit import NodeRecord, RunInfo, RunTree, first_line, model_usage, path_key, redact, split_step_name
 from ..errors import OperatorError, UnknownRun, error_text, from_portable
-from .app import normalize_url
+from .database import normalize_url
 from .dispatch import fate_key, task_status
 from .interpreter import DURAPIPE_WORKFLOWS, TASK_WORKFLOW, WORKFLOW_NAME
+from .scope import check_name, check_run_id
 from .steplogs import LOG_EVENT_PREFIX
 
 # Child workflows durapipe starts: subtrees (|, race, timeout, map, flow) and dispatched tasks.
@@ -142,6 +143,7 @@ class Admin:
         return rows[0] if rows else None
 
     def run(self, run_id: str) -> RunInfo:
+        run_id = check_run_id(run_id, "")
         st = self._status(run_id)
         if st is None or st.name != WORKFLOW_NAME:
             raise UnknownRun(f"no durapipe run with id {run_id!r} in {redact(self.url)}", run_id=run_id)
@@ -303,6 +305,8 @@ class Admin:
         it was started directly; a live worker of the same application version replays it
         from its last checkpoint. Only name executors whose process is gone.
         """
+        for executor in executor_ids:
+            check_name(executor, "executor id", "recover")
         ids: list[str] = []
         for st in self.client.list_workflows(status="PENDING", executor_id=list(executor_ids),
                                              load_input=False, load_output=False):

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 from typing import Any
@@ -17,15 +18,26 @@ from dbos import DBOS, DBOSConfig
 from dbos._serialization import DBOSPortableJSONSerializer
 
 from .. import validate
-from ..errors import AppStateError, BuildError, UnknownRun
+from ..audit import redact
+from ..errors import AppStateError, BuildError, DatabaseError, storable_text
 from ..ir import as_node
 from . import gates, interpreter
+from .database import (
+    check_postgres,
+    check_url,
+    launch_error,
+    one_line_workflow_errors,
+    resolve_url,
+    sqlite_problem,
+)
 from .interpreter import WORKFLOW_NAME
 from .queues import QueueSpec, register_queues
 from .runs import Pipeline, Registered, RunHandle
+from .scope import belongs_to, check_name, check_run_id, refuse
 from .steps import StepLog
 from .tracing import Tracing
 
+log = logging.getLogger("durapipe")
 _NAME_RE = re.compile(r"^[a-z0-9_-]{3,256}$")
 
 
@@ -42,11 +54,6 @@ def _dbos_name(name: str) -> str:
 
 def _sqlite_url(name: str) -> str:
     return f"sqlite:///{name.replace('-', '_')}.sqlite"
-
-
-def normalize_url(url: str) -> str:
-    # SQLAlchemy-style driver suffixes are accepted: DBOS wants the plain scheme.
-    return re.sub(r"^postgresql\+\w+://", "postgresql://", url)
 
 
 class App:
@@ -86,8 +93,8 @@ class App:
         self.steps = steps
         self._step_log: StepLog | bool | None = None
         self.dbos_name = _dbos_name(name)
-        url = database_url or os.environ.get("DURAPIPE_DATABASE_URL") or _sqlite_url(self.dbos_name)
-        self.database_url = normalize_url(url)
+        self.database_url, self._database_warning = resolve_url(
+            database_url, name, _sqlite_url(self.dbos_name))
         self.model = model
         self.version = version
         self.executor_id = executor_id
@@ -107,8 +114,9 @@ class App:
                 "`with app:` so that recovery after a crash can find it",
                 app=self.name, pipeline=name,
             )
-        if not isinstance(name, str) or not name:
-            raise BuildError(f"app.pipeline({name!r}): the name must be a non-empty string")
+        if not isinstance(name, str) or not name or storable_text(name) != name:
+            raise BuildError(f"app.pipeline({name!r}): the name must be a non-empty string "
+                             "without NUL characters or lone surrogates")
         if inputs is not None and (
             not isinstance(inputs, (list, tuple))
             or not all(isinstance(k, str) and k for k in inputs)
@@ -184,8 +192,19 @@ class App:
         """Start DBOS and recover this app's unfinished runs. Prefer ``with app:``."""
         if self._launched:
             return
-        if self.database_url.startswith("sqlite"):
-            _prepare_sqlite(self.database_url)
+        url = self.database_url = check_url(self.database_url, self.name, "database_url")
+        exists = True
+        if url.startswith("sqlite"):
+            problem = sqlite_problem()
+            if problem:
+                raise DatabaseError(f"App({self.name!r}): {problem}", url=url)
+            _prepare_sqlite(url)
+        else:
+            exists = check_postgres(url)
+        if self._database_warning and url == _sqlite_url(self.dbos_name):
+            log.warning("%s", self._database_warning)
+        log.info("app %r records to %s", self.name, redact(url))
+        one_line_workflow_errors()
         interpreter.set_current_app(self)
         self._step_log = None
         DBOS(config=self.dbos_config())
@@ -193,10 +212,17 @@ class App:
             if self._listen is not None:
                 DBOS.listen_queues(self._listen)
             DBOS.launch()
-        except Exception:
+        except Exception as exc:
             interpreter.set_current_app(None)
             DBOS.destroy()
+            error = launch_error(exc, url)
+            if error is not None:
+                raise error from None
             raise
+        if not exists:
+            log.warning("app %r created the database %s, which did not exist; if its name is "
+                        "a typo, fix the URL (runs recorded there are not in the database meant)",
+                        self.name, redact(url))
         self._launched = True
         register_queues(self._queues)
         self.step_log()  # looked up once here rather than by the first step, on the loop
@@ -234,12 +260,14 @@ class App:
     def get_run(self, run_id: str) -> RunHandle:
         """A handle for any run of this app, also one started by an earlier process."""
         self._require_launched("get_run")
+        run_id = check_run_id(run_id, f"app {self.name!r}.get_run")
         status = DBOS.get_workflow_status(run_id)
         self._check_run(run_id, status)
         return RunHandle(self, run_id)
 
     async def get_run_async(self, run_id: str) -> RunHandle:
         self._require_launched("get_run")
+        run_id = check_run_id(run_id, f"app {self.name!r}.get_run_async")
         status = await DBOS.get_workflow_status_async(run_id)
         self._check_run(run_id, status)
         return RunHandle(self, run_id)
@@ -256,10 +284,9 @@ class App:
         self._listen = list(names)
 
     def _check_run(self, run_id: str, status: Any, kinds: tuple[str, ...] = (WORKFLOW_NAME,)) -> None:
-        if status is None or status.name not in kinds or (
-            status.app_version and not status.app_version.startswith(f"durapipe-{self.dbos_name}-")
-        ):
-            raise UnknownRun(f"app {self.name!r} has no run with id {run_id!r}", run_id=run_id)
+        """Raise UnknownRun unless ``status`` is a workflow of one of ``kinds`` of this app."""
+        if status is None or status.name not in kinds or not belongs_to(self.dbos_name, status):
+            raise refuse(self.name, run_id)
 
     # -- gates --------------------------------------------------------------------------
     def approve(self, run_id: str, gate: str, *, by: str, comment: str | None = None) -> None:
@@ -309,6 +336,8 @@ class App:
         process is gone: a live one would lose ownership of its work mid-step.
         """
         self._require_launched("recover")
+        for executor in executor_ids:
+            check_name(executor, "executor id", f"app {self.name!r}.recover")
         handles = DBOS._recover_pending_workflows(list(executor_ids))
         return [h.workflow_id for h in handles]
 

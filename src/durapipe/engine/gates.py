@@ -39,18 +39,11 @@ from dbos._serialization import WorkflowSerializationFormat, deserialize_value, 
 from dbos._sys_db import SendMessage
 from sqlalchemy.dialects.postgresql import JSONB
 
-from ..errors import (
-    ApprovalRefused,
-    DurapipeError,
-    GateRejected,
-    NodeFailed,
-    NodeTimeout,
-    UnknownGate,
-    error_text,
-)
+from ..errors import ApprovalRefused, GateRejected, NodeFailed, NodeTimeout, UnknownGate, error_text
 from ..ir import Gate
 from ..state import State, render
 from .interpreter import DURAPIPE_WORKFLOWS, RunContext, handles, run_step
+from .scope import MAX_COMMENT, belongs_to, check_name, check_run_id, owned_by
 
 if TYPE_CHECKING:
     from .app import App
@@ -151,11 +144,6 @@ def _root_of(status: Any) -> str:
     return str(status.workflow_id)
 
 
-def _version_prefix(app: App) -> str:
-    """Every application version of the app starts with this (see ``App._check_run``)."""
-    return f"durapipe-{app.dbos_name}-"
-
-
 def _waiting(app: App, run_id: str | None) -> list[tuple[str, str, dict[str, Any]]]:
     """(workflow id, run id, event) of every gate being waited at, oldest request first."""
     opts: dict[str, Any] = {"status": "PENDING", "load_output": False}
@@ -164,11 +152,9 @@ def _waiting(app: App, run_id: str | None) -> list[tuple[str, str, dict[str, Any
     else:
         statuses = (DBOS.list_workflows(workflow_ids=[run_id], **opts)
                     + DBOS.list_workflows(workflow_id_prefix=f"{run_id}/", **opts))
-    prefix = _version_prefix(app)
     found: list[tuple[str, str, dict[str, Any]]] = []
     for st in statuses:
-        if st.name not in DURAPIPE_WORKFLOWS or (
-                st.app_version and not st.app_version.startswith(prefix)):
+        if st.name not in DURAPIPE_WORKFLOWS or not belongs_to(app.dbos_name, st):
             continue
         for key, value in DBOS.get_all_events(st.workflow_id).items():
             if (key.startswith("gate:") and isinstance(value, dict)
@@ -182,6 +168,7 @@ def pending(app: App, run_id: str | None = None) -> list[PendingGate]:
     """The gates waiting for an answer, of one run or of every run of the app."""
     app._require_launched("pending")
     if run_id is not None:
+        run_id = check_run_id(run_id, f"app {app.name!r}.pending")
         app._check_run(run_id, DBOS.get_workflow_status(run_id))
     return [PendingGate(root, ev["gate"], ev["message"], ev.get("approvers"), ev["requested_at"])
             for _, root, ev in _waiting(app, run_id)]
@@ -193,7 +180,7 @@ class _Found:
 
     status: str
     name: str | None
-    app_version: str | None
+    application_name: str | None
     event: Any
 
 
@@ -220,7 +207,7 @@ _claims: dict[int, tuple[Any, Any]] = {}
 def _claim_statement(sys_db: Any) -> Any:
     """UPDATE the gate event of a PENDING workflow of the app from waiting to the decision,
     if ``by`` may answer it; RETURNING its ``requested_at``. Parameters: wf, gate_key,
-    version_prefix (the app's), decision, by, comment, at."""
+    app (the app's DBOS name, see ``scope.owned_by``), decision, by, comment, at."""
     tables = sys_db.tables
     cached = _claims.get(id(sys_db))
     if cached is not None and cached[0] is tables:
@@ -229,7 +216,6 @@ def _claim_statement(sys_db: Any) -> Any:
     # CASE keeps a value in another serialization from ever being cast.
     ev = sa.case((we.c.serialization == sys_db.serializer.name(), sa.cast(we.c.value, JSONB)))
     by = sa.cast(sa.bindparam("by", type_=sa.Text), sa.Text)
-    prefix = sa.cast(sa.bindparam("version_prefix", type_=sa.Text), sa.Text)
     decided = ev.op("||")(sa.func.jsonb_build_object(
         "status", sa.cast(sa.bindparam("decision", type_=sa.Text), sa.Text), "by", by,
         "comment", sa.cast(sa.bindparam("comment", type_=sa.Text), sa.Text),
@@ -239,8 +225,7 @@ def _claim_statement(sys_db: Any) -> Any:
                    we.c.key == sa.bindparam("gate_key", type_=sa.Text),
                    ws.c.workflow_uuid == we.c.workflow_uuid, ws.c.status == "PENDING",
                    ws.c.name.in_(DURAPIPE_WORKFLOWS),
-                   sa.or_(sa.func.coalesce(ws.c.application_version, "") == "",
-                          sa.func.left(ws.c.application_version, sa.func.length(prefix)) == prefix),
+                   owned_by(ws.c.application_name, sa.bindparam("app", type_=sa.Text)),
                    _field(ev, "->>", "status") == "waiting",
                    sa.or_(sa.func.jsonb_typeof(_field(ev, "->", "approvers")).is_distinct_from("array"),
                           _field(ev, "->", "approvers").op("@>")(sa.func.jsonb_build_array(by))))
@@ -264,7 +249,7 @@ def _send_at_once(app: App, workflow_id: str, gate: str, decision: str, by: str,
     key, at = event_key(gate), now_ms()
     with sys_db.engine.begin() as c:
         row = c.execute(_claim_statement(sys_db), {
-            "wf": workflow_id, "gate_key": key, "version_prefix": _version_prefix(app),
+            "wf": workflow_id, "gate_key": key, "app": app.dbos_name,
             "decision": decision, "by": by, "comment": comment, "at": at}).first()
         if row is None:
             return False
@@ -286,19 +271,19 @@ def _send_if_waiting(app: App, workflow_id: str, gate: str, decision: str, by: s
     sys_db = _get_dbos_instance()._sys_db
     ws, we = sys_db.tables.workflow_status, sys_db.tables.workflow_events
     key = event_key(gate)
-    query = (sa.select(ws.c.status, ws.c.name, ws.c.application_version, we.c.value,
+    query = (sa.select(ws.c.status, ws.c.name, ws.c.application_name, we.c.value,
                        we.c.serialization)
              .select_from(ws.outerjoin(we, sa.and_(we.c.workflow_uuid == ws.c.workflow_uuid,
                                                    we.c.key == key)))
              .where(ws.c.workflow_uuid == workflow_id))
     with sys_db.engine.begin() as c:
         row = c.execute(query).first()
-        found = _Found(row.status, row.name, row.application_version, None) if row else None
+        found = _Found(row.status, row.name, row.application_name, None) if row else None
         app._check_run(workflow_id, found, DURAPIPE_WORKFLOWS)
         assert row is not None and found is not None  # UnknownRun otherwise
         event: Any = (deserialize_value(row.value, row.serialization, sys_db.serializer)
                       if row.value is not None else None)
-        found = _Found(row.status, row.name, row.application_version, event)
+        found = _Found(row.status, row.name, row.application_name, event)
         if row.status != "PENDING" or not _is_waiting(event):
             return found
         approvers = event.get("approvers")
@@ -335,10 +320,11 @@ def answer(app: App, run_id: str, gate: str, decision: str, by: str,
     """
     verb = "approve" if decision == "approved" else "reject"
     app._require_launched(verb)
-    if not isinstance(by, str) or not by:
-        raise DurapipeError(f"app.{verb}({run_id!r}, {gate!r}): by= must name who answers")
-    if comment is not None and not isinstance(comment, str):
-        raise DurapipeError(f"app.{verb}({run_id!r}, {gate!r}): comment must be a string or None")
+    where = f"app {app.name!r}.{verb}"
+    run_id = check_run_id(run_id, where)
+    check_name(gate, "gate name", where)
+    check_name(by, "by= (who answers)", where)
+    check_name(comment, "comment", where, MAX_COMMENT, optional=True)
     if _send_at_once(app, run_id, gate, decision, by, comment):
         return
     found = _send_if_waiting(app, run_id, gate, decision, by, comment, run_id)

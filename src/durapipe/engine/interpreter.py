@@ -31,7 +31,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from dbos import DBOS, SetWorkflowID
 from dbos._error import DBOSMaxStepRetriesExceeded
 
-from ..errors import DurapipeError, NodeFailed, PipelineChanged, StateError, error_text, from_portable
+from ..errors import (
+    DurapipeError,
+    NodeFailed,
+    PipelineChanged,
+    StateError,
+    error_text,
+    from_portable,
+    storable_errors,
+)
 from ..ir import Agent, Fn, Node, Parallel, Seq, Sleep, Transform
 from ..state import State, check_updates
 from . import steplogs
@@ -192,6 +200,7 @@ async def run_step(where: str, retries: int, body: Callable[[], Any]) -> Any:
     body = steplogs.capturing(where, body)
     reservation = next_reservation(where)
     log = active_step_log()
+    body = storable_errors(body)
     try:
         if log is not None:
             step = lean.take_step(reservation)
@@ -244,7 +253,7 @@ def _sync_body(node: Fn, where: str, state: State) -> Callable[[], State]:
 def run_sync_fn(node: Fn, path: str, state: State) -> State:
     """A sync fn node as one DBOS step, called on a worker thread (see ``_sync_run``)."""
     where = f"{path}:{node.label}"
-    body = steplogs.capturing(where, _sync_body(node, where, state))
+    body = storable_errors(steplogs.capturing(where, _sync_body(node, where, state)))
     log = active_step_log()
     try:
         step = lean.take_step(next_reservation(where)) if log is not None else None

@@ -33,6 +33,7 @@ from ..ir import Dispatch, Node
 from ..state import State, check_inputs
 from . import dispatch
 from .interpreter import WORKFLOW_NAME, run_pipeline
+from .scope import belongs_to, check_run_id, refuse
 
 if TYPE_CHECKING:
     from .app import App
@@ -113,9 +114,18 @@ class Pipeline:
             )
         return state
 
+    def _run_id(self, run_id: Any, what: str) -> str | None:
+        if run_id is None:
+            return None
+        return check_run_id(run_id, f"pipeline {self.name!r}.{what}", new=True)
+
     def _check_existing(self, run_id: str, status: Any) -> None:
         if status is None:
             return
+        if not belongs_to(self.app.dbos_name, status):
+            raise UnknownRun(
+                f"pipeline {self.name!r}: run id {run_id!r} is taken by a workflow that is not "
+                f"one of app {self.app.name!r}'s; choose another run id", run_id=run_id)
         args = (status.input or {}).get("args") if isinstance(status.input, dict) else None
         recorded = args[0] if args else None
         if status.name != WORKFLOW_NAME or (recorded is not None and recorded != self.name):
@@ -128,6 +138,7 @@ class Pipeline:
     def start(self, inputs: Any = None, *, run_id: str | None = None) -> RunHandle:
         """Start a run and return at once. Starting an existing ``run_id`` returns that run."""
         self.app._require_launched(f"pipeline {self.name!r}.start")
+        run_id = self._run_id(run_id, "start")
         state = self._inputs(inputs)
         if run_id is not None:
             self._check_existing(run_id, DBOS.get_workflow_status(run_id))
@@ -137,6 +148,7 @@ class Pipeline:
 
     async def start_async(self, inputs: Any = None, *, run_id: str | None = None) -> RunHandle:
         self.app._require_launched(f"pipeline {self.name!r}.start_async")
+        run_id = self._run_id(run_id, "start_async")
         state = self._inputs(inputs)
         if run_id is not None:
             self._check_existing(run_id, await DBOS.get_workflow_status_async(run_id))
@@ -158,6 +170,7 @@ class Pipeline:
                 f"(declared: {sorted(self.app._queues)}); declare it with app.queue({queue!r}) "
                 "before launch", queue=queue,
             )
+        run_id = self._run_id(run_id, "enqueue")
         state = self._inputs(inputs)
         if run_id is not None:
             self._check_existing(run_id, DBOS.get_workflow_status(run_id))
@@ -205,17 +218,16 @@ class RunHandle:
     def __repr__(self) -> str:
         return f"RunHandle({self.run_id!r})"
 
-    def status(self) -> RunStatus:
-        st = DBOS.get_workflow_status(self.run_id)
-        if st is None:
-            raise UnknownRun(f"no run with id {self.run_id!r}", run_id=self.run_id)
+    def _own(self, st: Any) -> RunStatus:
+        if st is None or not belongs_to(self.app.dbos_name, st):
+            raise refuse(self.app.name, self.run_id)
         return RunStatus(st.status)
 
+    def status(self) -> RunStatus:
+        return self._own(DBOS.get_workflow_status(self.run_id))
+
     async def status_async(self) -> RunStatus:
-        st = await DBOS.get_workflow_status_async(self.run_id)
-        if st is None:
-            raise UnknownRun(f"no run with id {self.run_id!r}", run_id=self.run_id)
-        return RunStatus(st.status)
+        return self._own(await DBOS.get_workflow_status_async(self.run_id))
 
     def _recorded_status(self) -> str | None:
         """The status the database holds; None for no row, ``_UNREADABLE`` when the read fails."""
@@ -245,7 +257,7 @@ class RunHandle:
             self._wait(timeout)
             return self._result(DBOS.retrieve_workflow(self.run_id).get_result(
                 polling_interval_sec=0.05))
-        except TimeoutError:
+        except (TimeoutError, UnknownRun):
             raise
         except BaseException as exc:
             if not isinstance(exc, Exception) and "Cancel" not in type(exc).__name__:
@@ -269,10 +281,13 @@ class RunHandle:
             if self._async_handle is not None:
                 coro = self._async_handle.get_result(polling_interval_sec=0.05)
             else:
+                await self.status_async()  # one of this app's runs
                 coro = DBOS.get_result_async(self.run_id)
             return self._result(await asyncio.wait_for(coro, timeout))
         except asyncio.TimeoutError:
             raise TimeoutError(f"run {self.run_id!r} did not finish within {timeout} s") from None
+        except UnknownRun:
+            raise
         except BaseException as exc:
             if not isinstance(exc, Exception) and "Cancel" not in type(exc).__name__:
                 raise
@@ -294,6 +309,7 @@ class RunHandle:
         ``None`` until the task is dispatched and publishes; read live, not checkpointed.
         """
         self._check_task(name)
+        self.status()  # one of this app's runs
         child = dispatch.find_task(self.run_id, name)
         if child is None:
             return None
@@ -301,6 +317,7 @@ class RunHandle:
 
     async def progress_async(self, name: str) -> Any:
         self._check_task(name)
+        await self.status_async()
         child = await dispatch.find_task_async(self.run_id, name)
         if child is None:
             return None

@@ -29,6 +29,7 @@ views read them unchanged. SQLite apps, and ``App(steps="dbos")``, use ``DBOS.ru
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import random
 import time
@@ -90,7 +91,16 @@ SELECT column_name, is_nullable = 'NO' AND column_default IS NULL
 FROM information_schema.columns WHERE table_schema = %(schema)s AND table_name = %(table)s
 """
 _CANCELLED = "CANCELLED"
+TESTED_DBOS = frozenset({"3.4.0"})
+"""The DBOS releases whose ``SystemDatabase`` the two statements mirror (and the test suite
+ran on). On any other, steps go through DBOS's public ``DBOS.run_step`` with a warning:
+the column check below would miss a change in what a column means."""
 _MAX_BACKOFF = 60.0
+
+
+def dbos_release() -> str:
+    """The installed DBOS release, e.g. ``3.4.0``."""
+    return importlib.metadata.version("dbos")
 
 
 def _now_ms() -> int:
@@ -112,8 +122,17 @@ class StepLog:
 
     @staticmethod
     def supports(dbos: Any) -> bool:
-        """True for DBOS's plain Postgres system database (not SQLite, not a sharded one)."""
-        return type(getattr(dbos, "_sys_db", None)) is PostgresSystemDatabase
+        """True for DBOS's plain Postgres system database (not SQLite, not a sharded one)
+        of a DBOS release this module is tested with (see ``TESTED_DBOS``)."""
+        if type(getattr(dbos, "_sys_db", None)) is not PostgresSystemDatabase:
+            return False
+        release = dbos_release()
+        if release not in TESTED_DBOS:
+            log.warning("durapipe writes step rows itself only on the DBOS releases it is tested "
+                        "with (%s); DBOS %s is installed, so step rows are written by "
+                        "DBOS.run_step", ", ".join(sorted(TESTED_DBOS)), release)
+            return False
+        return True
 
     def fits_schema(self) -> bool:
         """True when ``operation_outputs`` has the columns this module writes and needs no
