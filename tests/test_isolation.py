@@ -192,3 +192,34 @@ def test_the_cli_with_app_answers_only_that_apps_runs(make_app: Callable[..., Ap
     [(value,)] = sql(database_url, "SELECT value FROM dbos.workflow_events WHERE "
                                    "workflow_uuid = 'eu-order-7' AND key = %s", f"gate:{GATE}")
     assert json.loads(value)["status"] == "waiting"
+
+
+def test_a_console_shows_and_changes_only_its_own_apps_runs(make_app: Callable[..., App],
+                                                            database_url: str) -> None:
+    from fastapi.testclient import TestClient
+
+    from durapipe.web import create_console
+
+    start_victim(make_app, database_url, "shop-eu", "eu-order-9")
+    before = snapshot(database_url, "eu-order-9")
+    attacker = make_app("shop")
+    shop(attacker)
+    auth = {"authorization": "Bearer alice-secret"}
+    with attacker, TestClient(create_console(attacker, token="alice:alice-secret")) as client:
+        shop_pipeline(attacker, "pay").start({}, run_id="shop-order-1")
+        wait_for(lambda: bool(attacker.pending("shop-order-1")), what="the console app's own gate")
+        listed = client.get("/").text
+        assert "shop-order-1" in listed and "eu-order-9" not in listed
+        assert "eu-order-9" not in client.get("/approvals").text
+        assert "shop-order-1" in client.get("/approvals").text
+        for url in ("/runs/eu-order-9", "/runs/eu-order-9/live", "/api/runs/eu-order-9"):
+            assert client.get(url).status_code == 404, url
+        for url, form in (("/runs/eu-order-9/cancel", None), ("/runs/eu-order-9/resume", None),
+                          ("/runs/eu-order-9/fork", {"node": "0"}),
+                          (f"/runs/eu-order-9/gates/{GATE}/approve", None),
+                          (f"/runs/eu-order-9/gates/{GATE}/reject", None)):
+            res = client.post(url, data=form, headers=auth, follow_redirects=False)
+            assert res.status_code == 404, (url, res.status_code, res.text)
+    assert snapshot(database_url, "eu-order-9") == before
+    assert sql(database_url, "SELECT count(*) FROM dbos.workflow_status WHERE forked_from = "
+                             "'eu-order-9'") == [(0,)]

@@ -33,6 +33,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from ..audit import RunTree
 from ..engine.admin import Admin, parse_since
 from ..engine.app import App
+from ..engine.scope import belongs_to
 from ..errors import ApprovalRefused, DurapipeError, OperatorError, UnknownGate, UnknownRun
 from ..runview import node_statuses
 from . import pages
@@ -145,12 +146,28 @@ def create_console(app: App, *, token: str | None = None,
             return HTTPException(403, str(exc))
         return HTTPException(409, str(exc))
 
+    def owned(run_ids: list[str]) -> list[Any]:
+        """The DBOS rows of those of ``run_ids`` that are runs of this console's app."""
+        rows = admin().client.list_workflows(workflow_ids=run_ids, load_input=True,
+                                             load_output=False) if run_ids else []
+        return [r for r in rows if belongs_to(app.dbos_name, r)]
+
+    def check_owned(run_id: str) -> list[Any]:
+        """Refuse, as unknown, a run of another app sharing the database."""
+        try:
+            rows = owned([run_id])
+        except DurapipeError as exc:
+            raise fail(exc) from None
+        if not rows:
+            raise HTTPException(404, f"app {app.name!r} has no run with id {run_id!r}")
+        return rows
+
     def load(run_id: str) -> tuple[RunTree, Any, Any]:
+        rows = check_owned(run_id)
         try:
             tree = admin().tree(run_id)
         except DurapipeError as exc:
             raise fail(exc) from None
-        rows = admin().client.list_workflows(workflow_ids=[run_id], load_input=True, load_output=False)
         args = (rows[0].input or {}).get("args") if rows and isinstance(rows[0].input, dict) else None
         node = None
         if tree.run.pipeline in app.pipelines:
@@ -184,7 +201,7 @@ def create_console(app: App, *, token: str | None = None,
              since: str | None = None, until: str | None = None, q: str | None = None,
              after: str | None = None) -> HTMLResponse:
         try:
-            flt = RunFilter(pipeline=pipeline or None, status=status or None,
+            flt = RunFilter(app=app.dbos_name, pipeline=pipeline or None, status=status or None,
                             since=parse_since(since) if since else None,
                             until=parse_since(until) if until else None, text=q or None,
                             cursor=after or None)
@@ -217,6 +234,8 @@ def create_console(app: App, *, token: str | None = None,
     @api.get("/approvals", response_class=HTMLResponse)
     def approvals(request: Request) -> HTMLResponse:
         gates = admin().waiting_gates()
+        mine = {r.workflow_id for r in owned(sorted({g["run_id"] for g in gates}))}
+        gates = [g for g in gates if g["run_id"] in mine]
         ask = any(n is None for n in tokens.values()) and auth is None
         return _page(pages.approvals_page(gates, ask), "approvals", person=viewer(request))
 
@@ -262,6 +281,7 @@ def create_console(app: App, *, token: str | None = None,
 
     @api.post("/runs/{run_id}/cancel")
     def cancel(run_id: str, who: Person = Depends(person)) -> Response:  # noqa: B008
+        check_owned(run_id)
         try:
             admin().cancel(run_id)
         except DurapipeError as exc:
@@ -270,6 +290,7 @@ def create_console(app: App, *, token: str | None = None,
 
     @api.post("/runs/{run_id}/resume")
     def resume(run_id: str, who: Person = Depends(person)) -> Response:  # noqa: B008
+        check_owned(run_id)
         try:
             admin().resume(run_id)
         except DurapipeError as exc:
@@ -278,6 +299,7 @@ def create_console(app: App, *, token: str | None = None,
 
     @api.post("/runs/{run_id}/fork")
     def fork(run_id: str, node: str = Form(...), who: Person = Depends(person)) -> Response:  # noqa: B008
+        check_owned(run_id)
         try:
             new_id = admin().fork(run_id, node)
         except DurapipeError as exc:

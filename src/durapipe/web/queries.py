@@ -31,6 +31,7 @@ LEFT JOIN LATERAL (SELECT i.inputs FROM dbos.workflow_input i
                    WHERE i.workflow_uuid = s.workflow_uuid OFFSET 0) wi ON true
 LEFT JOIN dbos.workflow_output wo ON wo.workflow_uuid = s.workflow_uuid
 WHERE s.name = %(name)s AND s.parent_workflow_id IS NULL
+  AND s.application_name IS NOT NULL AND s.application_name = %(app)s::text
   AND (%(status)s::text IS NULL OR s.status = %(status)s::text)
   AND (%(since)s::bigint IS NULL OR s.created_at >= %(since)s::bigint)
   AND (%(until)s::bigint IS NULL OR s.created_at < %(until)s::bigint)
@@ -47,8 +48,11 @@ LIMIT %(limit)s
 
 @dataclass(frozen=True)
 class RunFilter:
-    """What the runs list shows: every field optional; ``cursor`` is ``<created_ms>:<run id>``."""
+    """What the runs list shows: the runs of app ``app`` (its DBOS name; see
+    :mod:`durapipe.engine.scope`), every other field optional; ``cursor`` is
+    ``<created_ms>:<run id>``."""
 
+    app: str
     pipeline: str | None = None
     status: str | None = None
     since: datetime | None = None
@@ -68,7 +72,7 @@ class RunFilter:
         if self.text:
             text = "%" + self.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         return {
-            "name": RUN_WORKFLOW, "status": self.status.upper() if self.status else None,
+            "name": RUN_WORKFLOW, "app": self.app, "status": self.status.upper() if self.status else None,
             "since": int(self.since.timestamp() * 1000) if self.since else None,
             "until": int(self.until.timestamp() * 1000) if self.until else None,
             "c_at": c_at, "c_id": c_id, "pipeline": self.pipeline or None, "text": text,
@@ -109,7 +113,7 @@ def list_page(admin: Admin, flt: RunFilter, limit: int = 50) -> tuple[list[RunIn
         raise OperatorError(f"status {flt.status!r}: use one of {', '.join(STATUSES)}")
     if not admin.url.startswith(("postgresql://", "postgres://")):
         rows = admin.list_runs(pipeline=flt.pipeline, status=flt.status, since=flt.since, limit=limit)
-        return rows, None
+        return [r for r in rows if r.app is not None and r.app == flt.app], None
     import psycopg
 
     try:
