@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 from typing import Any
@@ -19,7 +20,7 @@ from dbos._serialization import DBOSPortableJSONSerializer
 from .. import validate
 from ..errors import AppStateError, BuildError, UnknownRun
 from ..ir import as_node
-from . import gates, interpreter
+from . import gates, interpreter, lifecycle
 from .interpreter import WORKFLOW_NAME
 from .queues import QueueSpec, register_queues
 from .runs import Pipeline, Registered, RunHandle
@@ -27,6 +28,7 @@ from .steps import StepLog
 from .tracing import Tracing
 
 _NAME_RE = re.compile(r"^[a-z0-9_-]{3,256}$")
+log = logging.getLogger("durapipe")
 
 
 def _dbos_name(name: str) -> str:
@@ -187,6 +189,7 @@ class App:
         if self.database_url.startswith("sqlite"):
             _prepare_sqlite(self.database_url)
         interpreter.set_current_app(self)
+        lifecycle.reset()
         self._step_log = None
         DBOS(config=self.dbos_config())
         try:
@@ -200,11 +203,34 @@ class App:
         self._launched = True
         register_queues(self._queues)
         self.step_log()  # looked up once here rather than by the first step, on the loop
+        lifecycle.start_watcher(_cancelled_of)
 
-    def shutdown(self) -> None:
+    @property
+    def running_executor_id(self) -> str:
+        """The executor id this process records on its runs (DBOS's ``local`` by default)."""
+        return str(self.dbos_config().get("executor_id") or os.environ.get("DBOS__VMID") or "local")
+
+    def shutdown(self, drain: float = 0.0) -> None:
+        """Stop the app; every unfinished run stays PENDING for the next process to resume.
+
+        No new step starts; ``drain`` seconds are given to the steps in flight to finish
+        (their results are recorded, so they never run again); then every run still
+        executing here is stopped where it is, without recording anything for it. The
+        next launch with the same executor id (or ``durapipe recover <executor id>`` on a
+        live worker) resumes each from its last recorded step.
+        """
         if not self._launched:
             return
         self._launched = False
+        lifecycle.stop_watcher()
+        left = lifecycle.stop(drain)
+        if left:
+            log.warning(
+                "durapipe: app %r stopped with %d unfinished run(s) left PENDING for recovery "
+                "by executor %r (relaunch with that executor id, or `durapipe recover %s`): %s",
+                self.name, len(left), self.running_executor_id, self.running_executor_id,
+                ", ".join(left[:10]) + (" ..." if len(left) > 10 else ""),
+            )
         self._step_log = None
         DBOS.destroy()
         interpreter.set_current_app(None)
@@ -311,6 +337,13 @@ class App:
         self._require_launched("recover")
         handles = DBOS._recover_pending_workflows(list(executor_ids))
         return [h.workflow_id for h in handles]
+
+
+def _cancelled_of(workflow_ids: list[str]) -> list[str]:
+    """Which of these workflows the database records as CANCELLED (by anyone, anywhere)."""
+    found = DBOS.list_workflows(workflow_ids=workflow_ids, status="CANCELLED",
+                                load_input=False, load_output=False)
+    return [st.workflow_id for st in found]
 
 
 def _prepare_sqlite(url: str) -> None:

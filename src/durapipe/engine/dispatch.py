@@ -42,6 +42,7 @@ from dbos._dbos import _get_dbos_instance
 from ..errors import DurapipeError, NodeFailed, RunError, error_text, from_portable
 from ..ir import Dispatch, Join
 from ..state import State, check_updates
+from . import lifecycle
 from .agent import reset_partial_sink, set_partial_sink
 from .children import await_child
 from .interpreter import (
@@ -214,9 +215,10 @@ async def run_task(
     """
     app, registered = open_pipeline(pipeline, version)
     ctx = RunContext(app=app, pipeline=registered, root=root, tracer=app.tracing)
-    if ctx.tracer is not None:
-        return await ctx.tracer.workflow(ctx, path, lambda: _run_task(ctx, state, path, name))
-    return await _run_task(ctx, state, path, name)
+    with lifecycle.running(DBOS.workflow_id or ""):
+        if ctx.tracer is not None:
+            return await ctx.tracer.workflow(ctx, path, lambda: _run_task(ctx, state, path, name))
+        return await _run_task(ctx, state, path, name)
 
 
 async def _run_task(ctx: RunContext, state: State, path: str, name: str) -> State:

@@ -34,6 +34,7 @@ from dbos._error import DBOSMaxStepRetriesExceeded
 from ..errors import DurapipeError, NodeFailed, PipelineChanged, StateError, error_text, from_portable
 from ..ir import Agent, Fn, Node, Parallel, Seq, Sleep, Transform
 from ..state import State, check_updates
+from . import lifecycle
 from . import steps as lean
 from .children import await_child
 from .reserve import next_reservation, reserve, reserving, running_at, static_ops
@@ -190,6 +191,8 @@ async def run_step(where: str, retries: int, body: Callable[[], Any]) -> Any:
     """
     reservation = next_reservation(where)
     log = active_step_log()
+    if not lifecycle.step_started():
+        await lifecycle.hold()  # the app is stopping: no new step starts
     try:
         if log is not None:
             step = lean.take_step(reservation)
@@ -204,6 +207,8 @@ async def run_step(where: str, retries: int, body: Callable[[], Any]) -> Any:
         return await DBOS.run_step_async(step_options(where, retries), body)  # type: ignore[call-overload]
     except Exception as exc:
         raise node_error(exc, where) from exc
+    finally:
+        lifecycle.step_done()
 
 
 def active_step_log() -> lean.StepLog | None:
@@ -244,6 +249,8 @@ def run_sync_fn(node: Fn, path: str, state: State) -> State:
     where = f"{path}:{node.label}"
     body = _sync_body(node, where, state)
     log = active_step_log()
+    if not lifecycle.step_started():
+        lifecycle.refuse_on_thread()  # the app is stopping: no new step starts
     try:
         step = lean.take_step(next_reservation(where)) if log is not None else None
         if log is not None and step is not None:
@@ -253,6 +260,8 @@ def run_sync_fn(node: Fn, path: str, state: State) -> State:
             result = DBOS.run_step(step_options(where, node.max_retries), body)  # type: ignore[call-overload]
     except Exception as exc:
         raise node_error(exc, where) from exc
+    finally:
+        lifecycle.step_done()
     return result
 
 
@@ -449,9 +458,10 @@ async def run_pipeline(
             return {**state, **updates}
         return updates
 
-    if ctx.tracer is not None:
-        return await ctx.tracer.workflow(ctx, path, body)
-    return await body()
+    with lifecycle.running(run_id):
+        if ctx.tracer is not None:
+            return await ctx.tracer.workflow(ctx, path, body)
+        return await body()
 
 
 from . import agent as _agent  # noqa: E402,F401  (registers the Agent handler)

@@ -31,7 +31,7 @@ from ..errors import (
 )
 from ..ir import Dispatch, Node
 from ..state import State, check_inputs
-from . import dispatch
+from . import dispatch, lifecycle
 from .interpreter import WORKFLOW_NAME, run_pipeline
 
 if TYPE_CHECKING:
@@ -125,9 +125,18 @@ class Pipeline:
         state = self._inputs(inputs)
         if run_id is not None:
             self._check_existing(run_id, DBOS.get_workflow_status(run_id))
-        with SetWorkflowID(run_id or str(uuid.uuid4())):
-            handle = DBOS.start_workflow(run_pipeline, self.name, self.version, state)
-        return RunHandle(self.app, handle.workflow_id, handle)
+        workflow_id = run_id or str(uuid.uuid4())
+        submit = _loop_submit()
+        if submit is None:
+            with SetWorkflowID(workflow_id):
+                handle = DBOS.start_workflow(run_pipeline, self.name, self.version, state)
+            return RunHandle(self.app, handle.workflow_id, handle)
+
+        async def start() -> _Started:
+            with SetWorkflowID(workflow_id):
+                started = await DBOS.start_workflow_async(run_pipeline, self.name, self.version, state)
+            return _Started(started.workflow_id, _future_of(getattr(started, "task", None)))
+        return RunHandle(self.app, workflow_id, submit(start()))
 
     async def start_async(self, inputs: Any = None, *, run_id: str | None = None) -> RunHandle:
         self.app._require_launched(f"pipeline {self.name!r}.start_async")
@@ -165,7 +174,63 @@ class Pipeline:
         return await handle.result_async(timeout=timeout)
 
 
+@dataclass
+class _Started:
+    """A run started from sync code: its id and a thread-safe future of its result."""
+
+    workflow_id: str
+    future: concurrent.futures.Future[Any] | None
+
+
+def _loop_submit() -> Any:
+    """DBOS's ``submit_coroutine`` of its background event loop, for starting a run from
+    sync code as an asyncio task there rather than through DBOS's thread path.
+
+    ``DBOS.start_workflow`` runs an async workflow on a pool thread that blocks on the loop;
+    when DBOS stops, that thread records the cancelled run as ``ERROR CancelledError``. A
+    run started as a task with ``start_workflow_async`` stays PENDING when cancelled, so a
+    stopped process leaves it for recovery. Private to DBOS 3.4 (``_background_event_loop``);
+    without it, or on a thread with a running loop, ``DBOS.start_workflow`` is used.
+    """
+    from dbos._dbos import _get_dbos_instance
+
+    loop = getattr(_get_dbos_instance(), "_background_event_loop", None)
+    submit = getattr(loop, "submit_coroutine", None)
+    target = getattr(loop, "target_loop", None)
+    if submit is None or target is None or target() is None:
+        return None
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return submit
+    return None
+
+
+def _future_of(task: Any) -> concurrent.futures.Future[Any] | None:
+    """A thread-safe future that follows an asyncio future (None when there is none)."""
+    if not isinstance(task, asyncio.Future):
+        return None
+    out: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def done(t: asyncio.Future[Any]) -> None:
+        if t.cancelled():
+            out.cancel()
+        elif t.exception() is not None:
+            out.set_exception(t.exception())
+        else:
+            out.set_result(t.result())
+
+    task.add_done_callback(done)
+    return out
+
+
 def _raise_run_error(run_id: str, exc: BaseException, recorded: str | None = None) -> None:
+    if lifecycle.stopping() and recorded is not None and not RunStatus(recorded).finished:
+        raise RunError(
+            f"run {run_id!r} stopped here because the app is shutting down; it stays "
+            f"{recorded} and the next launch with the same executor id (or `durapipe recover`) "
+            "resumes it from its last recorded step", run_id=run_id, status=recorded,
+        ) from exc
     if recorded == _UNREADABLE or (recorded is not None and not RunStatus(recorded).finished):
         # The run stopped in this process, but its end could not be recorded (typically the
         # database connection was lost): the database still holds it as unfinished.
