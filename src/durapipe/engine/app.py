@@ -20,7 +20,8 @@ from dbos._serialization import DBOSPortableJSONSerializer
 from .. import validate
 from ..errors import AppStateError, BuildError, UnknownRun
 from ..ir import as_node
-from . import gates, interpreter, lifecycle
+from . import executors, gates, interpreter, lifecycle
+from .executors import ExecutorLock
 from .interpreter import WORKFLOW_NAME
 from .queues import QueueSpec, register_queues
 from .runs import Pipeline, Registered, RunHandle
@@ -97,6 +98,7 @@ class App:
         self._pipelines: dict[str, Registered] = {}
         self._queues: dict[str, QueueSpec] = {}
         self._launched = False
+        self._executor_lock: ExecutorLock | None = None
         self._listen: list[str] | None = None
         self.tracing = Tracing(None if tracing is True else tracing) if tracing else None
 
@@ -191,6 +193,11 @@ class App:
         interpreter.set_current_app(self)
         lifecycle.reset()
         self._step_log = None
+        # Taken before DBOS recovers this executor's runs, so a second live process with
+        # the same executor id is warned before it takes them over.
+        self._executor_lock = ExecutorLock(self.database_url, self.dbos_name,
+                                           self.running_executor_id)
+        self._executor_lock.acquire()
         DBOS(config=self.dbos_config())
         try:
             if self._listen is not None:
@@ -199,6 +206,7 @@ class App:
         except Exception:
             interpreter.set_current_app(None)
             DBOS.destroy()
+            self._release_executor()
             raise
         self._launched = True
         register_queues(self._queues)
@@ -234,6 +242,12 @@ class App:
         self._step_log = None
         DBOS.destroy()
         interpreter.set_current_app(None)
+        self._release_executor()
+
+    def _release_executor(self) -> None:
+        if self._executor_lock is not None:
+            self._executor_lock.release()
+            self._executor_lock = None
 
     def __enter__(self) -> App:
         self.launch()
@@ -326,7 +340,7 @@ class App:
                                        polling_interval)
         return name
 
-    def recover(self, executor_ids: list[str]) -> list[str]:
+    def recover(self, executor_ids: list[str], *, force: bool = False) -> list[str]:
         """Hand the unfinished runs of dead executors to the live workers; return their ids.
 
         Each PENDING workflow of this app version owned by one of ``executor_ids`` goes back
@@ -335,6 +349,13 @@ class App:
         process is gone: a live one would lose ownership of its work mid-step.
         """
         self._require_launched("recover")
+        live = [e for e in executor_ids if executors.alive(self.database_url, self.dbos_name, e)]
+        if live and not force:
+            raise AppStateError(
+                f"app {self.name!r}: executor {live[0]!r} is held by a live process that is "
+                "executing its runs; recover only executors whose process is gone "
+                "(force=True overrides)", app=self.name, executor_id=live[0],
+            )
         handles = DBOS._recover_pending_workflows(list(executor_ids))
         return [h.workflow_id for h in handles]
 

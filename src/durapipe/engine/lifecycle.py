@@ -90,11 +90,6 @@ def running(workflow_id: str) -> Iterator[None]:
             _lock.notify_all()
 
 
-def running_ids() -> list[str]:
-    with _lock:
-        return list(_tasks)
-
-
 # -- steps in flight --------------------------------------------------------------------
 
 def step_started() -> bool:
@@ -196,16 +191,16 @@ def start_watcher(find_cancelled: Callable[[list[str]], list[str]]) -> None:
 
     def watch() -> None:
         while not halt.wait(WATCH_SECONDS):
-            ids = running_ids()
-            if not ids:
+            with _lock:  # the executions seen now: a resumed one started later is not hit
+                seen = {wid: list(found) for wid, found in _tasks.items()}
+            if not seen:
                 continue
             try:
-                cancelled = find_cancelled(ids)
+                cancelled = find_cancelled(list(seen))
             except Exception as exc:  # the database is away: try again at the next tick
                 log.debug("durapipe: cancel watcher could not read statuses: %s", exc)
                 continue
-            if cancelled:
-                cancel_local(*cancelled)
+            _cancel([e for wid in cancelled for e in seen.get(wid, [])], CANCEL_MESSAGE)
 
     thread = threading.Thread(target=watch, name="durapipe-cancel-watcher", daemon=True)
     _watcher.update(halt=halt, thread=thread)
