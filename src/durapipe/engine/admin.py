@@ -233,7 +233,9 @@ class Admin:
 
     # -- steering -----------------------------------------------------------------------
     def cancel(self, run_id: str) -> None:
-        """Cancel a run and its child workflows; a running step finishes, nothing more starts."""
+        """Cancel a run and its child workflows and background tasks. The process executing
+        them notices within a fraction of a second: an async step in flight stops at its
+        next await, a sync step finishes, nothing more starts."""
         self.run(run_id)
         self.client.cancel_workflow(run_id, cancel_children=True)
 

@@ -29,6 +29,7 @@ from ..errors import (
 )
 from ..ir import Agent, Fallback, Fn, Loop, MapOver, Node, Race, Route, Timeout, Transform
 from ..state import State
+from . import lifecycle
 from .children import await_child
 from .interpreter import RunContext, handles, node_error, run_step, single_op
 
@@ -154,6 +155,7 @@ async def _race(ctx: RunContext, node: Race, path: str, state: State) -> State:
                 winner = i
     for i in pending:
         await DBOS.cancel_workflow_async(ids[i], cancel_children=True)
+        lifecycle.cancel_local(ids[i])  # a loser's step in flight here stops at its next await
     # The losers' waits see CANCELLED and end; nothing of the race is left running.
     await asyncio.gather(*(waits[i] for i in pending), return_exceptions=True)
     if winner is None:
@@ -184,6 +186,7 @@ async def _timeout(ctx: RunContext, node: Timeout, path: str, state: State) -> S
         result: State = wait.result()
         return result
     await DBOS.cancel_workflow_async(child.workflow_id, cancel_children=True)
+    lifecycle.cancel_local(child.workflow_id)
     await asyncio.gather(wait, return_exceptions=True)
     raise NodeTimeout(
         f"node {body_where} ran past its timeout of {seconds:g} s and was cancelled",

@@ -342,7 +342,8 @@ async def join_tasks(
         done, _ = await DBOS.asyncio_wait(futures, timeout=max(0.0, deadline - time.time()))
         timed_out = {i for i, f in enumerate(futures) if f not in done}
         for i in sorted(timed_out):
-            await DBOS.cancel_workflow_async(tasks[i].child_id)
+            await DBOS.cancel_workflow_async(tasks[i].child_id, cancel_children=True)
+            lifecycle.cancel_local(tasks[i].child_id)
         results = await asyncio.gather(*futures, return_exceptions=True)
     merged: State = {}
     failure: BaseException | None = None

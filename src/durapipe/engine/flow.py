@@ -24,6 +24,7 @@ from ..errors import DurapipeError, NodeFailed, NodeTimeout, PlanError, StateErr
 from ..ir import Agent, Fn
 from ..planner import Flow, PlannedStep, Step, at_path
 from ..state import State
+from . import lifecycle
 from .children import await_child
 from .interpreter import RunContext, handles, node_error
 
@@ -101,6 +102,7 @@ async def _flow(ctx: RunContext, node: Flow, path: str, state: State) -> State:
             error = node_error(exc, f"{path}.{planned.index}:{planned.name}")
             if running:  # the flow failed: stop the steps still in flight
                 await DBOS.cancel_workflows_async(list(running), cancel_children=True)
+                lifecycle.cancel_local(*running)
             raise error from exc
         state.update(out)
         updates.update(out)

@@ -338,6 +338,21 @@ class RunHandle:
             _raise_run_error(self.run_id, exc, await asyncio.to_thread(self._recorded_status))
             raise
 
+    def cancel(self) -> None:
+        """Cancel the run now, with its child workflows and background tasks.
+
+        Each is recorded CANCELLED; an async step in flight here gets ``CancelledError`` at
+        its next await, a sync step finishes but nothing after it starts. Runs executing in
+        another process stop within a fraction of a second (each process watches for
+        cancels of the runs it executes). Cancelling a finished run changes nothing.
+        """
+        DBOS.cancel_workflow(self.run_id, cancel_children=True)
+        lifecycle.cancel_local(self.run_id)
+
+    async def cancel_async(self) -> None:
+        await DBOS.cancel_workflow_async(self.run_id, cancel_children=True)
+        lifecycle.cancel_local(self.run_id)
+
     def _check_task(self, name: str) -> None:
         names = {n for reg in self.app.pipelines.values() for _, node in reg.node.walk()
                  if isinstance(node, Dispatch) for n in node.names}
