@@ -34,7 +34,7 @@ from dbos._error import DBOSMaxStepRetriesExceeded
 from ..errors import DurapipeError, NodeFailed, PipelineChanged, StateError, error_text, from_portable
 from ..ir import Agent, Fn, Node, Parallel, Seq, Sleep, Transform
 from ..state import State, check_updates
-from . import lifecycle
+from . import lifecycle, taskgroup
 from . import steps as lean
 from .children import await_child
 from .reserve import next_reservation, reserve, reserving, running_at, static_ops
@@ -370,9 +370,11 @@ async def gather_branches(
 
     A branch whose operations the IR fixes runs inline at step numbers reserved for it
     before any branch starts (see ``reserve``); any other branch runs as a child workflow,
-    started in branch order.
+    started in branch order. The branches are a task group: the first failure cancels the
+    branches still running and fails the node at once (see ``taskgroup``).
     """
     runs: list[Awaitable[Any]] = []
+    children: dict[int, str] = {}
     for i, branch in enumerate(branches):
         bpath = f"{path}.{i}"
         ops = static_ops(branch)
@@ -380,12 +382,17 @@ async def gather_branches(
             runs.append(_run_reserved(ctx, branch, bpath, state, reserve(ops)))
         else:
             handle = await ctx.start_child(branch, bpath, dict(state))
+            children[i] = handle.workflow_id
             runs.append(await_child(handle))
-    results = await asyncio.gather(*runs, return_exceptions=True)
-    for i, r in enumerate(results):
-        if isinstance(r, BaseException):
-            raise node_error(r, f"{path}.{i}:{branches[i].label}") from r
-    return [r for r in results if not isinstance(r, BaseException)]
+    futures = [asyncio.ensure_future(r) for r in runs]  # in branch order, as gather would
+    labels = [f"{path}.{i}:{b.label}" for i, b in enumerate(branches)]
+    failure = await taskgroup.wait_all_or_first_failure(futures, children, labels)
+    if failure is not None:
+        i, cancelled = failure
+        exc = futures[i].exception()
+        assert exc is not None
+        raise taskgroup.with_cancelled(node_error(exc, labels[i]), cancelled) from exc
+    return [f.result() for f in futures]
 
 
 async def _run_reserved(ctx: RunContext, branch: Node, path: str, state: State,
