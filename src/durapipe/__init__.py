@@ -23,6 +23,7 @@ from .errors import (
     PlanError,
     RunCancelled,
     RunError,
+    RunTimeout,
     StateError,
 )
 from .ir import Agent, Node
@@ -32,7 +33,7 @@ from .planner import Flow, Plan, Step
 __all__ = [
     "Agent", "App", "BuildError", "DurapipeError", "FakeModel", "Flow", "GateRejected",
     "ModelError", "Node", "NodeFailed", "NodeTimeout", "PendingGate", "Pipeline", "Plan",
-    "PlanError", "RunCancelled", "RunError", "RunHandle", "RunResult", "RunStatus",
+    "PlanError", "RunCancelled", "RunError", "RunHandle", "RunResult", "RunStatus", "RunTimeout",
     "StateError", "Step", "dispatch", "fn", "gate", "join", "map_over", "progress", "race",
     "route", "sleep", "transform", "until",
 ]
