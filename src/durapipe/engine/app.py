@@ -65,6 +65,11 @@ class App:
     step row on Postgres with one statement before and one after the body, the same rows
     and guarantees as ``DBOS.run_step`` (see :mod:`durapipe.engine.steps`);
     ``steps="dbos"`` goes through ``DBOS.run_step`` itself. SQLite always uses DBOS's path.
+
+    ``executor_id`` names this process in the runs it records (default: DBOS's ``local``,
+    or env ``DBOS__VMID``); a launch recovers the unfinished runs of its executor id, so give
+    each process of a deployment its own. A clean stop (``with app:`` exit,
+    :meth:`shutdown`) leaves unfinished runs PENDING for the next launch with that id.
     """
 
     def __init__(
