@@ -9,7 +9,10 @@ clean ways, checks that nothing was recorded as failed, and restarts it.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -41,19 +44,36 @@ def gate_waiting(url: str) -> bool:
     return bool(rows) and json.loads(rows[0][0]).get("status") == "waiting"
 
 
+def dbos_start(url: str, log: Path) -> subprocess.Popen[str]:
+    """`dbos start` in a directory whose dbos-config.yaml starts the uvicorn service."""
+    folder = log.parent / "service"
+    folder.mkdir()
+    command = f"{sys.executable} {SCRIPT} {url} {log} first uvicorn"
+    (folder / "dbos-config.yaml").write_text(
+        f"name: stop-app\nlanguage: python\nruntimeConfig:\n  start:\n    - \"{command}\"\n")
+    dbos = Path(sys.executable).with_name("dbos")
+    return subprocess.Popen([str(dbos), "start"], cwd=folder, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
 def stop_then_resume(url: str, log: Path, mode: str) -> None:
-    first = spawn(SCRIPT, url, str(log), "first", mode)
-    if mode == "uvicorn":
+    first = dbos_start(url, log) if mode == "dbos-start" else spawn(
+        SCRIPT, url, str(log), "first", mode)
+    if mode in ("uvicorn", "dbos-start"):
         try:
             wait_for(lambda: IN_PLACE <= set(labels(log)) and gate_waiting(url), timeout=60,
                      what="runs in place")
-            first.send_signal(signal.SIGTERM)
+            first.send_signal(signal.SIGTERM)  # dbos start forwards it to the service
         except BaseException:
             first.kill()
             raise
-    out, _ = first.communicate(timeout=90)
-    # uvicorn stops gracefully on SIGTERM, then re-raises it to end the process with it.
-    assert first.returncode == (-signal.SIGTERM if mode == "uvicorn" else 0), out
+    out, _ = first.communicate(timeout=90)  # until the service closed its output too
+    if mode == "uvicorn":
+        # uvicorn stops gracefully on SIGTERM, then re-raises it to end the process with it.
+        assert first.returncode == -signal.SIGTERM, out
+    elif mode != "dbos-start":  # dbos start exits at once after forwarding the signal
+        assert first.returncode == 0, out
     assert "left PENDING for recovery" in out, out  # the log says what was left
 
     after_stop = statuses(url)
@@ -63,7 +83,7 @@ def stop_then_resume(url: str, log: Path, mode: str) -> None:
     done_before = recorded_steps(url)
     effects_before = labels(log)
 
-    second = spawn(SCRIPT, url, str(log), "second", mode)
+    second = spawn(SCRIPT, url, str(log), "second", "uvicorn" if mode == "dbos-start" else mode)
     out, _ = second.communicate(timeout=120)
     assert second.returncode == 0, out
     assert out.count("SUCCESS") == len(RUNS), out
@@ -83,6 +103,7 @@ def stop_then_resume(url: str, log: Path, mode: str) -> None:
     assert effects["sync-end"] == 1, effects
     if effects_before["sync-end"]:
         assert "slow_sync" in done_before, done_before
+    mode = "uvicorn" if mode == "dbos-start" else mode
     if mode == "drain":
         # drain let the async step and the task finish before stopping: nothing re-ran.
         assert {"slow_async", "task_body"} <= done_before, done_before
@@ -93,7 +114,7 @@ def stop_then_resume(url: str, log: Path, mode: str) -> None:
         assert effects["async-start"] == 2 and effects["task-start"] == 2
 
 
-@pytest.mark.parametrize("mode", ["exit", "shutdown", "drain", "lifespan", "uvicorn"])
+@pytest.mark.parametrize("mode", ["exit", "shutdown", "drain", "lifespan", "uvicorn", "dbos-start"])
 def test_a_clean_stop_leaves_runs_pending_and_the_next_process_resumes_them(
     database_url: str, tmp_path: Path, mode: str
 ) -> None:
