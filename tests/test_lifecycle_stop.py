@@ -17,7 +17,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from tests.dbutil import lines, spawn, sql, wait_for
+
+from dbutil import lines, spawn, sql, wait_for
 
 SCRIPT = Path(__file__).parent / "scripts" / "graceful_stop.py"
 RUNS = ["r-gate", "r-sleep", "r-async", "r-sync", "r-task"]

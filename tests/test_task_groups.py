@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from dbutil import sql
-from durapipe import App, Flow, Step, fn, map_over
+from durapipe import App, Flow, Node, Step, fn, map_over
 from durapipe.errors import NodeFailed
 
 S = dict[str, Any]
@@ -63,7 +63,7 @@ def test_parallel_fails_at_the_first_failure_and_cancels_the_other_branch(
     make_app: Callable[..., App], database_url: str, kind: str
 ) -> None:
     notes = Notes()
-    slow = fn(notes.slow())
+    slow: Node = fn(notes.slow())
     if kind == "child":  # a branch that runs as a child workflow
         slow = fn(notes.slow()) // fn(notes.slow("never"))
     app = make_app()
@@ -86,7 +86,7 @@ def test_map_over_fails_at_the_first_failed_item_and_cancels_the_others(
             return await notes.fail_fast()(state)  # type: ignore[no-any-return]
         return await notes.slow(state["item"])(state)  # type: ignore[no-any-return]
 
-    body = fn(item, writes=["r"])
+    body: Node = fn(item, writes=["r"])
     if kind == "child":  # a body of two steps runs each item as a child workflow
         body = fn(item) >> fn(lambda s: {"r": 1}, name="after")
     app = make_app()
