@@ -257,6 +257,7 @@ def _existing(app: App, run_id: str | None) -> RunHandle | None:
 def _detach(app: App, target: str, run_id: str | None) -> None:
     """Ctrl-C in ``durapipe run``: say where the run is; a second Ctrl-C exits at once."""
     signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    logging.getLogger("durapipe").setLevel(logging.ERROR)  # this line says what the stop leaves
     if run_id is None:
         err.print("interrupted before the run started", highlight=False)
         return
