@@ -39,6 +39,7 @@ CANCEL_MESSAGE = "durapipe: the run was cancelled"
 
 _lock = threading.Condition()
 _tasks: dict[str, list[tuple[asyncio.Task[Any], asyncio.AbstractEventLoop]]] = {}
+_since: dict[str, float] = {}  # workflow id -> when it began executing here (monotonic)
 _state = {"stopping": False, "in_flight": 0}
 _watcher: dict[str, Any] = {}
 
@@ -77,6 +78,7 @@ def running(workflow_id: str) -> Iterator[None]:
     entry = (task, asyncio.get_running_loop())
     with _lock:
         _tasks.setdefault(workflow_id, []).append(entry)
+        _since.setdefault(workflow_id, time.monotonic())
         _lock.notify_all()
     try:
         yield
@@ -87,6 +89,7 @@ def running(workflow_id: str) -> Iterator[None]:
                 found.remove(entry)
             if not found:
                 _tasks.pop(workflow_id, None)
+                _since.pop(workflow_id, None)
             _lock.notify_all()
 
 
@@ -191,8 +194,12 @@ def start_watcher(find_cancelled: Callable[[list[str]], list[str]]) -> None:
 
     def watch() -> None:
         while not halt.wait(WATCH_SECONDS):
-            with _lock:  # the executions seen now: a resumed one started later is not hit
-                seen = {wid: list(found) for wid, found in _tasks.items()}
+            # The executions seen now (a resumed one started later is not hit), and only
+            # those running for a tick already: short runs never cost a query.
+            now = time.monotonic()
+            with _lock:
+                seen = {wid: list(found) for wid, found in _tasks.items()
+                        if now - _since.get(wid, now) >= WATCH_SECONDS}
             if not seen:
                 continue
             try:
