@@ -89,6 +89,8 @@ def attack(attacker: App, run_id: str) -> None:
         lambda: RunHandle(attacker, run_id).result(timeout=5),
         lambda: asyncio.run(RunHandle(attacker, run_id).result_async(timeout=5)),
         lambda: RunHandle(attacker, run_id).progress("audit"),
+        lambda: RunHandle(attacker, run_id).cancel(),
+        lambda: asyncio.run(RunHandle(attacker, run_id).cancel_async()),
         lambda: asyncio.run(RunHandle(attacker, run_id).progress_async("audit")),
         lambda: shop_pipeline(attacker, pipeline.name).start({}, run_id=run_id),
         lambda: asyncio.run(shop_pipeline(attacker, pipeline.name).start_async({}, run_id=run_id)),

@@ -23,6 +23,7 @@ from .errors import (
     PlanError,
     RunCancelled,
     RunError,
+    RunTimeout,
     StateError,
     UnknownGate,
     UnknownRun,
@@ -34,7 +35,8 @@ from .planner import Flow, Plan, Step
 __all__ = [
     "Agent", "App", "BuildError", "DurapipeError", "FakeModel", "Flow", "GateRejected",
     "ModelError", "Node", "NodeFailed", "NodeTimeout", "PendingGate", "Pipeline", "Plan",
-    "PlanError", "RunCancelled", "RunError", "RunHandle", "RunResult", "RunStatus",
-    "StateError", "Step", "UnknownGate", "UnknownRun", "dispatch", "fn", "gate", "join", "map_over", "progress", "race",
+    "PlanError", "RunCancelled", "RunError", "RunHandle", "RunResult", "RunStatus", "RunTimeout",
+    "StateError", "Step", "UnknownGate", "UnknownRun", "dispatch", "fn", "gate", "join", "map_over",
+    "progress", "race",
     "route", "sleep", "transform", "until",
 ]

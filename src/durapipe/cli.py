@@ -37,8 +37,8 @@ from rich.text import Text
 from . import _render, audit
 from .engine.admin import Admin, database_url_or_env, parse_since
 from .engine.app import App
-from .engine.runs import Pipeline, RunStatus
-from .errors import DurapipeError, OperatorError
+from .engine.runs import Pipeline, RunHandle, RunStatus
+from .errors import DurapipeError, OperatorError, UnknownRun
 from .ir import Node
 
 cli = typer.Typer(name="durapipe", help="Run and operate durapipe pipelines.",
@@ -204,14 +204,21 @@ def run(
     database_url: DbUrl = None,
     as_json: AsJson = False,
 ) -> None:
-    """Run a pipeline to the end with a live view of its nodes."""
+    """Run a pipeline to the end with a live view of its nodes.
+
+    Ctrl-C detaches: the run stays PENDING and the line printed says how to resume or
+    follow it; a second Ctrl-C exits at once. The process records its runs under an
+    executor id of its own (``run-<hex>``, or ``--executor-id``), so it never recovers a
+    service's or a worker's runs; relaunching with that id resumes a detached run here.
+    """
     os.environ.setdefault("DURAPIPE_LOG_LEVEL", "CRITICAL")
     app, pipeline = load_target(target)
     state = parse_inputs(input or [], input_file)
-    _prepare(app, database_url, executor_id)
+    _prepare(app, database_url, executor_id or f"run-{uuid.uuid4().hex[:8]}")
     _launch(app)
+    handle = None
     try:
-        handle = pipeline.start(state, run_id=run_id)
+        handle = _existing(app, run_id) or pipeline.start(state, run_id=run_id)
         with Admin(app.database_url) as admin:
             if as_json:
                 while not handle.status().finished:
@@ -229,6 +236,9 @@ def run(
                 if not err.is_terminal:
                     err.print()
             tree = admin.tree(handle.run_id)
+    except KeyboardInterrupt:
+        _detach(app, target, handle.run_id if handle is not None else None)
+        raise typer.Exit(130) from None
     finally:
         app.shutdown()
     if as_json:
@@ -242,6 +252,32 @@ def run(
             f" run {tree.run.run_id} {tree.run.status}: {tree.run.error or ''}"),
             highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _existing(app: App, run_id: str | None) -> RunHandle | None:
+    """The run ``--run-id`` names when it exists already (e.g. detached): follow it, with the
+    inputs it was started with; launching under its executor id has resumed it."""
+    if run_id is None:
+        return None
+    try:
+        return app.get_run(run_id)
+    except UnknownRun:
+        return None
+
+
+def _detach(app: App, target: str, run_id: str | None) -> None:
+    """Ctrl-C in ``durapipe run``: say where the run is; a second Ctrl-C exits at once."""
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    logging.getLogger("durapipe").setLevel(logging.ERROR)  # this line says what the stop leaves
+    if run_id is None:
+        err.print("interrupted before the run started", highlight=False)
+        return
+    executor = app.executor_id
+    err.print(_render.literal(
+        f"detached: run {run_id} is still PENDING; resume it with `durapipe run {target} "
+        f"--run-id {run_id} --executor-id {executor}` (or `durapipe recover {executor}` while "
+        f"a worker runs), follow it with `durapipe show {run_id} --follow`"),
+        highlight=False, soft_wrap=True)
 
 
 @cli.command()
@@ -396,10 +432,13 @@ def cancel(run_id: str, database_url: DbUrl = None) -> None:
 
 @cli.command()
 @guarded
-def resume(run_id: str, database_url: DbUrl = None) -> None:
+def resume(run_id: str, database_url: DbUrl = None,
+           force: Annotated[bool, typer.Option(
+               "--force", help="resume even if a live process is executing the run")] = False,
+           ) -> None:
     """Resume a cancelled or stuck run from its last checkpoint (a live worker runs it)."""
     with Admin(database_url) as admin:
-        admin.resume(run_id)
+        admin.resume(run_id, force=force)
     out.print(_render.literal(f"resumed run {run_id}"), highlight=False)
 
 
@@ -422,10 +461,13 @@ def fork(run_id: str,
 @cli.command()
 @guarded
 def recover(executor_ids: Annotated[list[str], typer.Argument(help="executor ids of dead workers")],
-            database_url: DbUrl = None) -> None:
-    """Hand a dead worker's unfinished runs to the live workers (never name a live one)."""
+            database_url: DbUrl = None,
+            force: Annotated[bool, typer.Option(
+                "--force", help="recover even an executor a live process holds")] = False,
+            ) -> None:
+    """Hand a dead worker's unfinished runs to the live workers (a live one is refused)."""
     with Admin(database_url) as admin:
-        ids = admin.recover(executor_ids)
+        ids = admin.recover(executor_ids, force=force)
     out.print(_render.literal(f"re-queued {len(ids)} workflow(s) of {', '.join(executor_ids)}" +
                               (": " + ", ".join(ids) if ids else "")), highlight=False)
 

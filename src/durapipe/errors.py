@@ -9,6 +9,7 @@
     ├── RunError                  a run that did not finish normally
     │   ├── NodeFailed            a node raised; ``cause`` holds the original error text
     │   ├── NodeTimeout           a node ran past ``node.timeout(seconds)``
+    │   │   └── RunTimeout        a run ran past its deadline (``start(..., timeout=)``)
     │   ├── GateRejected          a human said no at a gate
     │   ├── RunCancelled          the run was cancelled
     │   └── PipelineChanged       the run was started by a pipeline of another shape
@@ -77,6 +78,11 @@ class NodeFailed(RunError):
 
 class NodeTimeout(RunError):
     """A node ran past its ``timeout(seconds)``."""
+
+
+class RunTimeout(NodeTimeout, TimeoutError):
+    """A run ran past its deadline (``start(..., timeout=seconds)``) and was cancelled,
+    with its child workflows and background tasks. Also a ``TimeoutError``."""
 
 
 class GateRejected(RunError):

@@ -22,6 +22,7 @@ from dbos._utils import INTERNAL_QUEUE_NAME
 
 from ..audit import NodeRecord, RunInfo, RunTree, first_line, model_usage, path_key, redact, split_step_name
 from ..errors import OperatorError, UnknownRun, error_text, from_portable
+from . import executors
 from .database import normalize_url
 from .dispatch import fate_key, task_status
 from .interpreter import DURAPIPE_WORKFLOWS, TASK_WORKFLOW, WORKFLOW_NAME
@@ -247,18 +248,32 @@ class Admin:
 
     # -- steering -----------------------------------------------------------------------
     def cancel(self, run_id: str) -> None:
-        """Cancel a run and its child workflows; a running step finishes, nothing more starts."""
+        """Cancel a run and its child workflows and background tasks. The process executing
+        them notices within a fraction of a second: an async step in flight stops at its
+        next await, a sync step finishes, nothing more starts."""
         self.run(run_id)
         self.client.cancel_workflow(run_id, cancel_children=True)
 
-    def resume(self, run_id: str) -> None:
-        """Resume a cancelled or stuck run from its last checkpoint (on any live worker)."""
+    def resume(self, run_id: str, *, force: bool = False) -> None:
+        """Resume a cancelled or stuck run from its last checkpoint (on any live worker).
+
+        A PENDING run that a live process is executing is refused (``force=True``
+        overrides: that process then loses the run at its next step).
+        """
         info = self.run(run_id)
         if info.status in ("SUCCESS", "ERROR"):
             raise OperatorError(
                 f"run {run_id!r} finished with {info.status}; resume continues unfinished runs, "
                 f"use `durapipe fork {run_id} --from NODE` to re-run part of a finished one",
                 run_id=run_id,
+            )
+        if (not force and info.status == "PENDING" and info.executor_id and info.app
+                and executors.alive(self.url, info.app, info.executor_id)):
+            raise OperatorError(
+                f"run {run_id!r} is being executed by the live process with executor id "
+                f"{info.executor_id!r}; it goes on by itself. Use --force to resume it elsewhere "
+                "anyway (that process then stops at its next step)",
+                run_id=run_id, executor_id=info.executor_id,
             )
         self.client.resume_workflow(run_id)
 
@@ -298,18 +313,30 @@ class Admin:
         handle = self.client.fork_workflow(run_id, step, application_version=info.app_version)
         return str(handle.workflow_id)
 
-    def recover(self, executor_ids: list[str]) -> list[str]:
+    def recover(self, executor_ids: list[str], *, force: bool = False) -> list[str]:
         """Hand the PENDING runs of dead executors back to the queues live workers poll.
 
         Each run (and child workflow) keeps its queue, or goes to DBOS's internal queue when
         it was started directly; a live worker of the same application version replays it
-        from its last checkpoint. Only name executors whose process is gone.
+        from its last checkpoint. An executor id a live process holds is refused
+        (``force=True`` overrides).
         """
         for executor in executor_ids:
             check_name(executor, "executor id", "recover")
+        pending = self.client.list_workflows(status="PENDING", executor_id=list(executor_ids),
+                                             load_input=False, load_output=False)
+        if not force:
+            live = sorted({(st.application_name, st.executor_id) for st in pending
+                           if st.application_name and st.executor_id
+                           and executors.alive(self.url, st.application_name, st.executor_id)})
+            if live:
+                raise OperatorError(
+                    f"executor {live[0][1]!r} of app {live[0][0]!r} is alive: a live process "
+                    "holds it and is executing its runs. Recover only executors whose process "
+                    "is gone (--force overrides)", executor_id=live[0][1],
+                )
         ids: list[str] = []
-        for st in self.client.list_workflows(status="PENDING", executor_id=list(executor_ids),
-                                             load_input=False, load_output=False):
+        for st in pending:
             # DBOS's own recovery step: PENDING -> ENQUEUED, only while still owned by the dead.
             if self.client._sys_db.reenqueue_for_recovery(st.workflow_id, list(executor_ids),
                                                           INTERNAL_QUEUE_NAME):

@@ -21,7 +21,7 @@ from .. import validate
 from ..audit import redact
 from ..errors import AppStateError, BuildError, DatabaseError, storable_text
 from ..ir import as_node
-from . import gates, interpreter
+from . import executors, gates, interpreter, lifecycle
 from .database import (
     check_postgres,
     check_url,
@@ -30,6 +30,7 @@ from .database import (
     resolve_url,
     sqlite_problem,
 )
+from .executors import ExecutorLock
 from .interpreter import WORKFLOW_NAME
 from .queues import QueueSpec, register_queues
 from .runs import Pipeline, Registered, RunHandle
@@ -69,6 +70,11 @@ class App:
     step row on Postgres with one statement before and one after the body, the same rows
     and guarantees as ``DBOS.run_step`` (see :mod:`durapipe.engine.steps`);
     ``steps="dbos"`` goes through ``DBOS.run_step`` itself. SQLite always uses DBOS's path.
+
+    ``executor_id`` names this process in the runs it records (default: DBOS's ``local``,
+    or env ``DBOS__VMID``); a launch recovers the unfinished runs of its executor id, so give
+    each process of a deployment its own. A clean stop (``with app:`` exit,
+    :meth:`shutdown`) leaves unfinished runs PENDING for the next launch with that id.
     """
 
     def __init__(
@@ -102,6 +108,7 @@ class App:
         self._pipelines: dict[str, Registered] = {}
         self._queues: dict[str, QueueSpec] = {}
         self._launched = False
+        self._executor_lock: ExecutorLock | None = None
         self._listen: list[str] | None = None
         self.tracing = Tracing(None if tracing is True else tracing) if tracing else None
 
@@ -206,7 +213,13 @@ class App:
         log.info("app %r records to %s", self.name, redact(url))
         one_line_workflow_errors()
         interpreter.set_current_app(self)
+        lifecycle.reset()
         self._step_log = None
+        # Taken before DBOS recovers this executor's runs, so a second live process with
+        # the same executor id is warned before it takes them over.
+        self._executor_lock = ExecutorLock(self.database_url, self.dbos_name,
+                                           self.running_executor_id)
+        self._executor_lock.acquire()
         DBOS(config=self.dbos_config())
         try:
             if self._listen is not None:
@@ -215,25 +228,56 @@ class App:
         except Exception as exc:
             interpreter.set_current_app(None)
             DBOS.destroy()
+            self._release_executor()
             error = launch_error(exc, url)
             if error is not None:
                 raise error from None
             raise
         if not exists:
+            self._executor_lock.acquire()  # the database exists only now
             log.warning("app %r created the database %s, which did not exist; if its name is "
                         "a typo, fix the URL (runs recorded there are not in the database meant)",
                         self.name, redact(url))
         self._launched = True
         register_queues(self._queues)
         self.step_log()  # looked up once here rather than by the first step, on the loop
+        lifecycle.start_watcher(_cancelled_of)
 
-    def shutdown(self) -> None:
+    @property
+    def running_executor_id(self) -> str:
+        """The executor id this process records on its runs (DBOS's ``local`` by default)."""
+        return str(self.dbos_config().get("executor_id") or os.environ.get("DBOS__VMID") or "local")
+
+    def shutdown(self, drain: float = 0.0) -> None:
+        """Stop the app; every unfinished run stays PENDING for the next process to resume.
+
+        No new step starts; ``drain`` seconds are given to the steps in flight to finish
+        (their results are recorded, so they never run again); then every run still
+        executing here is stopped where it is, without recording anything for it. The
+        next launch with the same executor id (or ``durapipe recover <executor id>`` on a
+        live worker) resumes each from its last recorded step.
+        """
         if not self._launched:
             return
         self._launched = False
+        lifecycle.stop_watcher()
+        left = lifecycle.stop(drain)
+        if left:
+            log.warning(
+                "durapipe: app %r stopped with %d unfinished run(s) left PENDING for recovery "
+                "by executor %r (relaunch with that executor id, or `durapipe recover %s`): %s",
+                self.name, len(left), self.running_executor_id, self.running_executor_id,
+                ", ".join(left[:10]) + (" ..." if len(left) > 10 else ""),
+            )
         self._step_log = None
         DBOS.destroy()
         interpreter.set_current_app(None)
+        self._release_executor()
+
+    def _release_executor(self) -> None:
+        if self._executor_lock is not None:
+            self._executor_lock.release()
+            self._executor_lock = None
 
     def __enter__(self) -> App:
         self.launch()
@@ -327,7 +371,7 @@ class App:
                                        polling_interval)
         return name
 
-    def recover(self, executor_ids: list[str]) -> list[str]:
+    def recover(self, executor_ids: list[str], *, force: bool = False) -> list[str]:
         """Hand the unfinished runs of dead executors to the live workers; return their ids.
 
         Each PENDING workflow of this app version owned by one of ``executor_ids`` goes back
@@ -338,8 +382,22 @@ class App:
         self._require_launched("recover")
         for executor in executor_ids:
             check_name(executor, "executor id", f"app {self.name!r}.recover")
+        live = [e for e in executor_ids if executors.alive(self.database_url, self.dbos_name, e)]
+        if live and not force:
+            raise AppStateError(
+                f"app {self.name!r}: executor {live[0]!r} is held by a live process that is "
+                "executing its runs; recover only executors whose process is gone "
+                "(force=True overrides)", app=self.name, executor_id=live[0],
+            )
         handles = DBOS._recover_pending_workflows(list(executor_ids))
         return [h.workflow_id for h in handles]
+
+
+def _cancelled_of(workflow_ids: list[str]) -> list[str]:
+    """Which of these workflows the database records as CANCELLED (by anyone, anywhere)."""
+    found = DBOS.list_workflows(workflow_ids=workflow_ids, status="CANCELLED",
+                                load_input=False, load_output=False)
+    return [st.workflow_id for st in found]
 
 
 def _prepare_sqlite(url: str) -> None:

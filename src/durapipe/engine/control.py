@@ -29,6 +29,7 @@ from ..errors import (
 )
 from ..ir import Agent, Fallback, Fn, Loop, MapOver, Node, Race, Route, Timeout, Transform
 from ..state import State
+from . import lifecycle, taskgroup
 from .children import await_child
 from .interpreter import RunContext, handles, node_error, run_step, single_op
 
@@ -154,6 +155,7 @@ async def _race(ctx: RunContext, node: Race, path: str, state: State) -> State:
                 winner = i
     for i in pending:
         await DBOS.cancel_workflow_async(ids[i], cancel_children=True)
+        lifecycle.cancel_local(ids[i])  # a loser's step in flight here stops at its next await
     # The losers' waits see CANCELLED and end; nothing of the race is left running.
     await asyncio.gather(*(waits[i] for i in pending), return_exceptions=True)
     if winner is None:
@@ -184,6 +186,7 @@ async def _timeout(ctx: RunContext, node: Timeout, path: str, state: State) -> S
         result: State = wait.result()
         return result
     await DBOS.cancel_workflow_async(child.workflow_id, cancel_children=True)
+    lifecycle.cancel_local(child.workflow_id)
     await asyncio.gather(wait, return_exceptions=True)
     raise NodeTimeout(
         f"node {body_where} ran past its timeout of {seconds:g} s and was cancelled",
@@ -214,9 +217,8 @@ async def _map(ctx: RunContext, node: MapOver, path: str, state: State) -> State
         )
     inline = single_op(node.body)
     limit = node.concurrency or max(1, len(items))
-    running: dict[int, asyncio.Future[Any]] = {}
-    finished: dict[int, asyncio.Future[Any]] = {}
-    started = 0
+    futures: dict[int, asyncio.Future[Any]] = {}
+    children: dict[int, str] = {}
 
     async def start(i: int) -> asyncio.Future[Any]:
         ipath = f"{path}.0#{i}"
@@ -225,30 +227,46 @@ async def _map(ctx: RunContext, node: MapOver, path: str, state: State) -> State
             fut = asyncio.ensure_future(ctx.execute(node.body, ipath, istate))
             await asyncio.sleep(0)  # let it start its one operation now, in item order
             return fut
-        return asyncio.ensure_future(await_child(await ctx.start_child(node.body, ipath, istate)))
+        child = await ctx.start_child(node.body, ipath, istate)
+        children[i] = child.workflow_id
+        return asyncio.ensure_future(await_child(child))
 
-    def failed() -> bool:
-        return any(f.exception() is not None for f in finished.values())
+    def running() -> list[int]:
+        return [i for i in sorted(futures) if not futures[i].done()]
 
-    while started < len(items) and not failed():
-        while started < len(items) and len(running) < limit:
-            running[started] = await start(started)
-            started += 1
-        if started == len(items):
-            break
-        order = sorted(running)
-        done, _ = await DBOS.asyncio_wait([running[i] for i in order],
-                                          return_when=asyncio.FIRST_COMPLETED)
-        for i in order:
-            if running[i] in done:
-                finished[i] = running.pop(i)
-    await asyncio.gather(*running.values(), return_exceptions=True)
-    finished.update(running)
-    for i in sorted(finished):
-        exc = finished[i].exception()
-        if exc is not None:
-            exc = node_error(exc, f"{path}.0#{i}:{node.body.label}")
-            raise restate(exc, f"map {where}: item {i} failed: {exc}", node=where, item=i) from exc
+    labels = [f"{path}.0#{i}:{node.body.label}" for i in range(len(items))]
+    failure: tuple[int, list[str]] | None = None
+    try:
+        # Items start in order while fewer than ``limit`` run; which one finished first is
+        # recorded (DBOS.asyncio_wait), so a replay starts the next ones at the same points.
+        while len(futures) < len(items):
+            while len(futures) < len(items) and len(running()) < limit:
+                futures[len(futures)] = await start(len(futures))
+            if len(futures) == len(items):
+                break
+            order = running()
+            await DBOS.asyncio_wait([futures[i] for i in order], return_when=asyncio.FIRST_COMPLETED)
+            bad = [i for i in sorted(futures) if taskgroup.failed(futures[i])]
+            if bad:
+                stopping = running()
+                await taskgroup.cancel_siblings(futures, children, stopping)
+                failure = bad[0], [labels[j] for j in stopping]
+                break
+    except BaseException:
+        for f in futures.values():
+            f.cancel()
+        raise
+    if failure is None:
+        ordered = [futures[i] for i in range(len(futures))]
+        failure = await taskgroup.wait_all_or_first_failure(ordered, children, labels)
+    if failure is not None:
+        i, cancelled = failure
+        exc = futures[i].exception()
+        assert exc is not None
+        exc = node_error(exc, labels[i])
+        raise taskgroup.with_cancelled(
+            restate(exc, f"map {where}: item {i} failed: {exc}", node=where, item=i), cancelled,
+        ) from exc
     key = _result_key(node.body)
-    results = [finished[i].result() for i in range(len(items))]
+    results = [futures[i].result() for i in range(len(items))]
     return {node.output_key: [r.get(key) for r in results] if key else results}

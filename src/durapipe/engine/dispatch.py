@@ -42,6 +42,7 @@ from dbos._dbos import _get_dbos_instance
 from ..errors import DurapipeError, NodeFailed, RunError, error_text, from_portable
 from ..ir import Dispatch, Join
 from ..state import State, check_updates
+from . import lifecycle
 from .agent import reset_partial_sink, set_partial_sink
 from .children import await_child
 from .interpreter import (
@@ -214,9 +215,10 @@ async def run_task(
     """
     app, registered = open_pipeline(pipeline, version)
     ctx = RunContext(app=app, pipeline=registered, root=root, tracer=app.tracing)
-    if ctx.tracer is not None:
-        return await ctx.tracer.workflow(ctx, path, lambda: _run_task(ctx, state, path, name))
-    return await _run_task(ctx, state, path, name)
+    with lifecycle.running(DBOS.workflow_id or ""):
+        if ctx.tracer is not None:
+            return await ctx.tracer.workflow(ctx, path, lambda: _run_task(ctx, state, path, name))
+        return await _run_task(ctx, state, path, name)
 
 
 async def _run_task(ctx: RunContext, state: State, path: str, name: str) -> State:
@@ -340,7 +342,8 @@ async def join_tasks(
         done, _ = await DBOS.asyncio_wait(futures, timeout=max(0.0, deadline - time.time()))
         timed_out = {i for i, f in enumerate(futures) if f not in done}
         for i in sorted(timed_out):
-            await DBOS.cancel_workflow_async(tasks[i].child_id)
+            await DBOS.cancel_workflow_async(tasks[i].child_id, cancel_children=True)
+            lifecycle.cancel_local(tasks[i].child_id)
         results = await asyncio.gather(*futures, return_exceptions=True)
     merged: State = {}
     failure: BaseException | None = None

@@ -16,6 +16,7 @@ operation is started from a concurrent task, so the numbering cannot depend on t
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from dbos import DBOS
@@ -24,8 +25,10 @@ from ..errors import DurapipeError, NodeFailed, NodeTimeout, PlanError, StateErr
 from ..ir import Agent, Fn
 from ..planner import Flow, PlannedStep, Step, at_path
 from ..state import State
+from . import lifecycle
 from .children import await_child
 from .interpreter import RunContext, handles, node_error
+from .taskgroup import with_cancelled
 
 POLL_SECONDS = 0.05
 _RETRIED = (NodeFailed, NodeTimeout)
@@ -98,9 +101,14 @@ async def _flow(ctx: RunContext, node: Flow, path: str, state: State) -> State:
         try:
             out: State = await await_child(done) or {}
         except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise  # this flow is cancelled or its app stops: nothing to record here
             error = node_error(exc, f"{path}.{planned.index}:{planned.name}")
             if running:  # the flow failed: stop the steps still in flight
                 await DBOS.cancel_workflows_async(list(running), cancel_children=True)
+                lifecycle.cancel_local(*running)
+                error = with_cancelled(
+                    error, [f"{path}.{p.index}:{p.name}" for p, _ in running.values()])
             raise error from exc
         state.update(out)
         updates.update(out)

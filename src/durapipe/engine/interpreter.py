@@ -42,7 +42,7 @@ from ..errors import (
 )
 from ..ir import Agent, Fn, Node, Parallel, Seq, Sleep, Transform
 from ..state import State, check_updates
-from . import steplogs
+from . import lifecycle, steplogs, taskgroup
 from . import steps as lean
 from .children import await_child
 from .reserve import next_reservation, reserve, reserving, running_at, static_ops
@@ -201,6 +201,8 @@ async def run_step(where: str, retries: int, body: Callable[[], Any]) -> Any:
     reservation = next_reservation(where)
     log = active_step_log()
     body = storable_errors(body)
+    if not lifecycle.step_started():
+        await lifecycle.hold()  # the app is stopping: no new step starts
     try:
         if log is not None:
             step = lean.take_step(reservation)
@@ -215,6 +217,8 @@ async def run_step(where: str, retries: int, body: Callable[[], Any]) -> Any:
         return await DBOS.run_step_async(step_options(where, retries), body)  # type: ignore[call-overload]
     except Exception as exc:
         raise node_error(exc, where) from exc
+    finally:
+        lifecycle.step_done()
 
 
 def active_step_log() -> lean.StepLog | None:
@@ -255,6 +259,8 @@ def run_sync_fn(node: Fn, path: str, state: State) -> State:
     where = f"{path}:{node.label}"
     body = storable_errors(steplogs.capturing(where, _sync_body(node, where, state)))
     log = active_step_log()
+    if not lifecycle.step_started():
+        lifecycle.refuse_on_thread()  # the app is stopping: no new step starts
     try:
         step = lean.take_step(next_reservation(where)) if log is not None else None
         if log is not None and step is not None:
@@ -264,6 +270,8 @@ def run_sync_fn(node: Fn, path: str, state: State) -> State:
             result = DBOS.run_step(step_options(where, node.max_retries), body)  # type: ignore[call-overload]
     except Exception as exc:
         raise node_error(exc, where) from exc
+    finally:
+        lifecycle.step_done()
     return result
 
 
@@ -372,9 +380,11 @@ async def gather_branches(
 
     A branch whose operations the IR fixes runs inline at step numbers reserved for it
     before any branch starts (see ``reserve``); any other branch runs as a child workflow,
-    started in branch order.
+    started in branch order. The branches are a task group: the first failure cancels the
+    branches still running and fails the node at once (see ``taskgroup``).
     """
     runs: list[Awaitable[Any]] = []
+    children: dict[int, str] = {}
     for i, branch in enumerate(branches):
         bpath = f"{path}.{i}"
         ops = static_ops(branch)
@@ -382,12 +392,17 @@ async def gather_branches(
             runs.append(_run_reserved(ctx, branch, bpath, state, reserve(ops)))
         else:
             handle = await ctx.start_child(branch, bpath, dict(state))
+            children[i] = handle.workflow_id
             runs.append(await_child(handle))
-    results = await asyncio.gather(*runs, return_exceptions=True)
-    for i, r in enumerate(results):
-        if isinstance(r, BaseException):
-            raise node_error(r, f"{path}.{i}:{branches[i].label}") from r
-    return [r for r in results if not isinstance(r, BaseException)]
+    futures = [asyncio.ensure_future(r) for r in runs]  # in branch order, as gather would
+    labels = [f"{path}.{i}:{b.label}" for i, b in enumerate(branches)]
+    failure = await taskgroup.wait_all_or_first_failure(futures, children, labels)
+    if failure is not None:
+        i, cancelled = failure
+        exc = futures[i].exception()
+        assert exc is not None
+        raise taskgroup.with_cancelled(node_error(exc, labels[i]), cancelled) from exc
+    return [f.result() for f in futures]
 
 
 async def _run_reserved(ctx: RunContext, branch: Node, path: str, state: State,
@@ -460,9 +475,10 @@ async def run_pipeline(
             return {**state, **updates}
         return updates
 
-    if ctx.tracer is not None:
-        return await ctx.tracer.workflow(ctx, path, body)
-    return await body()
+    with lifecycle.running(run_id):
+        if ctx.tracer is not None:
+            return await ctx.tracer.workflow(ctx, path, body)
+        return await body()
 
 
 from . import agent as _agent  # noqa: E402,F401  (registers the Agent handler)

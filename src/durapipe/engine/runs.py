@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import enum
 import re
 import time
@@ -15,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from dbos import DBOS, SetWorkflowID
+from dbos import DBOS, SetWorkflowID, SetWorkflowTimeout
 
 from ..errors import (
     AppStateError,
@@ -23,6 +24,7 @@ from ..errors import (
     DurapipeError,
     RunCancelled,
     RunError,
+    RunTimeout,
     StateError,
     UnknownRun,
     UnknownTask,
@@ -31,7 +33,7 @@ from ..errors import (
 )
 from ..ir import Dispatch, Node
 from ..state import State, check_inputs
-from . import dispatch
+from . import dispatch, lifecycle
 from .interpreter import WORKFLOW_NAME, run_pipeline
 from .scope import belongs_to, check_run_id, refuse
 
@@ -135,33 +137,66 @@ class Pipeline:
                 run_id=run_id,
             )
 
-    def start(self, inputs: Any = None, *, run_id: str | None = None) -> RunHandle:
-        """Start a run and return at once. Starting an existing ``run_id`` returns that run."""
+    def start(self, inputs: Any = None, *, run_id: str | None = None,
+              timeout: float | None = None) -> RunHandle:
+        """Start a run and return at once. Starting an existing ``run_id`` returns that run.
+
+        ``timeout`` (seconds) is a durable deadline for the whole run, kept across
+        restarts: past it the run is cancelled, with its child workflows and background
+        tasks, and its result raises :class:`~durapipe.errors.RunTimeout`.
+        """
         self.app._require_launched(f"pipeline {self.name!r}.start")
         run_id = self._run_id(run_id, "start")
         state = self._inputs(inputs)
+        deadline = self._deadline(timeout)
         if run_id is not None:
             self._check_existing(run_id, DBOS.get_workflow_status(run_id))
-        with SetWorkflowID(run_id or str(uuid.uuid4())):
-            handle = DBOS.start_workflow(run_pipeline, self.name, self.version, state)
-        return RunHandle(self.app, handle.workflow_id, handle)
+        workflow_id = run_id or str(uuid.uuid4())
+        submit = _loop_submit()
+        if submit is None:
+            with SetWorkflowID(workflow_id), deadline:
+                handle = DBOS.start_workflow(run_pipeline, self.name, self.version, state)
+            return RunHandle(self.app, handle.workflow_id, handle)
 
-    async def start_async(self, inputs: Any = None, *, run_id: str | None = None) -> RunHandle:
+        async def start() -> _Started:
+            with SetWorkflowID(workflow_id), deadline:
+                started = await DBOS.start_workflow_async(run_pipeline, self.name, self.version, state)
+            return _Started(started.workflow_id, _future_of(getattr(started, "task", None)))
+        return RunHandle(self.app, workflow_id, submit(start()))
+
+    def _deadline(self, timeout: float | None) -> Any:
+        if timeout is None:
+            return contextlib.nullcontext()
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise DurapipeError(
+                f"pipeline {self.name!r}: timeout={timeout!r} must be a number of seconds > 0 "
+                "(the run's deadline), or None for no deadline", pipeline=self.name,
+            )
+        return SetWorkflowTimeout(float(timeout))
+
+    async def start_async(self, inputs: Any = None, *, run_id: str | None = None,
+                          timeout: float | None = None) -> RunHandle:
         self.app._require_launched(f"pipeline {self.name!r}.start_async")
         run_id = self._run_id(run_id, "start_async")
         state = self._inputs(inputs)
+        deadline = self._deadline(timeout)
         if run_id is not None:
             self._check_existing(run_id, await DBOS.get_workflow_status_async(run_id))
-        with SetWorkflowID(run_id or str(uuid.uuid4())):
+        with SetWorkflowID(run_id or str(uuid.uuid4())), deadline:
             handle = await DBOS.start_workflow_async(run_pipeline, self.name, self.version, state)
         return RunHandle(self.app, handle.workflow_id, async_handle=handle)
 
     def run(self, inputs: Any = None, *, run_id: str | None = None,
             timeout: float | None = None) -> RunResult:
-        """Run to the end and return the result; a failed run raises its error."""
-        return self.start(inputs, run_id=run_id).result(timeout=timeout)
+        """Run to the end and return the result; a failed run raises its error.
 
-    def enqueue(self, inputs: Any = None, *, queue: str, run_id: str | None = None) -> RunHandle:
+        ``timeout`` is the run's durable deadline (see :meth:`start`): past it the run is
+        cancelled and this raises ``RunTimeout`` (a ``TimeoutError``).
+        """
+        return self.start(inputs, run_id=run_id, timeout=timeout).result(timeout=_wait_for(timeout))
+
+    def enqueue(self, inputs: Any = None, *, queue: str, run_id: str | None = None,
+                timeout: float | None = None) -> RunHandle:
         """Place a run on a queue declared with :meth:`App.queue`; any worker may run it."""
         self.app._require_launched(f"pipeline {self.name!r}.enqueue")
         if queue not in self.app._queues:
@@ -172,19 +207,86 @@ class Pipeline:
             )
         run_id = self._run_id(run_id, "enqueue")
         state = self._inputs(inputs)
+        deadline = self._deadline(timeout)  # counted from when a worker dequeues the run
         if run_id is not None:
             self._check_existing(run_id, DBOS.get_workflow_status(run_id))
-        with SetWorkflowID(run_id or str(uuid.uuid4())):
+        with SetWorkflowID(run_id or str(uuid.uuid4())), deadline:
             handle = DBOS.enqueue_workflow(queue, run_pipeline, self.name, self.version, state)
         return RunHandle(self.app, handle.workflow_id)
 
     async def run_async(self, inputs: Any = None, *, run_id: str | None = None,
                         timeout: float | None = None) -> RunResult:
-        handle = await self.start_async(inputs, run_id=run_id)
-        return await handle.result_async(timeout=timeout)
+        handle = await self.start_async(inputs, run_id=run_id, timeout=timeout)
+        return await handle.result_async(timeout=_wait_for(timeout))
 
 
-def _raise_run_error(run_id: str, exc: BaseException, recorded: str | None = None) -> None:
+# How long run() waits past a run's deadline for the cancel to land (DBOS sweeps deadlines
+# about once a second) before it gives up waiting with a plain TimeoutError.
+DEADLINE_GRACE = 10.0
+
+
+def _wait_for(timeout: float | None) -> float | None:
+    return None if timeout is None else timeout + DEADLINE_GRACE
+
+
+@dataclass
+class _Started:
+    """A run started from sync code: its id and a thread-safe future of its result."""
+
+    workflow_id: str
+    future: concurrent.futures.Future[Any] | None
+
+
+def _loop_submit() -> Any:
+    """DBOS's ``submit_coroutine`` of its background event loop, for starting a run from
+    sync code as an asyncio task there rather than through DBOS's thread path.
+
+    ``DBOS.start_workflow`` runs an async workflow on a pool thread that blocks on the loop;
+    when DBOS stops, that thread records the cancelled run as ``ERROR CancelledError``. A
+    run started as a task with ``start_workflow_async`` stays PENDING when cancelled, so a
+    stopped process leaves it for recovery. Private to DBOS 3.4 (``_background_event_loop``);
+    without it, or on a thread with a running loop, ``DBOS.start_workflow`` is used.
+    """
+    from dbos._dbos import _get_dbos_instance
+
+    loop = getattr(_get_dbos_instance(), "_background_event_loop", None)
+    submit = getattr(loop, "submit_coroutine", None)
+    target = getattr(loop, "target_loop", None)
+    if submit is None or target is None or target() is None:
+        return None
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return submit
+    return None
+
+
+def _future_of(task: Any) -> concurrent.futures.Future[Any] | None:
+    """A thread-safe future that follows an asyncio future (None when there is none)."""
+    if not isinstance(task, asyncio.Future):
+        return None
+    out: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def done(t: asyncio.Future[Any]) -> None:
+        if t.cancelled():
+            out.cancel()
+        elif t.exception() is not None:
+            out.set_exception(t.exception())
+        else:
+            out.set_result(t.result())
+
+    task.add_done_callback(done)
+    return out
+
+
+def _raise_run_error(run_id: str, exc: BaseException, recorded: str | None = None,
+                     deadline_ms: int | None = None) -> None:
+    if lifecycle.stopping() and recorded is not None and not RunStatus(recorded).finished:
+        raise RunError(
+            f"run {run_id!r} stopped here because the app is shutting down; it stays "
+            f"{recorded} and the next launch with the same executor id (or `durapipe recover`) "
+            "resumes it from its last recorded step", run_id=run_id, status=recorded,
+        ) from exc
     if recorded == _UNREADABLE or (recorded is not None and not RunStatus(recorded).finished):
         # The run stopped in this process, but its end could not be recorded (typically the
         # database connection was lost): the database still holds it as unfinished.
@@ -201,6 +303,11 @@ def _raise_run_error(run_id: str, exc: BaseException, recorded: str | None = Non
     if isinstance(exc, DurapipeError):
         raise exc
     name = type(exc).__name__
+    if "Cancelled" in name and deadline_ms is not None and time.time() * 1000 >= deadline_ms:
+        raise RunTimeout(
+            f"run {run_id!r} ran past its deadline and was cancelled, with its child "
+            "workflows and background tasks", run_id=run_id, deadline_ms=deadline_ms,
+        ) from exc
     if "Cancelled" in name:
         raise RunCancelled(f"run {run_id!r} was cancelled", run_id=run_id) from exc
     raise RunError(f"run {run_id!r} failed: {error_text(exc)}", run_id=run_id) from exc
@@ -229,13 +336,16 @@ class RunHandle:
     async def status_async(self) -> RunStatus:
         return self._own(await DBOS.get_workflow_status_async(self.run_id))
 
-    def _recorded_status(self) -> str | None:
-        """The status the database holds; None for no row, ``_UNREADABLE`` when the read fails."""
+    def _recorded(self) -> tuple[str | None, int | None]:
+        """The status the database holds (None for no row, ``_UNREADABLE`` when the read
+        fails) and the run's deadline, if it has one."""
         try:
             st = DBOS.get_workflow_status(self.run_id)
         except Exception:
-            return _UNREADABLE
-        return None if st is None else str(st.status)
+            return _UNREADABLE, None
+        if st is None:
+            return None, None
+        return str(st.status), st.workflow_deadline_epoch_ms
 
     def _result(self, state: Any) -> RunResult:
         return RunResult(self.run_id, RunStatus.SUCCESS, state)
@@ -262,7 +372,7 @@ class RunHandle:
         except BaseException as exc:
             if not isinstance(exc, Exception) and "Cancel" not in type(exc).__name__:
                 raise
-            _raise_run_error(self.run_id, exc, self._recorded_status())
+            _raise_run_error(self.run_id, exc, *self._recorded())
             raise  # unreachable
 
     def _wait(self, timeout: float | None) -> None:
@@ -291,8 +401,25 @@ class RunHandle:
         except BaseException as exc:
             if not isinstance(exc, Exception) and "Cancel" not in type(exc).__name__:
                 raise
-            _raise_run_error(self.run_id, exc, await asyncio.to_thread(self._recorded_status))
+            _raise_run_error(self.run_id, exc, *await asyncio.to_thread(self._recorded))
             raise
+
+    def cancel(self) -> None:
+        """Cancel the run now, with its child workflows and background tasks.
+
+        Each is recorded CANCELLED; an async step in flight here gets ``CancelledError`` at
+        its next await, a sync step finishes but nothing after it starts. Runs executing in
+        another process stop within a fraction of a second (each process watches for
+        cancels of the runs it executes). Cancelling a finished run changes nothing.
+        """
+        self.status()  # one of this app's runs
+        DBOS.cancel_workflow(self.run_id, cancel_children=True)
+        lifecycle.cancel_local(self.run_id)
+
+    async def cancel_async(self) -> None:
+        await self.status_async()  # one of this app's runs
+        await DBOS.cancel_workflow_async(self.run_id, cancel_children=True)
+        lifecycle.cancel_local(self.run_id)
 
     def _check_task(self, name: str) -> None:
         names = {n for reg in self.app.pipelines.values() for _, node in reg.node.walk()
