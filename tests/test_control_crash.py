@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.dbutil import lines, spawn, sql, wait_for
+
+from dbutil import lines, spawn, sql, wait_for
 
 SCRIPT = Path(__file__).with_name("crash_control.py")
 pytestmark = pytest.mark.slow

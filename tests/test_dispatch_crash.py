@@ -6,7 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from tests.dbutil import lines, spawn, sql, wait_for
+from dbutil import lines, spawn, sql, wait_for
 
 SCRIPT = Path(__file__).with_name("dispatch_procs.py")
 
