@@ -8,7 +8,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -57,12 +57,18 @@ def scratch_database(server_url: str, prefix: str = "durapipe_test") -> Iterator
             con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def step_rows(url: str, labels: list[str]) -> list[str]:
+def step_label(function_name: str) -> str | None:
+    """The label a kill script logs for a step row: the step's name."""
+    return function_name.split(":")[1]
+
+
+def step_rows(url: str, labels: list[str],
+              label_of: Callable[[str], str | None] = step_label) -> list[str]:
     """``run:label`` of every recorded step named by a label, in runs, children and tasks."""
     rows = sql(url, "SELECT workflow_uuid, function_name FROM dbos.operation_outputs "
                     "WHERE function_name LIKE '0%:%'")
-    out = [f"{wf.split('/')[0]}:{name.split(':')[1]}" for wf, name in rows]
-    return [s for s in out if s.split(":")[1] in labels]
+    out = [(wf.split("/")[0], label_of(name)) for wf, name in rows]
+    return [f"{run}:{label}" for run, label in out if label in labels]
 
 
 def wait_for_idle_database(url: str) -> None:
@@ -75,7 +81,9 @@ def wait_for_idle_database(url: str) -> None:
 
 
 def kill_then_recover(script: Path, url: str, log: Path, runs: int, kill_at: int | str,
-                      run_prefix: str, after: dict[str, set[str]], width: int) -> None:
+                      run_prefix: str, after: dict[str, set[str]], width: int,
+                      label_of: Callable[[str], str | None] = step_label,
+                      *script_args: str) -> None:
     """Run ``script`` until it SIGKILLs itself right after the side effect ``kill_at`` names
     (the N-th line, or ``<run>:<label>``), run it again to recover, and check the
     exactly-once rule of the kill tests (see their docstrings).
@@ -83,9 +91,11 @@ def kill_then_recover(script: Path, url: str, log: Path, runs: int, kill_at: int
     ``after`` maps each step label to the labels that must be recorded before it starts:
     a step is in flight at the kill only if all of those were recorded and it was not, and
     at most ``width`` steps of one run (its widest parallel group) are in flight at once.
+    ``label_of`` turns a step row's function name into the label the script logs for it;
+    ``script_args`` go to both lives of the script after its usual four arguments.
     """
     labels = list(after)
-    first = spawn(script, url, str(log), str(runs), str(kill_at))
+    first = spawn(script, url, str(log), str(runs), str(kill_at), *script_args)
     out, _ = first.communicate(timeout=120)
     assert first.returncode == -9, out
     wait_for_idle_database(url)
@@ -95,7 +105,7 @@ def kill_then_recover(script: Path, url: str, log: Path, runs: int, kill_at: int
         assert len(logged) == kill_at
     else:
         assert logged[-1] == kill_at
-    recorded = set(step_rows(url, labels))
+    recorded = set(step_rows(url, labels, label_of))
     assert recorded <= set(logged), "a step was recorded without having run"
     # The window: steps that ran but were not recorded when the process died. The step that
     # killed it is one; the others can only be steps in flight at the same time, each with
@@ -109,11 +119,11 @@ def kill_then_recover(script: Path, url: str, log: Path, runs: int, kill_at: int
     per_run = Counter(s.split(":")[0] for s in window)
     assert max(per_run.values()) <= width, (window, width)
 
-    again = spawn(script, url, str(log), str(runs), "0")
+    again = spawn(script, url, str(log), str(runs), "0", *script_args)
     out, _ = again.communicate(timeout=180)
     assert again.returncode == 0 and "ALL DONE" in out, out
 
-    rows = Counter(step_rows(url, labels))
+    rows = Counter(step_rows(url, labels, label_of))
     effects = Counter(lines(log))
     expected = {f"{run_prefix}{i}:{label}" for i in range(runs) for label in labels}
     assert set(rows) == expected and set(rows.values()) == {1}   # one row per step

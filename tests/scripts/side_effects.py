@@ -40,21 +40,23 @@ class KillingLog:
 
 
 def start_then_die_or_finish(pipeline: Any, runs: int, prefix: str, kill_at: str,
-                             labels: list[str]) -> None:
+                             labels: list[str], inputs: dict[str, Any] | None = None) -> list[Any]:
     """The two lives of a kill script.
 
     With ``kill_at`` the runs ``<prefix>0..`` start and the process waits for a step to kill
     it. Without, it recovers: every run id the first process meant to start is started
     again (a recorded run returns its recovering self, one the kill prevented starts now),
-    and each run must end with every label's step done.
+    and each run must end with every label's step done. Returns the runs' results.
     """
     if kill_at != "0":
         for i in range(runs):
-            pipeline.start({"run": f"{prefix}{i}"}, run_id=f"{prefix}{i}")
+            pipeline.start({**(inputs or {}), "run": f"{prefix}{i}"}, run_id=f"{prefix}{i}")
         time.sleep(120)
         print("KILL POINT NEVER REACHED", flush=True)
         sys.exit(3)
-    handles = [pipeline.start({"run": f"{prefix}{i}"}, run_id=f"{prefix}{i}") for i in range(runs)]
-    for handle in handles:
-        result = handle.result(timeout=120)
+    handles = [pipeline.start({**(inputs or {}), "run": f"{prefix}{i}"}, run_id=f"{prefix}{i}")
+               for i in range(runs)]
+    results = [handle.result(timeout=120) for handle in handles]
+    for result in results:
         assert all(result.state[label] for label in labels), result.state
+    return results
