@@ -75,8 +75,8 @@ def wait_for_idle_database(url: str) -> None:
     """Wait until no session of a killed process is left on ``url``'s database: a statement
     it sent just before the kill is committed or rolled back by then, so what the test reads
     next is what the killed process left behind."""
-    query = ("SELECT count(*) FROM pg_stat_activity "
-             "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    query = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+             "AND backend_type = 'client backend' AND pid <> pg_backend_pid()")
     wait_for(lambda: sql(url, query) == [(0,)], what="the killed process's sessions to end")
 
 
