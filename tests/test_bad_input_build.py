@@ -3,12 +3,14 @@ builder takes a value. Only DurapipeError subclasses with a message come out."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from durapipe import Agent, App, BuildError, DurapipeError, fn, transform
+from durapipe.errors import AppStateError
 from durapipe.ir import Node
 
 
@@ -69,33 +71,73 @@ def test_random_pipelines_build_or_fail_with_a_build_error(tree: Any) -> None:
         app.pipeline("p", node)
     except Exception as exc:
         well_formed(exc)
+        assert isinstance(exc, BuildError), repr(exc)
         return
     assert isinstance(app.pipelines["p"].node, Node)
 
 
+def is_function(x: Any) -> bool:
+    return callable(x) and not isinstance(x, type)
+
+
+def is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def is_name(x: Any) -> bool:
+    return isinstance(x, str) and bool(x.strip())
+
+
+def is_keys(x: Any) -> bool:
+    if x is None or (isinstance(x, str) and x):
+        return True
+    return isinstance(x, (list, tuple, set, frozenset)) and all(isinstance(k, str) and k for k in x)
+
+
+def is_app_name(x: Any) -> bool:
+    """Any text of 3 to 256 characters: others than letters, digits, '-', '_' become '-'."""
+    return isinstance(x, str) and 3 <= len(x.lower()) <= 256
+
+
+# Each builder call with the junk in one argument, and what that argument takes.
+CALLS: list[tuple[Callable[[Any], Any], Callable[[Any], bool]]] = [
+    (lambda j: fn(j), is_function),
+    (lambda j: fn(good, retries=j), lambda x: x is None or is_count(x)),
+    (lambda j: fn(good, reads=j), is_keys),
+    (lambda j: fn(good, writes=j), is_keys),
+    (lambda j: transform(j), is_function),
+    (lambda j: transform(good, reads=j), is_keys),
+    (lambda j: Agent(j), is_name),
+    (lambda j: Agent("a").instruct(j), lambda x: isinstance(x, str)),
+    (lambda j: Agent("a").writes(j), lambda x: isinstance(x, str) and bool(x)),
+    (lambda j: Agent("a").retries(j), is_count),
+    (lambda j: Agent("a").tools(j), callable),
+    (lambda j: App(j), is_app_name),
+    (lambda j: App("bad-build", "sqlite:///unused.sqlite").pipeline(j, fn(good)), lambda x: isinstance(x, str) and bool(x)),
+    (lambda j: App("bad-build", "sqlite:///unused.sqlite").pipeline("p", fn(good), inputs=j),
+     lambda x: x is None or (isinstance(x, (list, tuple)) and all(isinstance(k, str) and k for k in x))),
+]
+
+
 @settings(max_examples=200, deadline=None)
-@given(junk=JUNK, which=st.integers(min_value=0, max_value=13))
+@given(junk=JUNK, which=st.integers(min_value=0, max_value=len(CALLS) - 1))
+@example(junk=True, which=1)
+@example(junk=-1, which=9)
+@example(junk="", which=6)
+@example(junk=Thing, which=0)
+@example(junk=["ok", 3], which=2)
+@example(junk="ab", which=11)
 def test_builder_arguments_of_the_wrong_type_are_build_errors(junk: Any, which: int) -> None:
-    calls = [
-        lambda: fn(junk),
-        lambda: fn(good, retries=junk),
-        lambda: fn(good, reads=junk),
-        lambda: fn(good, writes=junk),
-        lambda: transform(junk),
-        lambda: transform(good, reads=junk),
-        lambda: Agent(junk),
-        lambda: Agent("a").instruct(junk),
-        lambda: Agent("a").writes(junk),
-        lambda: Agent("a").retries(junk),
-        lambda: Agent("a").tools(junk),
-        lambda: App(junk),
-        lambda: App("bad-build", "sqlite:///unused.sqlite").pipeline(junk, fn(good)),
-        lambda: App("bad-build", "sqlite:///unused.sqlite").pipeline("p", fn(good), inputs=junk),
-    ]
+    """A value the argument does not take raises BuildError (AppStateError for ``App``'s
+    name); a call that returns took a value of the documented type."""
+    call, takes = CALLS[which]
     try:
-        calls[which]()
+        call(junk)
     except Exception as exc:
         well_formed(exc)
+        assert isinstance(exc, AppStateError if which == 11 else BuildError), repr(exc)
+        return
+    assert takes(junk), f"call {which} accepted {junk!r}"
 
 
 @settings(max_examples=200, deadline=None)

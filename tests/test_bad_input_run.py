@@ -3,9 +3,9 @@
 Non-JSON values, NaN, non-string keys, odd and huge keys and values, unicode (lone
 surrogates and NUL included), deep nesting, wrong types. A refused start raises a StateError
 and leaves no workflow row; an accepted one round-trips exactly and reads back as jsonb; a
-node returning junk ends its run in ERROR with a DurapipeError, recorded. The values that
-once slipped through are pinned as ``@example`` cases, so no run depends on what hypothesis
-happens to draw.
+node returning junk ends its run in ERROR with a StateError naming the node, recorded in the
+step's row and the run's. The values that once slipped through are pinned as ``@example``
+cases, and the examples hypothesis adds are the same on every run (``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from sqlalchemy.engine import make_url
 
 from dbutil import sql
-from durapipe import App, DurapipeError, Pipeline, RunStatus, StateError, fn
+from durapipe import App, Pipeline, RunStatus, StateError, fn
 from durapipe.state import MAX_DEPTH, MAX_INT_DIGITS
 
 TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=12)  # surrogates, NUL
@@ -149,7 +149,7 @@ def test_run_inputs_are_stored_exactly_or_refused_before_anything_is_written(
 @example(value="\ud800", shape=1)
 @example(value="nul\x00", shape=2)
 @example(value=10**5000, shape=1)
-def test_a_node_returning_junk_fails_its_run_with_a_recorded_durapipe_error(
+def test_a_node_returning_junk_fails_its_run_with_a_recorded_state_error(
     runner: tuple[str, Pipeline, Pipeline], value: Any, shape: int
 ) -> None:
     url, _, junk_p = runner
@@ -160,9 +160,12 @@ def test_a_node_returning_junk_fails_its_run_with_a_recorded_durapipe_error(
     if out is None or (isinstance(out, dict) and is_json(out)):
         assert handle.result(timeout=60).state == {"ref": run_id, **(out or {})}
         return
-    with pytest.raises(DurapipeError) as caught:
+    with pytest.raises(StateError) as caught:
         handle.result(timeout=60)
-    assert "0:junk_out" in caught.value.message, caught.value.message
+    assert caught.value.message.startswith("0:junk_out: "), caught.value.message
+    # The step's row records the error: a replay raises it again without running the body.
+    assert sql(url, "SELECT function_name, output IS NULL, error IS NOT NULL FROM dbos.operation_outputs "
+                    "WHERE workflow_uuid = %s", run_id) == [("0:junk_out", True, True)]
     assert sql(url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid = %s", run_id) == [("ERROR",)]
     assert sql(url, "SELECT error IS NOT NULL FROM dbos.workflow_output WHERE workflow_uuid = %s",
                run_id) == [(True,)]

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from tests.dbutil import sql
 
+from dbutil import sql
 from durapipe import (
     Agent,
     App,

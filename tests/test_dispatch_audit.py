@@ -9,8 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
-from tests.dbutil import sql, wait_for
 
+from dbutil import sql, wait_for
 from durapipe import App, dispatch, fn, join, progress, until
 from durapipe.audit import install_views
 from durapipe.engine.admin import Admin

@@ -6,9 +6,12 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from tests.dbutil import lines, spawn, sql, wait_for
+import pytest
+
+from dbutil import lines, spawn, sql, wait_for
 
 SCRIPT = Path(__file__).with_name("dispatch_procs.py")
+pytestmark = pytest.mark.slow
 
 
 def final_state(proc_output: str) -> dict[str, object]:
@@ -38,11 +41,35 @@ def test_crash_with_tasks_and_main_pipeline_in_flight(database_url: str, tmp_pat
     assert children == [("crash-1/0.1.0:bg_a", "SUCCESS"), ("crash-1/0.1.1:bg_b", "SUCCESS")]
 
 
+def test_a_callback_done_before_the_kill_does_not_run_again(database_url: str, tmp_path: Path) -> None:
+    """Task bg_a finishes and its callback runs and is recorded; bg_b and the main step are
+    still blocked when the process is killed. After recovery bg_a's callback is not run
+    again, bg_b's runs once."""
+    first = spawn(SCRIPT, "crash", database_url, str(tmp_path), "1", "b,main")
+    callback = ("SELECT count(*) FROM dbos.operation_outputs WHERE workflow_uuid = 'crash-1/0.1.0:bg_a' "
+                "AND function_name LIKE '%:on_complete' AND output IS NOT NULL")
+    try:
+        wait_for(lambda: all((tmp_path / f"marker-{m}").exists() for m in ("b", "main"))
+                 and sql(database_url, callback) == [(1,)],
+                 timeout=60, what="bg_a's callback recorded, bg_b and the main step in flight")
+    finally:
+        first.kill()
+        first.wait()
+    assert lines(tmp_path / "log") == ["writer", "bg_a done", "cb bg_a"]
+    assert sql(database_url, "SELECT status FROM dbos.workflow_status "
+                             "WHERE workflow_uuid = 'crash-1/0.1.0:bg_a'") == [("SUCCESS",)]
+    second = spawn(SCRIPT, "crash", database_url, str(tmp_path), "2")
+    out, _ = second.communicate(timeout=90)
+    assert second.returncode == 0, out
+    assert final_state(out)["final"] == ["d-a", "d-b", 1]
+    assert Counter(lines(tmp_path / "log")) == {
+        "writer": 1, "bg_a done": 1, "cb bg_a": 1, "bg_b done": 1, "cb bg_b": 1, "main done": 1, "final": 1}
+
+
 def test_queued_work_runs_on_another_worker(database_url: str, tmp_path: Path) -> None:
     worker = spawn(SCRIPT, "worker", database_url, str(tmp_path))
     try:
-        assert worker.stdout is not None
-        assert worker.stdout.readline().strip() == "READY"
+        wait_for((tmp_path / "ready").exists, timeout=60, what="the worker to launch")
         web = spawn(SCRIPT, "web", database_url, str(tmp_path))
         out, _ = web.communicate(timeout=90)
         assert web.returncode == 0, out

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from tests.dbutil import sql, wait_for
 
+from dbutil import sql, wait_for
 from durapipe import App, BuildError, GateRejected, NodeTimeout, PendingGate, RunStatus, fn, gate, race
 from durapipe.engine import RunHandle
 from durapipe.errors import ApprovalRefused, UnknownGate, UnknownRun

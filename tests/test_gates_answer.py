@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from tests.dbutil import sql, wait_for
 
+from dbutil import sql, wait_for
 from durapipe import App, GateRejected, fn, gate
 from durapipe.errors import ApprovalRefused, UnknownGate, UnknownRun
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from durapipe import Agent, App, BuildError, FakeModel, NodeFailed, RunStatus, StateError, fn, transform
-from durapipe.errors import AppStateError, UnknownRun
+from durapipe.errors import AppStateError, ModelError, UnknownRun
 
 
 def double(state: dict[str, Any]) -> dict[str, Any]:
@@ -159,7 +159,7 @@ def test_app_lifecycle_errors(tmp_path: Path) -> None:
 def test_model_errors_name_the_agent(database_url: str) -> None:
     app = App("run-app", database_url)
     p = app.pipeline("p", Agent("writer", "no-such-model"))
-    with app, pytest.raises(Exception, match="agent 'writer'"):
+    with app, pytest.raises(ModelError, match="agent 'writer': no model client is known for 'no-such-model'"):
         p.run({})
 
 

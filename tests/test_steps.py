@@ -1,8 +1,9 @@
 """Step rows written by durapipe's lean path (engine/steps.py) against DBOS's own step path.
 
 Each behaviour runs under ``App(steps="lean")`` (the default on Postgres) and
-``App(steps="dbos")`` (``DBOS.run_step``) and must come out the same: the same rows, the
-same replay, cancellation stopping before the next step, retries, recorded errors.
+``App(steps="dbos")`` (``DBOS.run_step``) and must come out the same: the same rows (one
+run on each path, compared row for row, each written by the path it names), the same
+replay, cancellation stopping before the next step, retries, recorded errors.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from typing import Any
 
 import pytest
 from dbos import DBOS
+from dbos._serialization import PortableWorkflowError
+from dbos._sys_db import SystemDatabase
 
 from dbutil import sql, wait_for
 from durapipe import App, NodeFailed, RunCancelled, RunStatus, dispatch, fn, join, transform
+from durapipe.engine.steps import StepLog
 from durapipe.errors import AppStateError
 
 MODES = ["lean", "dbos"]
@@ -64,34 +68,59 @@ def _mixed(app: App, calls: dict[str, int]) -> Any:
     )
 
 
-@pytest.mark.parametrize("steps", MODES)
+def _writers(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """Which code wrote each step row: durapipe's one statement or DBOS's own path.
+
+    Both writers are wrapped, not replaced: every row still goes to Postgres.
+    """
+    seen: dict[str, list[str]] = {"lean": [], "dbos": []}
+    lean_write, dbos_record = StepLog.write, SystemDatabase.record_operation_result
+
+    def write(self: StepLog, step: Any, name: str, *args: Any, **kwargs: Any) -> None:
+        seen["lean"].append(name)
+        lean_write(self, step, name, *args, **kwargs)
+
+    def record(self: SystemDatabase, result: Any, **kwargs: Any) -> None:
+        seen["dbos"].append(result["function_name"])
+        dbos_record(self, result, **kwargs)
+
+    monkeypatch.setattr(StepLog, "write", write)
+    monkeypatch.setattr(SystemDatabase, "record_operation_result", record)
+    return seen
+
+
 def test_rows_and_results_are_the_same_on_both_paths(
-        steps: str, make_app: Callable[..., App], database_url: str) -> None:
-    calls: dict[str, int] = {}
-    app = make_app("steps-app", steps=steps)
-    p = _mixed(app, calls)
-    with app:
-        result = p.run({"n": 1}, run_id="same")
-        recorded = DBOS.list_workflow_steps("same")
-    assert result.status is RunStatus.SUCCESS
-    assert result.state["n"] == 20 and result.state["flaky"] == 3
-    assert result.state["a2"] == 20 and result.state["b1"] == 20
-    assert calls == {"one": 1, "two": 1, "flaky": 3, "a1": 1, "a2": 1, "b1": 1}
-    rows = _rows(database_url, "same")
-    # Row for row what the other path writes (the test's twin asserts the same list).
-    assert rows == [
-        (1, "0.0:one", '{"n":2,"text":"ünïcode \' ; \\" ok"}', False, "portable_json", None,
-         "steps-app", True, True),
-        (2, "0.1:two", '{"n":20}', False, "portable_json", None, "steps-app", True, True),
-        (3, "0.2:flaky", '{"flaky":3}', False, "portable_json", None, "steps-app", True, True),
-        (4, "0.3.0.0:a1", '{"a1":20}', False, "portable_json", None, "steps-app", True, True),
-        (5, "0.3.0.1:a2", '{"a2":20}', False, "portable_json", None, "steps-app", True, True),
-        (6, "0.3.1:b1", '{"b1":20}', False, "portable_json", None, "steps-app", True, True),
-        (7, "0.4:end", "{}", False, "portable_json", None, "steps-app", True, True),
-    ]
-    # DBOS's own reader understands the rows.
-    assert [(s["function_id"], s["function_name"]) for s in recorded] == [r[:2] for r in rows]
-    assert recorded[0]["output"] == {"n": 2, "text": "ünïcode ' ; \" ok"}
+        make_app: Callable[..., App], database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One run on each path, on one database: the lean path wrote every step row with its
+    one statement, DBOS.run_step wrote the other run's, and the rows are the same."""
+    writers = _writers(monkeypatch)
+    rows: dict[str, list[tuple[Any, ...]]] = {}
+    for steps in MODES:
+        calls: dict[str, int] = {}
+        app = make_app("steps-app", steps=steps)
+        p = _mixed(app, calls)
+        writers["lean"].clear()
+        writers["dbos"].clear()
+        with app:
+            assert (app.step_log() is not None) is (steps == "lean")
+            result = p.run({"n": 1}, run_id=f"same-{steps}")
+            recorded = DBOS.list_workflow_steps(f"same-{steps}")
+        assert result.status is RunStatus.SUCCESS
+        assert result.state["n"] == 20 and result.state["flaky"] == 3
+        assert result.state["a2"] == 20 and result.state["b1"] == 20
+        assert calls == {"one": 1, "two": 1, "flaky": 3, "a1": 1, "a2": 1, "b1": 1}
+        rows[steps] = _rows(database_url, f"same-{steps}")
+        names = [r[1] for r in rows[steps]]
+        assert names == ["0.0:one", "0.1:two", "0.2:flaky", "0.3.0.0:a1", "0.3.0.1:a2", "0.3.1:b1", "0.4:end"]
+        # Every row came from the path the App was told to use, and only from it.
+        other = "dbos" if steps == "lean" else "lean"
+        assert sorted(writers[steps]) == sorted(names) and writers[other] == [], writers
+        # DBOS's own reader understands the rows.
+        assert [(s["function_id"], s["function_name"]) for s in recorded] == [r[:2] for r in rows[steps]]
+        assert recorded[0]["output"] == {"n": 2, "text": "ünïcode ' ; \" ok"}
+    # Row for row what DBOS.run_step writes (timestamps checked for order, not value).
+    assert rows["lean"] == rows["dbos"]
+    assert rows["lean"][0][2] == '{"n":2,"text":"ünïcode \' ; \\" ok"}'
 
 
 @pytest.mark.parametrize("steps", MODES)
@@ -121,7 +150,7 @@ def test_recorded_error_is_replayed_not_rerun(steps: str, make_app: Callable[...
         # A fork that keeps both recorded steps replays them: the recorded error is raised
         # again without calling boom.
         forked = DBOS.fork_workflow("err", 3)
-        with pytest.raises(Exception, match="Step 0.2:boom has exceeded its maximum of 2 retries"):
+        with pytest.raises(PortableWorkflowError, match="node 0.2:boom failed: DBOSMaxStepRetriesExceeded: .*Step 0.2:boom has exceeded its maximum of 2 retries"):
             forked.get_result()
     assert calls == ["execution", "boom", "boom", "execution"]
 
@@ -175,7 +204,7 @@ def test_a_step_renamed_under_a_recorded_run_is_refused(
         sql(database_url, "UPDATE dbos.operation_outputs SET function_name = '0.0:other' "
                           "WHERE workflow_uuid = 'nd' AND function_id = 1")
         forked = DBOS.fork_workflow("nd", 2)
-        with pytest.raises(Exception, match="0.0:other was recorded when 0.0:first was expected"):
+        with pytest.raises(PortableWorkflowError, match="DBOSUnexpectedStepError: .*0.0:other was recorded when 0.0:first was expected"):
             forked.get_result()
 
 

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from dbutil import lines, sql, wait_for
 from durapipe.cli import cli
+from durapipe.errors import AppStateError
 from ops import workers_app
 
 TESTS = Path(__file__).parent
@@ -99,7 +100,7 @@ def test_queue_runs_one_at_a_time_per_worker(database_url: str, tmp_path: Path) 
             for h in handles:
                 assert h.result(timeout=60).state["three"] is True
             assert sql(database_url, "SELECT DISTINCT queue_name FROM dbos.workflow_status") == [("jobs",)]
-            with pytest.raises(Exception, match="has no queue 'other'"):
+            with pytest.raises(AppStateError, match="has no queue 'other'"):
                 workers_app.steps.enqueue({"job": "x", "log": str(log)}, queue="other")
     finally:
         app.shutdown()

@@ -3,9 +3,10 @@
 Usage: kill_mixed.py DATABASE_URL LOG_PATH RUNS KILL_AT
 Pipeline: a >> dispatch(b1 >> b2, names=["bg"]) >> (c | (d1 >> d2)) >> gate("ok") >> join() >> e.
 Each fn step appends ``run:label`` to the log after its work. An approver thread answers
-every waiting gate. With KILL_AT > 0 the process kills itself with SIGKILL right after the
-KILL_AT-th log line (before DBOS records that step). With KILL_AT = 0 it recovers, starts
-the same run ids again (idempotent), answers the gates and waits for every run.
+every waiting gate. KILL_AT is a number N or a ``run:label``: the process kills itself with
+SIGKILL right after the N-th log line, or that step's line (before DBOS records that step).
+With KILL_AT = 0 it recovers, starts the same run ids again (idempotent), answers the gates
+and waits for every run.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from side_effects import KillingLog, start_then_die_or_finish
 
 from durapipe import App, DurapipeError, dispatch, gate, join
 
-url, log, runs, kill_at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+url, log, runs, kill_at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 step = KillingLog(log, kill_at).step
 
 

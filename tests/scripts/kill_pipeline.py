@@ -1,9 +1,10 @@
 """Many runs of a pipeline with parallel branches; the process SIGKILLs itself mid-flight.
 
 Usage: kill_pipeline.py DATABASE_URL LOG_PATH RUNS KILL_AT
-Each step appends ``run:label`` to the log after its work. With KILL_AT > 0 the process
-starts RUNS runs and kills itself with SIGKILL right after the KILL_AT-th log line (before
-DBOS records that step). With KILL_AT = 0 it recovers, starts the same run ids again (idempotent) and waits.
+Each step appends ``run:label`` to the log after its work. KILL_AT is a number N or a
+``run:label``: the process starts RUNS runs and kills itself with SIGKILL right after the
+N-th log line, or that step's line (before DBOS records that step). With KILL_AT = 0 it
+recovers, starts the same run ids again (idempotent) and waits.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from side_effects import KillingLog, start_then_die_or_finish
 
 from durapipe import App
 
-url, log, runs, kill_at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+url, log, runs, kill_at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 step = KillingLog(log, kill_at).step
 
 

@@ -14,9 +14,11 @@ from durapipe import fn
 
 
 class KillingLog:
-    """``step(label)`` appends ``<run>:<label>`` to ``log``; the ``kill_at``-th line kills."""
+    """``step(label)`` appends ``<run>:<label>`` to ``log`` and kills the process right after
+    the line that ``kill_at`` names: a number N is the N-th line, ``<run>:<label>`` that
+    step's line, "0" never."""
 
-    def __init__(self, log: Path, kill_at: int) -> None:
+    def __init__(self, log: Path, kill_at: str) -> None:
         self.log, self.kill_at = log, kill_at
         self.lock = threading.Lock()
         self.written = 0
@@ -25,10 +27,11 @@ class KillingLog:
         def body(state: dict[str, Any]) -> dict[str, Any]:
             time.sleep(0.01)
             with self.lock:
+                line = f"{state['run']}:{label}"
                 with self.log.open("a") as f:
-                    f.write(f"{state['run']}:{label}\n")
+                    f.write(line + "\n")
                 self.written += 1
-                if self.kill_at and self.written == self.kill_at:
+                if self.kill_at in (line, str(self.written)):
                     os.kill(os.getpid(), signal.SIGKILL)
             return {label: True}
 
@@ -36,22 +39,24 @@ class KillingLog:
         return fn(body)
 
 
-def start_then_die_or_finish(pipeline: Any, runs: int, prefix: str, kill_at: int,
-                             labels: list[str]) -> None:
+def start_then_die_or_finish(pipeline: Any, runs: int, prefix: str, kill_at: str,
+                             labels: list[str], inputs: dict[str, Any] | None = None) -> list[Any]:
     """The two lives of a kill script.
 
     With ``kill_at`` the runs ``<prefix>0..`` start and the process waits for a step to kill
     it. Without, it recovers: every run id the first process meant to start is started
     again (a recorded run returns its recovering self, one the kill prevented starts now),
-    and each run must end with every label's step done.
+    and each run must end with every label's step done. Returns the runs' results.
     """
-    if kill_at:
+    if kill_at != "0":
         for i in range(runs):
-            pipeline.start({"run": f"{prefix}{i}"}, run_id=f"{prefix}{i}")
+            pipeline.start({**(inputs or {}), "run": f"{prefix}{i}"}, run_id=f"{prefix}{i}")
         time.sleep(120)
         print("KILL POINT NEVER REACHED", flush=True)
         sys.exit(3)
-    handles = [pipeline.start({"run": f"{prefix}{i}"}, run_id=f"{prefix}{i}") for i in range(runs)]
-    for handle in handles:
-        result = handle.result(timeout=120)
+    handles = [pipeline.start({**(inputs or {}), "run": f"{prefix}{i}"}, run_id=f"{prefix}{i}")
+               for i in range(runs)]
+    results = [handle.result(timeout=120) for handle in handles]
+    for result in results:
         assert all(result.state[label] for label in labels), result.state
+    return results
