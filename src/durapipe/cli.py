@@ -163,7 +163,10 @@ def parse_inputs(pairs: list[str], input_file: Path | None) -> dict[str, Any]:
     return state
 
 
-def _prepare(app: App, database_url: str | None, executor_id: str | None) -> None:
+def _prepare(app: App, database_url: str | None, executor_id: str | None,
+             take_over: bool = False) -> None:
+    # Only a worker stays up: a one-shot command must not take over runs waiting for its shape.
+    app.take_over_waiting = take_over
     if database_url:
         app.database_url = database_url_or_env(database_url)
     if executor_id:
@@ -398,7 +401,8 @@ def worker(module: Annotated[str, typer.Argument(help="module or .py file defini
            database_url: DbUrl = None) -> None:
     """Run a long-lived worker: recover this executor's runs, then serve queues until stopped."""
     app = find_app(load_module(module))
-    _prepare(app, database_url, executor_id or app.executor_id or f"worker-{uuid.uuid4().hex[:8]}")
+    _prepare(app, database_url, executor_id or app.executor_id or f"worker-{uuid.uuid4().hex[:8]}",
+             take_over=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -19,7 +19,7 @@ from dbos._serialization import DBOSPortableJSONSerializer
 from .. import validate
 from ..errors import AppStateError, BuildError, UnknownRun
 from ..ir import as_node
-from . import gates, interpreter
+from . import gates, interpreter, versions
 from .interpreter import WORKFLOW_NAME
 from .queues import QueueSpec, register_queues
 from .runs import Pipeline, Registered, RunHandle
@@ -54,9 +54,10 @@ class App:
 
     ``database_url`` (or ``DURAPIPE_DATABASE_URL``) names Postgres in production; without
     either, runs are recorded in an embedded SQLite file ``<name>.sqlite``. ``model``
-    overrides every agent's model (a FakeModel for tests and demos). ``version`` is the
-    application version DBOS records on every run; recovery picks up runs of the same
-    version only. ``tracing=True`` emits OpenTelemetry spans per run and per node through
+    overrides every agent's model (a FakeModel for tests and demos). ``version`` names the
+    app line: every process of one line shares one DBOS application version whatever its
+    code, so a deploy recovers the runs of the processes it replaces and decides per run
+    whether it continues on the new code (see :mod:`durapipe.engine.versions`). ``tracing=True`` emits OpenTelemetry spans per run and per node through
     the global TracerProvider (``tracing=provider`` for another one; needs the ``otel``
     extra; see :mod:`durapipe.engine.tracing`). ``steps="lean"`` (the default) writes each
     step row on Postgres with one statement before and one after the body, the same rows
@@ -96,6 +97,8 @@ class App:
         self._queues: dict[str, QueueSpec] = {}
         self._launched = False
         self._listen: list[str] | None = None
+        # A long-lived process takes over, at launch, runs left waiting for its shape.
+        self.take_over_waiting = True
         self.tracing = Tracing(None if tracing is True else tracing) if tracing else None
 
     # -- registry -----------------------------------------------------------------------
@@ -150,7 +153,7 @@ class App:
         config: dict[str, Any] = {
             "name": self.dbos_name,
             "system_database_url": self.database_url,
-            "application_version": f"durapipe-{self.dbos_name}-{self.version}",
+            "application_version": versions.application_version(self.dbos_name, self.version),
             "serializer": DBOSPortableJSONSerializer(),
             "enable_otlp": False,
             "log_level": os.environ.get("DURAPIPE_LOG_LEVEL", "WARNING"),
@@ -191,8 +194,9 @@ class App:
         DBOS(config=self.dbos_config())
         try:
             if self._listen is not None:
-                DBOS.listen_queues(self._listen)
+                DBOS.listen_queues(self._listen + versions.listened_queues(self))
             DBOS.launch()
+            versions.on_launch(self)
         except Exception:
             interpreter.set_current_app(None)
             DBOS.destroy()

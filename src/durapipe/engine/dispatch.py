@@ -212,7 +212,7 @@ async def run_task(
     worker runs the task, without the main pipeline waiting for them; and a join that
     returns has seen its tasks' callbacks done.
     """
-    app, registered = open_pipeline(pipeline, version)
+    app, registered = await open_pipeline(pipeline, version, path, root)
     ctx = RunContext(app=app, pipeline=registered, root=root, tracer=app.tracing)
     if ctx.tracer is not None:
         return await ctx.tracer.workflow(ctx, path, lambda: _run_task(ctx, state, path, name))
