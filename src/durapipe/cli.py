@@ -35,6 +35,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import _render, audit
+from .engine import drain
 from .engine.admin import Admin, database_url_or_env, parse_since
 from .engine.app import App
 from .engine.runs import Pipeline, RunStatus
@@ -44,6 +45,9 @@ cli = typer.Typer(name="durapipe", help="Run and operate durapipe pipelines.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 sql_cli = typer.Typer(help="The audit SQL views (schema durapipe).", no_args_is_help=True)
 cli.add_typer(sql_cli, name="sql")
+versions_cli = typer.Typer(help="Pipeline shapes and the runs in flight on each (the drain report).",
+                           invoke_without_command=True)
+cli.add_typer(versions_cli, name="versions")
 out = Console()
 err = Console(stderr=True)
 F = TypeVar("F")
@@ -413,6 +417,80 @@ def worker(module: Annotated[str, typer.Argument(help="module or .py file defini
         stop.wait()
     finally:
         app.shutdown()
+
+
+@versions_cli.callback()
+@guarded
+def versions(ctx: typer.Context, database_url: DbUrl = None, as_json: AsJson = False) -> None:
+    """Every pipeline shape seen, with its unfinished runs: running, at a gate, sleeping, and
+    waiting for a worker with their shape; then the waiting runs and why."""
+    if ctx.invoked_subcommand is not None:
+        return
+    shapes, waiting = drain.drain_report(database_url_or_env(database_url))
+    if as_json:
+        _print_json({"shapes": [s.to_json() for s in shapes],
+                     "waiting": [w.__dict__ for w in waiting]})
+        return
+    table = Table(title=f"{len(shapes)} shape(s)")
+    for col in ("app", "pipeline", "shape", "first seen", "last seen", "running", "gate",
+                "sleeping", "waiting"):
+        table.add_column(col, overflow="fold")
+    for s in shapes:
+        table.add_row(*(_render.literal(str(v)) for v in (
+            s.app, s.pipeline, s.shape, s.first_seen or "-", s.last_seen or "-", s.running, s.gate,
+            s.sleeping, s.waiting)))
+    out.print(table)
+    for w in waiting:
+        out.print(_render.literal(f"waiting: run {w.run_id} ({w.pipeline}, shape {w.shape}) at "
+                                  f"node {w.waiting_node or '?'}: {w.reason or ''}"), highlight=False)
+
+
+@versions_cli.command("retire")
+@guarded
+def versions_retire(
+    shape: Annotated[str, typer.Argument(help="the shape whose waiting runs to give up")],
+    cancel_runs: Annotated[bool, typer.Option("--cancel", help="Cancel them (required).")] = False,
+    database_url: DbUrl = None,
+) -> None:
+    """Cancel the runs waiting for a worker with SHAPE: nothing fails them otherwise."""
+    url = database_url_or_env(database_url)
+    ids = drain.waiting_runs_of(url, shape)
+    if not cancel_runs:
+        raise OperatorError(f"{len(ids)} run(s) wait for shape {shape}: add --cancel to cancel "
+                            "them, or start a worker with that shape to finish them")
+    with Admin(url) as admin:
+        for run_id in ids:
+            admin.cancel(run_id)
+    drain.forget_waiting(url, ids)
+    out.print(_render.literal(f"cancelled {len(ids)} run(s) waiting for shape {shape}" +
+                              (": " + ", ".join(ids) if ids else "")), highlight=False)
+
+
+@cli.command("check-compat")
+@guarded
+def check_compat(
+    module: Annotated[str, typer.Argument(help="module or .py file of the code to deploy")],
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when a run would wait.")] = False,
+    database_url: DbUrl = None,
+    as_json: AsJson = False,
+) -> None:
+    """Before a deploy: which unfinished runs the new code would continue, and which it
+    would leave waiting for a worker with their shape."""
+    app = find_app(load_module(module))
+    rows = drain.check_compat(database_url_or_env(database_url or app.database_url), app)
+    waiting = [r for r in rows if r["verdict"] == "wait"]
+    if as_json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            line = f"{r['verdict']:8} run {r['run_id']} ({r['pipeline']}, shape {r['shape']} -> {r['new_shape']})"
+            if r["verdict"] == "wait":
+                line += f": {r['reason']}"
+            out.print(_render.literal(line), highlight=False)
+        out.print(_render.literal(f"{len(rows) - len(waiting)} run(s) would continue, "
+                                  f"{len(waiting)} would wait"), highlight=False)
+    if strict and waiting:
+        raise typer.Exit(1)
 
 
 @sql_cli.command("print")

@@ -8,9 +8,10 @@ The code version comes from ``DEPLOY_CODE``:
 - ``patched``: v1 whose node three is replaced for runs started by this code only
 
 Every function step appends ``<step>:<run>`` to the file in state["log"]. With
-``DEPLOY_BLOCK`` set to a step name and ``DEPLOY_MARKER`` to a path, that step writes the
-marker and blocks (the kill point). Run as a script (``python deploy_app.py RUN_ID...``,
-e.g. under ``dbos start``), it starts the runs and serves until killed.
+``DEPLOY_BLOCK`` set to ``<step>:<run>`` and ``DEPLOY_MARKER`` to a path, that step of that
+run writes the marker and blocks (the kill point). ``DEPLOY_EXECUTOR`` sets the executor id.
+Run as a script (``python deploy_app.py RUN_ID...``, e.g. under ``dbos start``), it starts
+the runs and serves until killed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ CODE = os.environ.get("DEPLOY_CODE", "v1")
 def log(state: dict[str, Any], step: str) -> None:
     with open(state["log"], "a") as f:
         f.write(f"{step}:{state['run']}\n")
-    if os.environ.get("DEPLOY_BLOCK") == step:
+    if os.environ.get("DEPLOY_BLOCK") == f"{step}:{state['run']}":
         with open(os.environ["DEPLOY_MARKER"], "w") as f:
             f.write(state["run"])
         while True:
@@ -73,7 +74,7 @@ if CODE == "v2-later":
 last: Any = patched("three-v2", new=fn(three_v2), old=fn(three)) if CODE == "patched" else fn(three)
 nodes = nodes >> writer >> last
 
-app = App("deploys")
+app = App("deploys", executor_id=os.environ.get("DEPLOY_EXECUTOR"))
 flow = app.pipeline("flow", nodes)
 
 

@@ -33,3 +33,12 @@ CREATE TABLE IF NOT EXISTS durapipe.waiting (
   since       timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS waiting_app_shape ON durapipe.waiting (app, shape);
+
+-- Every shape seen, when first and last launched, and how many of its runs wait for a
+-- worker with it (`durapipe versions` adds the runs running, at a gate and sleeping).
+CREATE OR REPLACE VIEW durapipe.versions AS
+SELECT sh.app, sh.pipeline, sh.shape, sh.first_seen, sh.last_seen,
+       (SELECT count(*) FROM durapipe.waiting w
+        WHERE w.app = sh.app AND w.pipeline = sh.pipeline AND w.shape = sh.shape) AS waiting,
+       sh.manifest
+FROM durapipe.shapes sh;
