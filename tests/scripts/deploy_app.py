@@ -31,7 +31,7 @@ def log(state: dict[str, Any], step: str) -> None:
         f.write(f"{step}:{state['run']}\n")
     if os.environ.get("DEPLOY_BLOCK") == f"{step}:{state['run']}":
         with open(os.environ["DEPLOY_MARKER"], "w") as f:
-            f.write(state["run"])
+            f.write(str(os.getpid()))
         while True:
             time.sleep(1)
 

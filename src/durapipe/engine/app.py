@@ -18,8 +18,8 @@ from dbos._serialization import DBOSPortableJSONSerializer
 
 from .. import validate
 from ..errors import AppStateError, BuildError, UnknownRun
-from ..ir import as_node
-from . import gates, interpreter, versions
+from ..ir import Dispatch, as_node
+from . import dispatch, gates, interpreter, versions
 from .interpreter import WORKFLOW_NAME
 from .queues import QueueSpec, register_queues
 from .runs import Pipeline, Registered, RunHandle
@@ -193,8 +193,7 @@ class App:
         self._step_log = None
         DBOS(config=self.dbos_config())
         try:
-            if self._listen is not None:
-                DBOS.listen_queues(self._listen + versions.listened_queues(self))
+            DBOS.listen_queues(self._queues_to_listen())
             DBOS.launch()
             versions.on_launch(self)
         except Exception:
@@ -204,6 +203,19 @@ class App:
         self._launched = True
         register_queues(self._queues)
         self.step_log()  # looked up once here rather than by the first step, on the loop
+
+    def _queues_to_listen(self) -> list[str]:
+        """The queues this process dequeues from: those its pipelines use (or the ones given
+        to :meth:`listen_queues`), plus the hand-over queues of its own shapes only, so a
+        run waiting for another shape never lands here (see :mod:`.versions`)."""
+        if self._listen is not None:
+            base = list(self._listen)
+        else:
+            used = (dispatch.queue_name(self.dbos_name, node) for reg in self._pipelines.values()
+                    for _, node in reg.node.walk() if isinstance(node, Dispatch))
+            base = list(dict.fromkeys([*self._queues, *(q for q in used if q is not None)]))
+        return base + [versions.shape_queue(self.dbos_name, reg.version)
+                       for reg in self._pipelines.values()]
 
     def shutdown(self) -> None:
         if not self._launched:

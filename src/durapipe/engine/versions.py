@@ -13,7 +13,8 @@ recorded shape differs from the code at hand is judged by :func:`reconcile`:
 At launch (:func:`on_launch`) a process records its shapes in ``durapipe.shapes`` and takes
 over the waiting runs it can run: their shape is its own, or they are compatible with it.
 It claims each one only while the execution that parked it still owns it, and puts it on
-a queue only processes with that shape listen to (:func:`shape_queue`).
+a queue only processes with that shape listen to (:func:`shape_queue`; every App names
+the queues it listens to, see ``App._queues_to_listen``).
 
 The records live in Postgres (``sql/versions.sql``). On SQLite nothing is recorded: a run
 of another shape is left PENDING, and a process with its shape and executor id resumes it.
@@ -301,7 +302,3 @@ def _claim(engine: sa.Engine, schema: str, workflow_id: str, owner_xid: str | No
                     {"id": workflow_id, "owner": owner_xid})
         return bool(res.rowcount)
 
-
-def listened_queues(app: App) -> list[str]:
-    """The hand-over queues a process with ``App.listen_queues(...)`` must also listen to."""
-    return [shape_queue(app.dbos_name, reg.version) for reg in app.pipelines.values()]
