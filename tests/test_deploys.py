@@ -225,3 +225,25 @@ def test_patched_marker_gives_old_and_new_runs_their_own_branch(database_url: st
     assert "three_v2:p-old" not in effects and "three:p-new" not in effects
     assert output(database_url, "p-old")["three"] == "old"
     assert output(database_url, "p-new")["three"] == "new"
+
+
+def test_retire_cancels_waiting_runs_only_when_told(database_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    start_then_kill(database_url, log, ["r-1"], wait=["r-1"])
+    environ = env(database_url, log, "v2-early")
+    new = worker(SCRIPT, "old-1", environ)
+    try:
+        wait_for(lambda: bool(sql(database_url, "SELECT 1 FROM durapipe.waiting")), timeout=90,
+                 what="r-1 to wait for its shape")
+        (shape,) = sql(database_url, "SELECT shape FROM durapipe.waiting WHERE run_id = 'r-1'")[0]
+        refused = durapipe("versions", "retire", shape, environ=environ)
+        assert refused.returncode == 1 and "1 run(s) wait for shape" in refused.stderr
+        assert status(database_url, "r-1") == "PENDING"
+        done = durapipe("versions", "retire", shape, "--cancel", environ=environ)
+        assert done.returncode == 0 and "cancelled 1 run(s)" in done.stdout, done.stdout + done.stderr
+        wait_for(lambda: status(database_url, "r-1") == "CANCELLED", what="r-1 to be cancelled")
+        report = json.loads(durapipe("versions", "--json", environ=environ).stdout)
+        assert report["waiting"] == []
+    finally:
+        stop(new)
+    assert Counter(lines(log)) == {"one:r-1": 1, "two:r-1": 1}
