@@ -161,6 +161,33 @@ def test_run_at_a_gate_finishes_on_code_changed_after_the_gate(database_url: str
     assert state["added"] is True and state["draft"] == "[Write a poem about g-1.]"
 
 
+def test_rollback_continues_a_run_the_new_code_took_over(database_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    start_then_kill(database_url, log, ["b-1"], wait=["b-1"])
+    (started,) = sql(database_url, "SELECT shape FROM durapipe.shapes")[0]
+    new = worker(SCRIPT, "old-1", env(database_url, log, "v2-later"))
+    try:
+        wait_for(lambda: bool(sql(database_url, "SELECT 1 FROM durapipe.adopted WHERE run_id = 'b-1'")),
+                 timeout=90, what="the new code to continue b-1")
+    finally:
+        new.kill()
+        new.wait()
+    # the run now names the shape it runs as; the one it started by is kept
+    ((args,),) = sql(database_url, "SELECT inputs::jsonb->'positionalArgs' FROM dbos.workflow_input")
+    assert args[1] != started
+    assert sql(database_url, "SELECT started_by, running_as FROM durapipe.adopted") == [(started, args[1])]
+
+    environ = env(database_url, log, "v1")
+    old = worker(SCRIPT, "old-1", environ)   # rolled back: the old code in the same place
+    try:
+        approve("b-1", environ)
+        finish(database_url, "b-1")
+    finally:
+        stop(old)
+    assert Counter(lines(log)) == {"one:b-1": 1, "two:b-1": 1, "three:b-1": 1}
+    assert output(database_url, "b-1")["draft"] == "[Write about b-1.]"
+
+
 def test_run_past_a_changed_node_waits_for_a_worker_with_its_shape(database_url: str, tmp_path: Path) -> None:
     log = tmp_path / "log"
     # w-1 passes node one and waits at the gate; w-2 is killed inside node one (not recorded)
@@ -186,9 +213,9 @@ def test_run_past_a_changed_node_waits_for_a_worker_with_its_shape(database_url:
         (waiting,) = report["waiting"]
         assert waiting["run_id"] == "w-1" and waiting["waiting_node"] == "0.0"
         assert "durapipe versions retire" in waiting["reason"]
-        # both runs were recorded by the old shape: w-2 continues on the new code at its gate
+        # w-1 waits for the old shape; w-2 now runs as the new shape, at its gate
         counts = {r["shape"]: (r["gate"], r["waiting"]) for r in report["shapes"]}
-        assert sorted(counts.values()) == [(0, 0), (1, 1)]
+        assert sorted(counts.values()) == [(0, 1), (1, 0)]
 
         old = worker(SCRIPT, "old-3", old_env)   # an old-code worker, started later
         try:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 
-from dbos import DBOS
-
 from ..ir import Patched
 from ..state import State
 from . import versions
@@ -19,10 +17,9 @@ from .interpreter import RunContext, handles
 
 
 async def run_shape(ctx: RunContext) -> str:
-    """The shape the run ``ctx`` belongs to was started by."""
-    if ctx.root == DBOS.workflow_id or not ctx.recorded:
-        return ctx.recorded
-    found = await asyncio.to_thread(versions.recorded_shape, ctx.root)
+    """The shape the run ``ctx`` belongs to was started by (on SQLite: the shape this
+    workflow was recorded by)."""
+    found = await asyncio.to_thread(versions.started_by, ctx.root)
     return found or ctx.recorded
 
 

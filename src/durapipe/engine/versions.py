@@ -25,13 +25,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from importlib import resources
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from dbos import DBOS
 from dbos._error import DBOSWorkflowCancelledError
 
+from ..audit import versions_sql
 from ..errors import PipelineChanged
 from ..manifest import Frontier, Manifest, Verdict, compare, manifest
 
@@ -56,10 +56,6 @@ def application_version(app_name: str, line: str) -> str:
 def shape_queue(app_name: str, shape: str) -> str:
     """The queue on which runs waiting for pipeline shape ``shape`` are handed over."""
     return f"durapipe-shape-{app_name}-{shape}"
-
-
-def schema_sql() -> str:
-    return resources.files("durapipe").joinpath("sql/versions.sql").read_text(encoding="utf-8")
 
 
 def current_manifest(reg: Registered) -> Manifest:
@@ -89,7 +85,7 @@ def _q(schema: str) -> str:
 
 def ensure_schema(con: sa.Connection) -> None:
     con.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('durapipe.versions'))"))
-    con.exec_driver_sql(schema_sql())
+    con.exec_driver_sql(versions_sql())
 
 
 def record_shapes(con: sa.Connection, app_name: str, regs: list[Registered]) -> None:
@@ -177,7 +173,25 @@ def _judge_now(engine: sa.Engine, schema: str, app: App, reg: Registered, record
         if verdict.compatible:
             con.execute(sa.text("DELETE FROM durapipe.waiting WHERE workflow_id = :id"),
                         {"id": workflow_id})
+            if path == "0":
+                _adopt(con, schema, workflow_id, recorded, reg.version)
         return verdict
+
+
+def _adopt(con: sa.Connection, schema: str, run_id: str, recorded: str, shape: str) -> None:
+    """Make the run's input name the shape it now runs as; remember the one it started by.
+
+    From here on its history is that shape's (unchanged up to the frontier, new after it),
+    so a later recovery, a rollback included, is judged against that shape.
+    """
+    con.execute(sa.text(
+        "INSERT INTO durapipe.adopted (run_id, started_by, running_as) VALUES (:id, :old, :new) "
+        "ON CONFLICT (run_id) DO UPDATE SET running_as = EXCLUDED.running_as, since = now()"),
+        {"id": run_id, "old": recorded, "new": shape})
+    con.execute(sa.text(
+        f"UPDATE {_q(schema)}.workflow_input SET inputs = jsonb_set(inputs::jsonb, "
+        "'{positionalArgs,1}', to_jsonb(CAST(:new AS text)))::text WHERE workflow_uuid = :id"),
+        {"id": run_id, "new": shape})
 
 
 def _park(engine: sa.Engine, schema: str, app_name: str, reg: Registered, recorded: str,
@@ -221,13 +235,19 @@ def has_marker(app_name: str, pipeline: str, shape: str, name: str) -> bool:
     return _markers[key]
 
 
-def recorded_shape(run_id: str) -> str | None:
-    """The shape run ``run_id`` was started by (its workflow's second argument)."""
+def started_by(run_id: str) -> str | None:
+    """The shape run ``run_id`` was started by: its workflow's second argument, unless it
+    continued on another shape (:func:`_adopt`). None on SQLite."""
     found = _engine()
     if found is None:
         return None
     engine, schema = found
     with engine.begin() as con:
+        ensure_schema(con)
+        adopted = con.execute(sa.text("SELECT started_by FROM durapipe.adopted WHERE run_id = :id"),
+                              {"id": run_id}).first()
+        if adopted is not None:
+            return str(adopted[0])
         row = con.execute(sa.text(
             f"SELECT inputs FROM {_q(schema)}.workflow_input WHERE workflow_uuid = :id"),
             {"id": run_id}).first()
@@ -261,6 +281,7 @@ def on_launch(app: App) -> list[str]:
             "WHERE app = :app ORDER BY since"), {"app": app.dbos_name}).all()
     taken: list[str] = []
     registered_queues: set[str] = set()
+    guarded = _claim_fits(engine, schema) if waiting else False
     for workflow_id, run_id, pipeline, shape, path, owner_xid in waiting:
         reg = app.pipelines.get(pipeline)
         if reg is None:
@@ -273,22 +294,47 @@ def on_launch(app: App) -> list[str]:
         if queue not in registered_queues:
             DBOS.register_queue(queue, polling_interval_sec=0.5, on_conflict="always_update")
             registered_queues.add(queue)
-        if _claim(engine, schema, workflow_id, owner_xid, queue):
+        if _claim(engine, schema, workflow_id, owner_xid, queue, guarded):
             taken.append(workflow_id)
             log.info("took over run %s (%s) of pipeline %r, recorded by shape %s", run_id,
                      workflow_id, pipeline, shape)
     return taken
 
 
+# The columns of DBOS 3.4's workflow_status that a claim writes or checks.
+_CLAIM_COLUMNS = {"workflow_uuid", "status", "owner_xid", "started_at_epoch_ms", "recovery_attempts",
+                  "queue_name", "updated_at"}
+
+
+def _claim_fits(engine: sa.Engine, schema: str) -> bool:
+    """True when ``workflow_status`` has the columns :func:`_claim` writes (DBOS 3.4's)."""
+    with engine.begin() as con:
+        found = {r[0] for r in con.execute(sa.text(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = :schema "
+            "AND table_name = 'workflow_status'"), {"schema": schema}).all()}
+    if _CLAIM_COLUMNS <= found:
+        return True
+    log.warning("DBOS's workflow_status table lacks %s: waiting runs are handed over with "
+                "DBOS.resume_workflow, unguarded by their owner", sorted(_CLAIM_COLUMNS - found))
+    return False
+
+
 def _claim(engine: sa.Engine, schema: str, workflow_id: str, owner_xid: str | None,
-           queue: str) -> bool:
+           queue: str, guarded: bool) -> bool:
     """Put a waiting workflow on ``queue`` while the execution that parked it still owns it.
 
     The same change as DBOS's recovery (``reenqueue_for_recovery``: PENDING -> ENQUEUED, no
     owner), guarded by the parked owner's token instead of its executor id, so a workflow
     another execution took meanwhile is never run twice. A row whose owner changed is
-    stale (that execution continued it, or parks it again under its own token).
+    stale (that execution continued it, or parks it again under its own token). On a DBOS
+    whose table differs, ``DBOS.resume_workflow`` moves it instead.
     """
+    if not guarded:
+        with engine.begin() as con:
+            con.execute(sa.text("DELETE FROM durapipe.waiting WHERE workflow_id = :id"),
+                        {"id": workflow_id})
+        DBOS.resume_workflow(workflow_id, queue_name=queue)
+        return True
     with engine.begin() as con:
         res = con.execute(sa.text(
             f"UPDATE {_q(schema)}.workflow_status SET status = 'ENQUEUED', owner_xid = NULL, "

@@ -42,3 +42,13 @@ SELECT sh.app, sh.pipeline, sh.shape, sh.first_seen, sh.last_seen,
         WHERE w.app = sh.app AND w.pipeline = sh.pipeline AND w.shape = sh.shape) AS waiting,
        sh.manifest
 FROM durapipe.shapes sh;
+
+-- Runs that continued on a shape other than the one they were started by. Their workflow
+-- input then names the shape they run as (so a rollback judges them against it); the
+-- shape they were started by stays here, for patched() to choose alike on every replay.
+CREATE TABLE IF NOT EXISTS durapipe.adopted (
+  run_id     text        PRIMARY KEY,
+  started_by text        NOT NULL,
+  running_as text        NOT NULL,
+  since      timestamptz NOT NULL DEFAULT now()
+);
