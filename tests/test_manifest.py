@@ -7,7 +7,9 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from durapipe import Agent, fn, gate, patched
+import pytest
+
+from durapipe import Agent, BuildError, fn, gate, patched
 from durapipe.ir import Node
 from durapipe.manifest import Frontier, compare, manifest
 
@@ -124,3 +126,8 @@ def test_patched_marker_is_part_of_the_shape() -> None:
     entries = {e["path"]: e for e in manifest(marked)}
     assert entries["0.1"]["kind"] == "patched" and entries["0.1"]["name"] == "v2"
     assert plain.digest() != marked.digest()
+
+
+def test_patched_needs_a_marker_name() -> None:
+    with pytest.raises(BuildError, match="marker name must be a non-empty string"):
+        patched("", new=fn(one), old=fn(two))

@@ -1,8 +1,9 @@
 """The one DBOS workflow that runs every pipeline, and the table of node handlers.
 
 A run is ``durapipe.run(pipeline, version, state, path="0", root=None)``. The workflow looks
-the pipeline up by name in the launched App, refuses to replay a run recorded by a
-pipeline of another shape, and walks the IR with one handler per node type. I/O nodes
+the pipeline up by name in the launched App, continues a run recorded by another shape only
+when its history is unchanged up to where it stopped (else leaves it waiting for a worker
+with its shape, see ``engine/versions.py``), and walks the IR with one handler per node type. I/O nodes
 (Agent, fn) are DBOS steps named ``<path>:<label>``; pure nodes run inline.
 
 Paths of dynamic instances carry a mark: pass 2 of a loop body at ``0.3`` runs at

@@ -174,7 +174,13 @@ def _judge_now(engine: sa.Engine, schema: str, app: App, reg: Registered, record
             con.execute(sa.text("DELETE FROM durapipe.waiting WHERE workflow_id = :id"),
                         {"id": workflow_id})
             if path == "0":
-                _adopt(con, schema, workflow_id, recorded, reg.version)
+                try:
+                    with con.begin_nested():
+                        _adopt(con, schema, workflow_id, recorded, reg.version)
+                except sa.exc.DBAPIError as exc:  # a DBOS whose workflow_input differs
+                    log.warning("run %s continues on shape %s, but its input could not name it "
+                                "(%s): a rollback judges it against shape %s", root, reg.version,
+                                exc.orig, recorded)
         return verdict
 
 
