@@ -131,3 +131,32 @@ def test_patched_marker_is_part_of_the_shape() -> None:
 def test_patched_needs_a_marker_name() -> None:
     with pytest.raises(BuildError, match="marker name must be a non-empty string"):
         patched("", new=fn(one), old=fn(two))
+
+
+def test_check_compat_against_an_exported_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from durapipe.cli import cli
+
+    script = str(Path(__file__).parent / "scripts" / "deploy_app.py")
+    monkeypatch.setenv("DEPLOY_CODE", "v1")
+    exported = CliRunner().invoke(cli, ["versions", "export", script])
+    assert exported.exit_code == 0, exported.output
+    deployed = tmp_path / "manifest.json"
+    deployed.write_text(exported.stdout)
+
+    def check(code: str, *extra: str) -> Any:
+        monkeypatch.setenv("DEPLOY_CODE", code)
+        return CliRunner().invoke(cli, ["check-compat", script, "--manifest", str(deployed), *extra])
+
+    later = check("v2-later", "--json")
+    (row,) = json.loads(later.stdout)
+    # a node added after the gate: runs at the gate or before continue; runs that reached
+    # the writer (now at 0.4) would wait
+    assert row["wait_from"] == "0.3" and "agent 'writer'" in row["reason"]
+    early = check("v2-early", "--strict")
+    assert early.exit_code == 1 and "runs that reached node 0.0 would wait" in early.stdout
+    same = check("v1", "--strict")
+    assert same.exit_code == 0 and "every run would continue" in same.stdout

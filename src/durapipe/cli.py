@@ -442,7 +442,8 @@ def versions(ctx: typer.Context, database_url: DbUrl = None, as_json: AsJson = F
     out.print(table)
     for w in waiting:
         out.print(_render.literal(f"waiting: run {w.run_id} ({w.pipeline}, shape {w.shape}) at "
-                                  f"node {w.waiting_node or '?'}: {w.reason or ''}"), highlight=False)
+                                  f"node {w.waiting_node or '?'}: {w.reason or ''}"), highlight=False,
+                  soft_wrap=True)
 
 
 @versions_cli.command("retire")
@@ -466,10 +467,19 @@ def versions_retire(
                               (": " + ", ".join(ids) if ids else "")), highlight=False)
 
 
+@versions_cli.command("export")
+@guarded
+def versions_export(module: Annotated[str, typer.Argument(help="module or .py file defining the App")]) -> None:
+    """Print the shapes and manifests of a module's pipelines (for check-compat --manifest)."""
+    _print_json(drain.export_manifests(find_app(load_module(module))))
+
+
 @cli.command("check-compat")
 @guarded
 def check_compat(
     module: Annotated[str, typer.Argument(help="module or .py file of the code to deploy")],
+    manifest: Annotated[Path | None, typer.Option(
+        "--manifest", help="`durapipe versions export` of the code deployed now, instead of the database")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when a run would wait.")] = False,
     database_url: DbUrl = None,
     as_json: AsJson = False,
@@ -477,6 +487,22 @@ def check_compat(
     """Before a deploy: which unfinished runs the new code would continue, and which it
     would leave waiting for a worker with their shape."""
     app = find_app(load_module(module))
+    if manifest is not None:
+        try:
+            recorded = json.loads(manifest.read_text())
+        except (OSError, ValueError) as exc:
+            raise OperatorError(f"--manifest {str(manifest)!r}: {exc}") from None
+        found = drain.check_manifests(recorded, app)
+        if as_json:
+            _print_json(found)
+        for r in found if not as_json else ():
+            where = (f"runs that reached node {r['wait_from']} would wait: {r['reason']}"
+                     if r["wait_from"] else "every run would continue")
+            out.print(_render.literal(f"{r['pipeline']} {r['shape']} -> {r['new_shape']}: {where}"),
+                      highlight=False, soft_wrap=True)
+        if strict and any(r["wait_from"] for r in found):
+            raise typer.Exit(1)
+        return
     rows = drain.check_compat(database_url_or_env(database_url or app.database_url), app)
     waiting = [r for r in rows if r["verdict"] == "wait"]
     if as_json:
@@ -486,7 +512,7 @@ def check_compat(
             line = f"{r['verdict']:8} run {r['run_id']} ({r['pipeline']}, shape {r['shape']} -> {r['new_shape']})"
             if r["verdict"] == "wait":
                 line += f": {r['reason']}"
-            out.print(_render.literal(line), highlight=False)
+            out.print(_render.literal(line), highlight=False, soft_wrap=True)
         out.print(_render.literal(f"{len(rows) - len(waiting)} run(s) would continue, "
                                   f"{len(waiting)} would wait"), highlight=False)
     if strict and waiting:

@@ -173,7 +173,7 @@ def compare(old: Manifest, new: Manifest, frontier: Frontier, path: str = "0") -
                                f"is now {_describe(now)}", at)
             continue
         if now is None or now["tree"] != entry["tree"]:
-            where = "is inside" if inside or p == at else "already passed"
+            where = "is inside" if inside else "has reached" if p == at else "already passed"
             return Verdict(False, p, f"node {p} ({_describe(entry)}), which the run {where}, "
                            f"changed: {_difference(entry, now)}", at)
     return Verdict(True, frontier=at)

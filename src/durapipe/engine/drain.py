@@ -2,9 +2,10 @@
 
 >>> shapes, waiting = drain_report("postgresql://localhost/app")      # `durapipe versions`
 >>> check_compat("postgresql://localhost/app", app)                    # `durapipe check-compat`
+>>> check_manifests(export_manifests(deployed_app), new_app)           # ... --manifest FILE
 
-Both read Postgres only (``durapipe.shapes``, ``durapipe.waiting`` and DBOS's tables) and
-need no launched App; the check takes the App of the code about to be deployed.
+The first two read Postgres (``durapipe.shapes``, ``durapipe.waiting`` and DBOS's tables)
+and need no launched App; the checks take the App of the code about to be deployed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sqlalchemy as sa
 
 from ..audit import first_line, redact
 from ..errors import OperatorError
+from ..manifest import Frontier, compare
 from . import versions
 
 if TYPE_CHECKING:
@@ -177,3 +179,45 @@ def waiting_runs_of(url: str, shape: str) -> list[str]:
 def forget_waiting(url: str, run_ids: list[str]) -> None:
     _run(url, lambda con: con.execute(sa.text("DELETE FROM durapipe.waiting WHERE run_id = ANY(:ids)"),
                                       {"ids": run_ids}))
+
+
+def export_manifests(app: App) -> dict[str, Any]:
+    """The shapes and manifests of ``app``'s pipelines, for ``check-compat --manifest``."""
+    return {"app": app.dbos_name,
+            "pipelines": {reg.name: {"shape": reg.version, "manifest": versions.current_manifest(reg)}
+                          for reg in app.pipelines.values()}}
+
+
+def check_manifests(recorded: dict[str, Any], app: App) -> list[dict[str, Any]]:
+    """Without a database: for each pipeline of an exported file (the code deployed now),
+    the first node where a run of it would stop being continued by ``app``'s code.
+
+    A run whose frontier lies before ``wait_from`` continues on the new code; a run that
+    reached it or went past it waits for a worker with its shape.
+    """
+    pipelines = recorded.get("pipelines") if isinstance(recorded, dict) else None
+    if not isinstance(pipelines, dict):
+        raise OperatorError("the manifest file must be the JSON of `durapipe versions export`")
+    out = []
+    for name, doc in sorted(pipelines.items()):
+        reg = app.pipelines.get(name)
+        if reg is None:
+            out.append({"pipeline": name, "shape": doc["shape"], "new_shape": None,
+                        "wait_from": "0", "reason": f"the new code has no pipeline {name!r}"})
+            continue
+        old, new = doc["manifest"], versions.current_manifest(reg)
+        first = None
+        paths = [e["path"] for e in old]
+        leaves = [e for e in old if not any(p.startswith(e["path"] + ".") for p in paths)]
+        for entry in leaves:   # a run's frontier is a node that records an operation
+            for trailing in (False, True):
+                verdict = compare(old, new, Frontier((entry["path"],), trailing))
+                if not verdict.compatible:
+                    first = verdict
+                    break
+            if first is not None:
+                break
+        out.append({"pipeline": name, "shape": doc["shape"], "new_shape": reg.version,
+                    "wait_from": first.node if first else None,
+                    "reason": first.reason if first else ""})
+    return out
