@@ -7,8 +7,9 @@ recorded shape differs from the code at hand is judged by :func:`reconcile`:
 - unchanged up to its frontier (the last node it recorded): it continues on the new code;
 - changed in a node it already passed or is inside: it is left PENDING, listed in
   ``durapipe.waiting`` (``durapipe versions``), and never failed automatically. Its
-  execution parks the way DBOS parks a run it no longer owns: it waits for the outcome
-  another execution records, without replaying anything.
+  execution parks: it looks every ``PARK_CHECK_SECONDS`` whether another execution took
+  the run over, then hands over to DBOS's parking of a run it no longer owns (waiting for
+  the outcome the other execution records), without replaying anything.
 
 At launch (:func:`on_launch`) a process records its shapes in ``durapipe.shapes`` and takes
 over the waiting runs it can run: their shape is its own, or they are compatible with it.
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     from .runs import Registered
 
 log = logging.getLogger("durapipe.versions")
+# How often a parked execution looks whether another execution took its run over.
+PARK_CHECK_SECONDS = 30.0
 _manifests: dict[tuple[str, str], Manifest] = {}
 
 
@@ -158,11 +161,23 @@ async def reconcile(app: App, reg: Registered, recorded: str, path: str, root: s
     error = PipelineChanged(changed_message(root, reg.name, recorded, reg.version, verdict),
                             pipeline=reg.name, recorded=recorded, current=reg.version,
                             node=verdict.node, run_id=root)
-    if found is not None:
-        await asyncio.to_thread(_park, found[0], found[1], app.dbos_name, reg, recorded,
-                                workflow_id, path, root, verdict, error.message)
     log.warning("%s", error.message)
+    if found is not None:
+        owner = await asyncio.to_thread(_park, found[0], found[1], app.dbos_name, reg, recorded,
+                                        workflow_id, path, root, verdict, error.message)
+        # Hold the execution here, looking every PARK_CHECK_SECONDS whether another one took
+        # the run over (or it was cancelled): DBOS's own parking polls each second.
+        while await asyncio.to_thread(_still_parked, found[0], found[1], workflow_id, owner):
+            await asyncio.sleep(PARK_CHECK_SECONDS)
     raise DBOSWorkflowCancelledError(error.message)
+
+
+def _still_parked(engine: sa.Engine, schema: str, workflow_id: str, owner: str | None) -> bool:
+    with engine.begin() as con:
+        row = con.execute(sa.text(
+            f"SELECT status, owner_xid FROM {_q(schema)}.workflow_status WHERE workflow_uuid = :id"),
+            {"id": workflow_id}).first()
+    return row is not None and row[0] == "PENDING" and row[1] == owner
 
 
 def _judge_now(engine: sa.Engine, schema: str, app: App, reg: Registered, recorded: str,
@@ -201,7 +216,8 @@ def _adopt(con: sa.Connection, schema: str, run_id: str, recorded: str, shape: s
 
 
 def _park(engine: sa.Engine, schema: str, app_name: str, reg: Registered, recorded: str,
-          workflow_id: str, path: str, root: str, verdict: Verdict, reason: str) -> None:
+          workflow_id: str, path: str, root: str, verdict: Verdict, reason: str) -> str | None:
+    """Record the workflow as waiting; return the owner token of this execution."""
     with engine.begin() as con:
         ensure_schema(con)
         owner = con.execute(sa.text(
@@ -217,6 +233,7 @@ def _park(engine: sa.Engine, schema: str, app_name: str, reg: Registered, record
              "shape": recorded, "path": path, "node": verdict.node, "reason": reason,
              "seen_by": reg.version, "executor": owner[0] if owner else None,
              "owner": owner[1] if owner else None})
+    return str(owner[1]) if owner and owner[1] is not None else None
 
 
 # -- patched markers -----------------------------------------------------------------
