@@ -431,15 +431,7 @@ def versions(ctx: typer.Context, database_url: DbUrl = None, as_json: AsJson = F
         _print_json({"shapes": [s.to_json() for s in shapes],
                      "waiting": [w.__dict__ for w in waiting]})
         return
-    table = Table(title=f"{len(shapes)} shape(s)")
-    for col in ("app", "pipeline", "shape", "first seen", "last seen", "running", "gate",
-                "sleeping", "waiting"):
-        table.add_column(col, overflow="fold")
-    for s in shapes:
-        table.add_row(*(_render.literal(str(v)) for v in (
-            s.app, s.pipeline, s.shape, s.first_seen or "-", s.last_seen or "-", s.running, s.gate,
-            s.sleeping, s.waiting)))
-    out.print(table)
+    out.print(_render.shapes_table(shapes))
     for w in waiting:
         out.print(_render.literal(f"waiting: run {w.run_id} ({w.pipeline}, shape {w.shape}) at "
                                   f"node {w.waiting_node or '?'}: {w.reason or ''}"), highlight=False,
@@ -496,10 +488,7 @@ def check_compat(
         if as_json:
             _print_json(found)
         for r in found if not as_json else ():
-            where = (f"runs that reached node {r['wait_from']} would wait: {r['reason']}"
-                     if r["wait_from"] else "every run would continue")
-            out.print(_render.literal(f"{r['pipeline']} {r['shape']} -> {r['new_shape']}: {where}"),
-                      highlight=False, soft_wrap=True)
+            out.print(_render.literal(_render.manifest_verdict(r)), highlight=False, soft_wrap=True)
         if strict and any(r["wait_from"] for r in found):
             raise typer.Exit(1)
         return
@@ -509,10 +498,7 @@ def check_compat(
         _print_json(rows)
     else:
         for r in rows:
-            line = f"{r['verdict']:8} run {r['run_id']} ({r['pipeline']}, shape {r['shape']} -> {r['new_shape']})"
-            if r["verdict"] == "wait":
-                line += f": {r['reason']}"
-            out.print(_render.literal(line), highlight=False, soft_wrap=True)
+            out.print(_render.literal(_render.run_verdict(r)), highlight=False, soft_wrap=True)
         out.print(_render.literal(f"{len(rows) - len(waiting)} run(s) would continue, "
                                   f"{len(waiting)} would wait"), highlight=False)
     if strict and waiting:

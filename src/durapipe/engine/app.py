@@ -57,7 +57,8 @@ class App:
     overrides every agent's model (a FakeModel for tests and demos). ``version`` names the
     app line: every process of one line shares one DBOS application version whatever its
     code, so a deploy recovers the runs of the processes it replaces and decides per run
-    whether it continues on the new code (see :mod:`durapipe.engine.versions`). ``tracing=True`` emits OpenTelemetry spans per run and per node through
+    whether it continues on the new code (see :mod:`durapipe.engine.versions`).
+    ``tracing=True`` emits OpenTelemetry spans per run and per node through
     the global TracerProvider (``tracing=provider`` for another one; needs the ``otel``
     extra; see :mod:`durapipe.engine.tracing`). ``steps="lean"`` (the default) writes each
     step row on Postgres with one statement before and one after the body, the same rows

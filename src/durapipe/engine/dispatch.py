@@ -213,7 +213,8 @@ async def run_task(
     returns has seen its tasks' callbacks done.
     """
     app, registered = await open_pipeline(pipeline, version, path, root)
-    ctx = RunContext(app=app, pipeline=registered, root=root, tracer=app.tracing)
+    ctx = RunContext(app=app, pipeline=registered, root=root, tracer=app.tracing,
+                     recorded=version)
     if ctx.tracer is not None:
         return await ctx.tracer.workflow(ctx, path, lambda: _run_task(ctx, state, path, name))
     return await _run_task(ctx, state, path, name)

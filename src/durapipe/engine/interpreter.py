@@ -3,8 +3,8 @@
 A run is ``durapipe.run(pipeline, version, state, path="0", root=None)``. The workflow looks
 the pipeline up by name in the launched App, continues a run recorded by another shape only
 when its history is unchanged up to where it stopped (else leaves it waiting for a worker
-with its shape, see ``engine/versions.py``), and walks the IR with one handler per node type. I/O nodes
-(Agent, fn) are DBOS steps named ``<path>:<label>``; pure nodes run inline.
+with its shape, see ``engine/versions.py``), and walks the IR with one handler per node
+type. I/O nodes (Agent, fn) are DBOS steps named ``<path>:<label>``; pure nodes run inline.
 
 Paths of dynamic instances carry a mark: pass 2 of a loop body at ``0.3`` runs at
 ``0.3.0#2``, map item 5 at ``0.4.0#5``; :meth:`Registered.node_at` ignores the marks.
