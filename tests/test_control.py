@@ -112,7 +112,7 @@ def test_loop_until_stops_when_the_predicate_holds_or_at_max(make_app: Callable[
         assert capped.run({"n": 0}).state == {"n": 2, "passes": 2}
     loop = p.node
     assert isinstance(loop, Loop) and loop.until is not None and loop.until.pred is enough
-    assert loop.shape()["until"] == {"pred": f"{__name__}:{enough.__qualname__}", "max": 10}
+    assert loop.shape()["until"] == {"pred": enough.__qualname__, "max": 10}
 
 
 def test_loop_predicate_that_raises_fails_clearly(make_app: Callable[..., App]) -> None:

@@ -40,14 +40,15 @@ def test_sigkill_after_step_three_resumes_without_repeating(database_url: str, t
 
 
 @pytest.mark.slow
-def test_changed_pipeline_shape_refuses_to_replay(database_url: str, tmp_path: Path) -> None:
+def test_node_added_after_the_frontier_continues_on_new_code(database_url: str, tmp_path: Path) -> None:
+    """A deploy that only appends a node: the run resumes where it stopped, on the new code."""
     log = tmp_path / "effects.log"
     crash_at_step_four(database_url, log)
     again = spawn(SCRIPT, database_url, str(log), "changed")
     out, _ = again.communicate(timeout=120)
     assert again.returncode == 0, out
-    assert "ERROR PipelineChanged" in out
-    assert "its shape changed" in out and "'five'" in out
-    # Nothing ran against the old history: no step of the new code executed.
-    assert [x for x in lines(log) if x.startswith("step")] == ["step1", "step2", "step3"]
-    assert sql(database_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid='crash-run'") == [("ERROR",)]
+    assert "RESULT" in out and "('s6', 6)" in out
+    # Steps 1-3 were recorded before the kill and are not run again; 4-6 run on the new code.
+    assert [x for x in lines(log) if x.startswith("step")] == [f"step{i}" for i in range(1, 7)]
+    assert sql(database_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid='crash-run'") \
+        == [("SUCCESS",)]

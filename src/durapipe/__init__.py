@@ -9,7 +9,7 @@
 'Hi!'
 """
 
-from .builder import dispatch, fn, gate, join, map_over, race, route, sleep, transform, until
+from .builder import dispatch, fn, gate, join, map_over, patched, race, route, sleep, transform, until
 from .engine import App, Pipeline, RunHandle, RunResult, RunStatus
 from .engine.dispatch import progress
 from .engine.gates import PendingGate
@@ -37,6 +37,5 @@ __all__ = [
     "ModelError", "Node", "NodeFailed", "NodeTimeout", "PendingGate", "Pipeline", "Plan",
     "PlanError", "RunCancelled", "RunError", "RunHandle", "RunResult", "RunStatus", "RunTimeout",
     "StateError", "Step", "UnknownGate", "UnknownRun", "dispatch", "fn", "gate", "join", "map_over",
-    "progress", "race",
-    "route", "sleep", "transform", "until",
+    "patched", "progress", "race", "route", "sleep", "transform", "until",
 ]

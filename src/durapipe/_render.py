@@ -73,6 +73,32 @@ def runs_table(runs: list[RunInfo]) -> Table:
     return table
 
 
+def shapes_table(shapes: list[Any]) -> Table:
+    """The drain report: one row per pipeline shape (``drain.ShapeRow``)."""
+    table = Table(title=f"{len(shapes)} shape(s)")
+    for col in ("app", "pipeline", "shape", "first seen", "last seen", "running", "gate",
+                "sleeping", "waiting"):
+        table.add_column(col, overflow="fold")
+    for s in shapes:
+        table.add_row(*(literal(str(v)) for v in (
+            s.app, s.pipeline, s.shape, s.first_seen or "-", s.last_seen or "-", s.running, s.gate,
+            s.sleeping, s.waiting)))
+    return table
+
+
+def run_verdict(r: dict[str, Any]) -> str:
+    """One line of ``check-compat``: what the new code does with one unfinished run."""
+    line = f"{r['verdict']:8} run {r['run_id']} ({r['pipeline']}, shape {r['shape']} -> {r['new_shape']})"
+    return line + (f": {r['reason']}" if r["verdict"] == "wait" else "")
+
+
+def manifest_verdict(r: dict[str, Any]) -> str:
+    """One line of ``check-compat --manifest``: from which node on a pipeline's runs wait."""
+    where = (f"runs that reached node {r['wait_from']} would wait: {r['reason']}"
+             if r["wait_from"] else "every run would continue")
+    return f"{r['pipeline']} {r['shape']} -> {r['new_shape']}: {where}"
+
+
 def _label(n: NodeRecord) -> Text:
     text = Text()
     if n.path:

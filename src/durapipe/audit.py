@@ -16,13 +16,18 @@ from typing import Any
 
 from .errors import OperatorError
 
-VIEWS = ("runs", "steps", "llm_calls", "background_tasks", "approvals", "step_logs")
+VIEWS = ("runs", "steps", "llm_calls", "background_tasks", "approvals", "step_logs", "versions")
 _PATH_RE = re.compile(r"^(\d[\d.#]*):(.+)$")
 
 
 def views_sql() -> str:
     """The SQL that creates the ``durapipe`` schema and its views (idempotent)."""
     return resources.files("durapipe").joinpath("sql/views.sql").read_text(encoding="utf-8")
+
+
+def versions_sql() -> str:
+    """The deploy records (``durapipe.shapes``, ``durapipe.waiting``, view ``durapipe.versions``)."""
+    return resources.files("durapipe").joinpath("sql/versions.sql").read_text(encoding="utf-8")
 
 
 def install_views(database_url: str) -> None:
@@ -42,6 +47,9 @@ def install_views(database_url: str) -> None:
                     "App on it once, then install the views", url=redact(database_url),
                 )
             con.execute(views_sql().encode())
+            with con.transaction():
+                con.execute("SELECT pg_advisory_xact_lock(hashtext('durapipe.versions'))")
+                con.execute(versions_sql().encode())
     except psycopg.OperationalError as exc:
         raise OperatorError(
             f"cannot reach database {redact(database_url)}: {first_line(exc)}",

@@ -16,6 +16,7 @@ from .ir import (
     Join,
     MapOver,
     Node,
+    Patched,
     Race,
     Route,
     Sleep,
@@ -203,6 +204,19 @@ def route(
         pairs.append((value, as_node(node, f"route branch {value!r}")))
     dflt = as_node(default, "route default") if default is not None else None
     return Route(key_or_fn, tuple(pairs), dflt)
+
+
+def patched(name: str, *, new: Any, old: Any) -> Patched:
+    """Change a node without changing it for runs already in flight.
+
+    ``patched("tone-v2", new=fn(polite), old=fn(blunt))``: a run started by a pipeline
+    that has this marker takes ``new``; a run recorded by an older shape (one without a
+    marker of this name) takes ``old`` when it reaches the node, whichever code runs it.
+    Keep the marker until no run of the older shape is left (``durapipe versions``).
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise BuildError(f"patched({name!r}, ...): the marker name must be a non-empty string")
+    return Patched(name, as_node(new, f"patched({name!r}) new"), as_node(old, f"patched({name!r}) old"))
 
 
 def race(*nodes: Any) -> Race:

@@ -12,7 +12,7 @@
     │   │   └── RunTimeout        a run ran past its deadline (``start(..., timeout=)``)
     │   ├── GateRejected          a human said no at a gate
     │   ├── RunCancelled          the run was cancelled
-    │   └── PipelineChanged       the run was started by a pipeline of another shape
+    │   └── PipelineChanged       why a run recorded by another shape waits for a worker with it
     ├── UnknownRun                no run with that id in this app
     ├── UnknownGate               the run is not waiting at that gate
     ├── UnknownTask               no dispatch starts a background task of that name
@@ -94,7 +94,9 @@ class RunCancelled(RunError):
 
 
 class PipelineChanged(RunError):
-    """The run was recorded by a pipeline of another shape; replaying it would run new code."""
+    """A run recorded by another shape passed a node that changed: replaying it would run new
+    code. The run is not failed: it waits for a worker with its shape, and this error's
+    message (node path, what changed, what to do) is logged and listed by ``durapipe versions``."""
 
 
 class UnknownRun(DurapipeError):

@@ -23,10 +23,13 @@ StateFn = Callable[[dict[str, Any]], Any]
 
 
 def callable_name(f: Any) -> str:
-    """A stable text name for a function: ``module:qualname``."""
-    module = getattr(f, "__module__", None) or "?"
+    """A stable text name for a function: its qualified name, never its module.
+
+    The same source imported as ``__main__``, as ``pkg.mod`` or from another working
+    directory names its functions alike, so it registers the same pipeline version.
+    """
     qual = getattr(f, "__qualname__", None) or getattr(f, "__name__", None) or type(f).__name__
-    return f"{module}:{qual}"
+    return str(qual)
 
 
 def _shape_value(v: Any) -> Any:
@@ -467,8 +470,27 @@ class Gate(Node):
         return self.name
 
 
+@dataclass(frozen=True)
+class Patched(Node):
+    """Old and new code side by side: runs started by a pipeline that has this marker take
+    ``new`` (at ``<path>.0``); runs recorded by an older shape without it take ``old``
+    (at ``<path>.1``)."""
+
+    kind: ClassVar[str] = "patched"
+    name: str
+    new: Node
+    old: Node
+
+    def children(self) -> tuple[Node, ...]:
+        return (self.new, self.old)
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+
 __all__ = [
     "Agent", "Dispatch", "Fallback", "Fn", "Gate", "Join", "Loop", "MapOver", "Node",
-    "Parallel", "Race", "Route", "Seq", "Sleep", "Timeout", "Transform", "Until",
+    "Parallel", "Patched", "Race", "Route", "Seq", "Sleep", "Timeout", "Transform", "Until",
     "as_node", "callable_name", "template_keys",
 ]

@@ -20,8 +20,8 @@ from dbos._serialization import DBOSPortableJSONSerializer
 from .. import validate
 from ..audit import redact
 from ..errors import AppStateError, BuildError, DatabaseError, storable_text
-from ..ir import as_node
-from . import executors, gates, interpreter, lifecycle
+from ..ir import Dispatch, as_node
+from . import dispatch, executors, gates, interpreter, lifecycle, versions
 from .database import (
     check_postgres,
     check_url,
@@ -62,9 +62,11 @@ class App:
 
     ``database_url`` (or ``DURAPIPE_DATABASE_URL``) names Postgres in production; without
     either, runs are recorded in an embedded SQLite file ``<name>.sqlite``. ``model``
-    overrides every agent's model (a FakeModel for tests and demos). ``version`` is the
-    application version DBOS records on every run; recovery picks up runs of the same
-    version only. ``tracing=True`` emits OpenTelemetry spans per run and per node through
+    overrides every agent's model (a FakeModel for tests and demos). ``version`` names the
+    app line: every process of one line shares one DBOS application version whatever its
+    code, so a deploy recovers the runs of the processes it replaces and decides per run
+    whether it continues on the new code (see :mod:`durapipe.engine.versions`).
+    ``tracing=True`` emits OpenTelemetry spans per run and per node through
     the global TracerProvider (``tracing=provider`` for another one; needs the ``otel``
     extra; see :mod:`durapipe.engine.tracing`). ``steps="lean"`` (the default) writes each
     step row on Postgres with one statement before and one after the body, the same rows
@@ -110,6 +112,8 @@ class App:
         self._launched = False
         self._executor_lock: ExecutorLock | None = None
         self._listen: list[str] | None = None
+        # A long-lived process takes over, at launch, runs left waiting for its shape.
+        self.take_over_waiting = True
         self.tracing = Tracing(None if tracing is True else tracing) if tracing else None
 
     # -- registry -----------------------------------------------------------------------
@@ -165,7 +169,7 @@ class App:
         config: dict[str, Any] = {
             "name": self.dbos_name,
             "system_database_url": self.database_url,
-            "application_version": f"durapipe-{self.dbos_name}-{self.version}",
+            "application_version": versions.application_version(self.dbos_name, self.version),
             "serializer": DBOSPortableJSONSerializer(),
             "enable_otlp": False,
             "log_level": os.environ.get("DURAPIPE_LOG_LEVEL", "WARNING"),
@@ -222,9 +226,9 @@ class App:
         self._executor_lock.acquire()
         DBOS(config=self.dbos_config())
         try:
-            if self._listen is not None:
-                DBOS.listen_queues(self._listen)
+            DBOS.listen_queues(self._queues_to_listen())
             DBOS.launch()
+            versions.on_launch(self)
         except Exception as exc:
             interpreter.set_current_app(None)
             DBOS.destroy()
@@ -242,6 +246,19 @@ class App:
         register_queues(self._queues)
         self.step_log()  # looked up once here rather than by the first step, on the loop
         lifecycle.start_watcher(_cancelled_of)
+
+    def _queues_to_listen(self) -> list[str]:
+        """The queues this process dequeues from: those its pipelines use (or the ones given
+        to :meth:`listen_queues`), plus the hand-over queues of its own shapes only, so a
+        run waiting for another shape never lands here (see :mod:`.versions`)."""
+        if self._listen is not None:
+            base = list(self._listen)
+        else:
+            used = (dispatch.queue_name(self.dbos_name, node) for reg in self._pipelines.values()
+                    for _, node in reg.node.walk() if isinstance(node, Dispatch))
+            base = list(dict.fromkeys([*self._queues, *(q for q in used if q is not None)]))
+        return base + [versions.shape_queue(self.dbos_name, reg.version)
+                       for reg in self._pipelines.values()]
 
     @property
     def running_executor_id(self) -> str:

@@ -213,9 +213,10 @@ async def run_task(
     worker runs the task, without the main pipeline waiting for them; and a join that
     returns has seen its tasks' callbacks done.
     """
-    app, registered = open_pipeline(pipeline, version)
-    ctx = RunContext(app=app, pipeline=registered, root=root, tracer=app.tracing)
-    with lifecycle.running(DBOS.workflow_id or ""):
+    with lifecycle.running(DBOS.workflow_id or ""):  # also while it waits for its shape
+        app, registered = await open_pipeline(pipeline, version, path, root)
+        ctx = RunContext(app=app, pipeline=registered, root=root, tracer=app.tracing,
+                         recorded=version)
         if ctx.tracer is not None:
             return await ctx.tracer.workflow(ctx, path, lambda: _run_task(ctx, state, path, name))
         return await _run_task(ctx, state, path, name)
@@ -262,6 +263,13 @@ async def _run_task(ctx: RunContext, state: State, path: str, name: str) -> Stat
 _queues_ready: dict[tuple[str, str], bool] = {}
 
 
+def queue_name(app_name: str, node: Dispatch) -> str | None:
+    """The DBOS queue a dispatch enqueues its tasks on; None when it starts them directly."""
+    if node.queue is None and node.max_tasks is None:
+        return None
+    return node.queue or f"durapipe-{app_name}-max{node.max_tasks}"
+
+
 async def _queue_for(ctx: RunContext, node: Dispatch) -> tuple[str, bool] | None:
     """The queue a dispatch enqueues on, registered if needed, and whether it is partitioned.
 
@@ -269,9 +277,9 @@ async def _queue_for(ctx: RunContext, node: Dispatch) -> tuple[str, bool] | None
     each dispatch instance enqueues on a partition of its own. A queue registered before
     (by the user, or another dispatch) keeps its settings.
     """
-    if node.queue is None and node.max_tasks is None:
+    name = queue_name(ctx.app.dbos_name, node)
+    if name is None:
         return None
-    name = node.queue or f"durapipe-{ctx.app.dbos_name}-max{node.max_tasks}"
     key = (ctx.app.database_url, name)
     if key not in _queues_ready:
         queue = await DBOS.register_queue_async(

@@ -1,9 +1,10 @@
 """The one DBOS workflow that runs every pipeline, and the table of node handlers.
 
 A run is ``durapipe.run(pipeline, version, state, path="0", root=None)``. The workflow looks
-the pipeline up by name in the launched App, refuses to replay a run recorded by a
-pipeline of another shape, and walks the IR with one handler per node type. I/O nodes
-(Agent, fn) are DBOS steps named ``<path>:<label>``; pure nodes run inline.
+the pipeline up by name in the launched App, continues a run recorded by another shape only
+when its history is unchanged up to where it stopped (else leaves it waiting for a worker
+with its shape, see ``engine/versions.py``), and walks the IR with one handler per node
+type. I/O nodes (Agent, fn) are DBOS steps named ``<path>:<label>``; pure nodes run inline.
 
 Paths of dynamic instances carry a mark: pass 2 of a loop body at ``0.3`` runs at
 ``0.3.0#2``, map item 5 at ``0.4.0#5``; :meth:`Registered.node_at` ignores the marks.
@@ -31,18 +32,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from dbos import DBOS, SetWorkflowID
 from dbos._error import DBOSMaxStepRetriesExceeded
 
-from ..errors import (
-    DurapipeError,
-    NodeFailed,
-    PipelineChanged,
-    StateError,
-    error_text,
-    from_portable,
-    storable_errors,
-)
+from ..errors import DurapipeError, NodeFailed, StateError, error_text, from_portable, storable_errors
 from ..ir import Agent, Fn, Node, Parallel, Seq, Sleep, Transform
 from ..state import State, check_updates
-from . import lifecycle, steplogs, taskgroup
+from . import lifecycle, steplogs, taskgroup, versions
 from . import steps as lean
 from .children import await_child
 from .reserve import next_reservation, reserve, reserving, running_at, static_ops
@@ -109,6 +102,8 @@ class RunContext:
     recorded_ops: int = 0
     # DBOS operations numbered already but left to run off the critical path (see defer).
     deferred: list[tuple[asyncio.Event, asyncio.Future[Any]]] = field(default_factory=list)
+    # The shape this workflow was recorded by (its ``version`` argument).
+    recorded: str = ""
 
     def defer(self, start: Callable[[], Awaitable[Any]], after: float | None = None) -> None:
         """Run an operation whose DBOS number is already reserved a little later.
@@ -431,18 +426,18 @@ async def _parallel(ctx: RunContext, node: Parallel, path: str, state: State) ->
 
 # -- the workflow -----------------------------------------------------------------------
 
-def open_pipeline(pipeline: str, version: str) -> tuple[App, Registered]:
-    """The launched App and the registered pipeline a workflow runs; refuse another shape."""
+async def open_pipeline(pipeline: str, version: str, path: str = "0",
+                        root: str | None = None) -> tuple[App, Registered]:
+    """The launched App and the registered pipeline a workflow runs.
+
+    A workflow recorded by another shape continues only when its history is unchanged up
+    to where it stopped; otherwise it is left waiting for a worker with its shape
+    (:func:`versions.reconcile`).
+    """
     app = current_app()
     registered = app.registered(pipeline)
     if registered.version != version:
-        raise PipelineChanged(
-            f"run {DBOS.workflow_id} was recorded by pipeline {pipeline!r} version {version}, "
-            f"but this process registers version {registered.version}: its shape changed, and "
-            "replaying old history against new code is refused. Finish or cancel old runs with "
-            "the old code, or fork them to the new version deliberately",
-            pipeline=pipeline, recorded=version, current=registered.version,
-        )
+        await versions.reconcile(app, registered, version, path, root or DBOS.workflow_id or "")
     return app, registered
 
 
@@ -459,23 +454,24 @@ async def finish(ctx: RunContext, path: str, state: State, updates: State) -> St
 async def run_pipeline(
     pipeline: str, version: str, state: State, path: str = "0", root: str | None = None
 ) -> State:
-    app, registered = open_pipeline(pipeline, version)
     run_id = DBOS.workflow_id or ""
-    ctx = RunContext(app=app, pipeline=registered, root=root or run_id, tracer=app.tracing)
-    node = registered.node_at(path)
+    with lifecycle.running(run_id):  # also while it waits for a worker with its shape
+        app, registered = await open_pipeline(pipeline, version, path, root or run_id)
+        ctx = RunContext(app=app, pipeline=registered, root=root or run_id, tracer=app.tracing,
+                         recorded=version)
+        node = registered.node_at(path)
 
-    async def body() -> State:
-        try:
-            updates = await finish(ctx, path, state, await ctx.execute(node, path, state))
-        except BaseException:
-            await ctx.settle(raise_errors=False)
-            raise
-        await ctx.settle()
-        if path == "0":
-            return {**state, **updates}
-        return updates
+        async def body() -> State:
+            try:
+                updates = await finish(ctx, path, state, await ctx.execute(node, path, state))
+            except BaseException:
+                await ctx.settle(raise_errors=False)
+                raise
+            await ctx.settle()
+            if path == "0":
+                return {**state, **updates}
+            return updates
 
-    with lifecycle.running(run_id):
         if ctx.tracer is not None:
             return await ctx.tracer.workflow(ctx, path, body)
         return await body()
@@ -486,3 +482,4 @@ from . import control as _control  # noqa: E402,F401  (fallback, loop, route, ra
 from . import dispatch as _dispatch  # noqa: E402,F401  (registers the dispatch/join handlers)
 from . import flow as _flow_handlers  # noqa: E402,F401  (registers the Flow and Step handlers)
 from . import gates as _gates  # noqa: E402,F401  (gates)
+from . import patching as _patching  # noqa: E402,F401  (patched: old and new code side by side)
