@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 
 from dbutil import sql
 from durapipe import App, NodeFailed, fn
+from durapipe.audit import redact
 from durapipe.engine import database, steps
 from durapipe.errors import AppStateError, DatabaseError
 
@@ -61,7 +62,7 @@ def test_dbos_config_yaml_names_the_database(clean_env: Path, monkeypatch: pytes
         p.run({}, run_id="cfg-1")
     assert sql(database_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid = 'cfg-1'") \
         == [("SUCCESS",)]
-    assert f"app 'cfg-app' records to {database_url}" in caplog.text
+    assert f"app 'cfg-app' records to {redact(database_url)}" in caplog.text
 
     monkeypatch.delenv("CFG_TEST_DB")
     caplog.clear()
@@ -83,7 +84,7 @@ def test_a_database_dbos_creates_is_announced(pg_server_url: str, caplog: pytest
     try:
         with app:
             pass
-        assert f"app 'typo-app' created the database {url}, which did not exist" in caplog.text
+        assert f"app 'typo-app' created the database {redact(url)}, which did not exist" in caplog.text
         caplog.clear()
         with app:  # it exists now: nothing to announce
             pass

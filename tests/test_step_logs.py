@@ -115,3 +115,18 @@ def test_step_logs_in_the_view_and_the_console(make_app: Callable[..., App], dat
     frames = sql(database_url, "SELECT traceback->-1->>'function', (traceback->-1->>'line')::int "
                                "FROM durapipe.step_logs WHERE step_name = '0.3:fails'")
     assert frames == [("lookup", RAISE_LINE)]
+
+
+def test_capturing_step_logs_keeps_pythons_default_output_of_warnings() -> None:
+    """The capture handler sits on the root logger; an app that never configured logging
+    still sees warnings on stderr, as Python prints them with no handler at all."""
+    import subprocess
+    import sys
+
+    code = ("import logging, durapipe.engine.steplogs\n"
+            "logging.getLogger('durapipe').warning('left PENDING: r-1')\n"
+            "logging.getLogger('myapp.sub').error('boom')\n"
+            "logging.getLogger('myapp').info('not shown')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ["left PENDING: r-1", "boom"]

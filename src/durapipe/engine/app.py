@@ -21,15 +21,8 @@ from .. import validate
 from ..audit import redact
 from ..errors import AppStateError, BuildError, DatabaseError, storable_text
 from ..ir import Dispatch, as_node
-from . import dispatch, executors, gates, interpreter, lifecycle, versions
-from .database import (
-    check_postgres,
-    check_url,
-    launch_error,
-    one_line_workflow_errors,
-    resolve_url,
-    sqlite_problem,
-)
+from . import dispatch, executors, gates, interpreter, lifecycle, outcomes, versions
+from .database import check_postgres, check_url, launch_error, resolve_url, sqlite_problem
 from .executors import ExecutorLock
 from .interpreter import WORKFLOW_NAME
 from .queues import QueueSpec, register_queues
@@ -215,7 +208,7 @@ class App:
         if self._database_warning and url == _sqlite_url(self.dbos_name):
             log.warning("%s", self._database_warning)
         log.info("app %r records to %s", self.name, redact(url))
-        one_line_workflow_errors()
+        outcomes.install()
         interpreter.set_current_app(self)
         lifecycle.reset()
         self._step_log = None

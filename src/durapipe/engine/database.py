@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..audit import first_line, redact
-from ..errors import AppStateError, DatabaseError, error_text
+from ..errors import AppStateError, DatabaseError
 
 log = logging.getLogger("durapipe")
 CONFIG_FILE = "dbos-config.yaml"
@@ -133,25 +133,3 @@ def launch_error(exc: BaseException, url: str) -> DatabaseError | None:
         text = first_line(getattr(exc, "orig", None) or exc)
         return DatabaseError(f"cannot use database {redact(url)}: {text}", url=redact(url))
     return None
-
-
-class _OneLineWorkflowErrors(logging.Filter):
-    """DBOS logs a failed workflow's traceback; the caller gets the error raised, so the log
-    keeps one line with its type and text."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if (isinstance(record.msg, str) and record.msg.startswith("Exception encountered in")
-                and record.exc_info and record.exc_info[1] is not None):
-            record.msg = f"{record.msg} {error_text(record.exc_info[1])}"
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-_FILTER = _OneLineWorkflowErrors()
-
-
-def one_line_workflow_errors() -> None:
-    """Install the filter above on DBOS's logger (once)."""
-    logger = logging.getLogger("dbos")
-    if _FILTER not in logger.filters:
-        logger.addFilter(_FILTER)

@@ -45,6 +45,7 @@ class _StepHandler(logging.Handler):
     """Adds each record to the buffer of the step running in this thread or task."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        _last_resort(record)
         buf = _buffer.get()
         if buf is None or record.name == "dbos" or record.name.startswith("dbos."):
             return
@@ -62,6 +63,25 @@ class _StepHandler(logging.Handler):
 
 
 _HANDLER = _StepHandler()
+
+
+def _last_resort(record: logging.LogRecord) -> None:
+    """Print ``record`` the way Python would if this handler were not on the root logger.
+
+    With no handler configured anywhere, Python prints warnings and errors to stderr
+    (``logging.lastResort``); a handler on the root logger, even this one, turns that off.
+    So a record that no other handler would see goes to ``lastResort`` here, and an app
+    that never configured logging still sees durapipe's and its own warnings.
+    """
+    resort = logging.lastResort
+    if resort is None or record.levelno < resort.level:
+        return
+    logger: logging.Logger | None = logging.getLogger(record.name)
+    while logger is not None:
+        if any(h is not _HANDLER for h in logger.handlers):
+            return
+        logger = logger.parent if logger.propagate else None
+    resort.handle(record)
 
 
 def _install() -> None:
