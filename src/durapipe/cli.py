@@ -28,8 +28,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import _render, audit, cli_views
-from .cli_common import (
+from . import _cli_views, _render, audit
+from ._cli_common import (
     AppModule,
     AsJson,
     DbUrl,
@@ -49,8 +49,8 @@ from .ir import Node
 
 cli = typer.Typer(name="durapipe", help="Run and operate durapipe pipelines.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-cli.add_typer(cli_views.sql_cli, name="sql")
-cli.add_typer(cli_views.versions_cli, name="versions")
+cli.add_typer(_cli_views.sql_cli, name="sql")
+cli.add_typer(_cli_views.versions_cli, name="versions")
 
 
 def _print_version(value: bool) -> None:
@@ -415,8 +415,8 @@ def worker(module: Annotated[str, typer.Argument(help="module or .py file defini
         app.shutdown()
 
 
-cli.command("check-compat")(cli_views.check_compat)
-cli.command()(cli_views.graph)
+cli.command("check-compat")(_cli_views.check_compat)
+cli.command()(_cli_views.graph)
 
 
 @cli.command()

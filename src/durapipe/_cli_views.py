@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from . import _render, audit
-from .cli_common import AsJson, DbUrl, find_app, guarded, load_module, load_target, out, print_json
+from ._cli_common import AsJson, DbUrl, find_app, guarded, load_module, load_target, out, print_json
 from .engine import drain
 from .engine.admin import Admin, database_url_or_env
 from .errors import OperatorError
