@@ -78,8 +78,8 @@ with app:
     if phase == "first":
         if mode == "gate-answered":
             # The run's own record of the decision waits: the kill comes before it.
-            from durapipe.engine import interpreter
-            interpreter.DEFER_SECONDS = 3600
+            from durapipe.engine import context
+            context.DEFER_SECONDS = 3600
         pipeline.start({"topic": "ai"}, run_id="crash-1")
         if mode == "gate":
             while not app.pending("crash-1"):

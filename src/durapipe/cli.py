@@ -13,51 +13,44 @@ one line on stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
-import functools
-import importlib
-import importlib.util
 import json
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 import uuid
 from pathlib import Path
-from types import ModuleType
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import _render, audit
-from .engine import drain
+from . import _cli_views, _render, audit
+from ._cli_common import (
+    AppModule,
+    AsJson,
+    DbUrl,
+    err,
+    find_app,
+    guarded,
+    load_module,
+    load_target,
+    out,
+    print_json,
+)
 from .engine.admin import Admin, database_url_or_env, parse_since
 from .engine.app import App
-from .engine.runs import Pipeline, RunHandle, RunStatus
+from .engine.runs import RunHandle, RunStatus
 from .errors import DurapipeError, OperatorError, UnknownRun
 from .ir import Node
 
 cli = typer.Typer(name="durapipe", help="Run and operate durapipe pipelines.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-sql_cli = typer.Typer(help="The audit SQL views (schema durapipe).", no_args_is_help=True)
-cli.add_typer(sql_cli, name="sql")
-versions_cli = typer.Typer(help="Pipeline shapes and the runs in flight on each (the drain report).",
-                           invoke_without_command=True)
-cli.add_typer(versions_cli, name="versions")
-out = Console()
-err = Console(stderr=True)
-F = TypeVar("F")
-
-DbUrl = Annotated[str | None, typer.Option("--database-url", envvar="DURAPIPE_DATABASE_URL",
-                                           help="postgresql://... or sqlite:///file")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
-AppModule = Annotated[str | None, typer.Option(
-    "--app", envvar="DURAPIPE_APP", help="Module (or file) defining the App, e.g. myproj.pipelines")]
+cli.add_typer(_cli_views.sql_cli, name="sql")
+cli.add_typer(_cli_views.versions_cli, name="versions")
 
 
 def _print_version(value: bool) -> None:
@@ -75,86 +68,6 @@ def _quiet(_version: Annotated[bool, typer.Option(
     """Keep DBOS's own log lines (and tracebacks) out of the command's output."""
     os.environ.setdefault("DURAPIPE_LOG_LEVEL", "CRITICAL")
     logging.getLogger("dbos").setLevel(os.environ["DURAPIPE_LOG_LEVEL"])
-
-
-def guarded(f: F) -> F:
-    """Turn durapipe errors into one line on stderr and exit code 1."""
-
-    @functools.wraps(f)  # type: ignore[arg-type]
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return f(*args, **kwargs)  # type: ignore[operator]
-        except DurapipeError as exc:
-            err.print(Text("error:", "red") + _render.literal(f" {exc}"), highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _print_json(data: Any) -> None:
-    out.print_json(json.dumps(data, default=str))
-
-
-# -- loading user code --------------------------------------------------------------------
-
-def load_module(spec: str) -> ModuleType:
-    """Import ``pkg.module`` or a file ``path/to/file.py``."""
-    if spec.endswith(".py") or os.sep in spec:
-        path = Path(spec).resolve()
-        if not path.is_file():
-            raise OperatorError(f"no such file {spec!r}; give a module (pkg.mod) or a .py file")
-        sys.path.insert(0, str(path.parent))
-        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
-        if mod_spec is None or mod_spec.loader is None:
-            raise OperatorError(f"cannot load {spec!r} as a Python module")
-        module = importlib.util.module_from_spec(mod_spec)
-        sys.modules[path.stem] = module
-        loader = mod_spec.loader
-        try:
-            loader.exec_module(module)
-        except DurapipeError:
-            raise
-        except Exception as exc:
-            raise OperatorError(f"importing {spec!r} failed: {type(exc).__name__}: {exc}") from None
-        return module
-    sys.path.insert(0, os.getcwd())
-    try:
-        return importlib.import_module(spec)
-    except ModuleNotFoundError as exc:
-        raise OperatorError(f"cannot import module {spec!r}: {exc}") from None
-    except DurapipeError:
-        raise
-    except Exception as exc:
-        raise OperatorError(f"importing {spec!r} failed: {type(exc).__name__}: {exc}") from None
-
-
-def find_app(module: ModuleType) -> App:
-    apps = {id(v): v for v in vars(module).values() if isinstance(v, App)}
-    if len(apps) != 1:
-        raise OperatorError(
-            f"module {module.__name__!r} defines {len(apps)} durapipe Apps; it needs exactly one "
-            "(define `app = App(...)` at module level)"
-        )
-    return next(iter(apps.values()))
-
-
-def load_target(target: str) -> tuple[App, Pipeline]:
-    """``MODULE:PIPELINE`` -> the module's App and the pipeline (attribute or registered name)."""
-    module_spec, sep, name = target.rpartition(":")
-    if not sep or not module_spec or not name:
-        raise OperatorError(f"{target!r}: give MODULE:PIPELINE, e.g. examples/blog.py:publish")
-    module = load_module(module_spec)
-    app = find_app(module)
-    obj = getattr(module, name, None)
-    if isinstance(obj, Pipeline):
-        return app, obj
-    if name in app.pipelines:
-        return app, Pipeline(app, app.registered(name))
-    raise OperatorError(
-        f"{module_spec!r} has no pipeline {name!r} (registered: {sorted(app.pipelines)})"
-    )
 
 
 def parse_inputs(pairs: list[str], input_file: Path | None) -> dict[str, Any]:
@@ -249,11 +162,11 @@ def run(
     finally:
         app.shutdown()
     if as_json:
-        _print_json(tree.to_json())
+        print_json(tree.to_json())
     else:
         out.print(_render.run_tree(tree))
         if tree.run.status == RunStatus.SUCCESS.value:
-            _print_json(tree.output)
+            print_json(tree.output)
     if tree.run.status != RunStatus.SUCCESS.value:
         err.print(Text("error:", "red") + _render.literal(
             f" run {tree.run.run_id} {tree.run.status}: {tree.run.error or ''}"),
@@ -304,7 +217,7 @@ def runs(
         rows = admin.list_runs(pipeline=pipeline, status=status,
                                since=parse_since(since) if since else None, limit=limit)
     if as_json:
-        _print_json([r.to_json() for r in rows])
+        print_json([r.to_json() for r in rows])
     else:
         out.print(_render.runs_table(rows))
 
@@ -337,7 +250,7 @@ def show(
                 time.sleep(0.5)
                 tree = admin.tree(run_id)
     if as_json:
-        _print_json(tree.to_json())
+        print_json(tree.to_json())
     else:
         with Admin(database_url) as admin:
             logs = admin.step_logs(tree)
@@ -413,7 +326,7 @@ def pending(run_id: Annotated[str | None, typer.Option("--run")] = None,
     with Admin(database_url) as admin:
         gates = admin.waiting_gates(run_id)
     if as_json:
-        _print_json(gates)
+        print_json(gates)
         return
     table = Table(title=f"{len(gates)} gate(s) waiting")
     for col in ("run", "gate", "message", "approvers", "requested"):
@@ -459,7 +372,7 @@ def fork(run_id: str,
         step = admin.step_of(run_id, from_node)
         new_id = admin.fork(run_id, start_step=step)
     if as_json:
-        _print_json({"run_id": new_id, "forked_from": run_id, "start_step": step})
+        print_json({"run_id": new_id, "forked_from": run_id, "start_step": step})
     else:
         out.print(_render.literal(f"forked run {run_id} from {from_node} (step {step}) as {new_id}"),
                   highlight=False)
@@ -502,126 +415,8 @@ def worker(module: Annotated[str, typer.Argument(help="module or .py file defini
         app.shutdown()
 
 
-@versions_cli.callback()
-@guarded
-def versions(ctx: typer.Context, database_url: DbUrl = None, as_json: AsJson = False) -> None:
-    """Every pipeline shape seen, with its unfinished runs: running, at a gate, sleeping, and
-    waiting for a worker with their shape; then the waiting runs and why."""
-    if ctx.invoked_subcommand is not None:
-        return
-    shapes, waiting = drain.drain_report(database_url_or_env(database_url))
-    if as_json:
-        _print_json({"shapes": [s.to_json() for s in shapes],
-                     "waiting": [w.__dict__ for w in waiting]})
-        return
-    out.print(_render.shapes_table(shapes))
-    for w in waiting:
-        out.print(_render.literal(f"waiting: run {w.run_id} ({w.pipeline}, shape {w.shape}) at "
-                                  f"node {w.waiting_node or '?'}: {w.reason or ''}"), highlight=False,
-                  soft_wrap=True)
-
-
-@versions_cli.command("retire")
-@guarded
-def versions_retire(
-    shape: Annotated[str, typer.Argument(help="the shape whose waiting runs to give up")],
-    cancel_runs: Annotated[bool, typer.Option("--cancel", help="Cancel them (required).")] = False,
-    database_url: DbUrl = None,
-) -> None:
-    """Cancel the runs waiting for a worker with SHAPE: nothing fails them otherwise."""
-    url = database_url_or_env(database_url)
-    ids = drain.waiting_runs_of(url, shape)
-    if not cancel_runs:
-        raise OperatorError(f"{len(ids)} run(s) wait for shape {shape}: add --cancel to cancel "
-                            "them, or start a worker with that shape to finish them")
-    with Admin(url) as admin:
-        for run_id in ids:
-            admin.cancel(run_id)
-    drain.forget_waiting(url, ids)
-    out.print(_render.literal(f"cancelled {len(ids)} run(s) waiting for shape {shape}" +
-                              (": " + ", ".join(ids) if ids else "")), highlight=False)
-
-
-@versions_cli.command("export")
-@guarded
-def versions_export(module: Annotated[str, typer.Argument(help="module or .py file defining the App")]) -> None:
-    """Print the shapes and manifests of a module's pipelines (for check-compat --manifest)."""
-    _print_json(drain.export_manifests(find_app(load_module(module))))
-
-
-@cli.command("check-compat")
-@guarded
-def check_compat(
-    module: Annotated[str, typer.Argument(help="module or .py file of the code to deploy")],
-    manifest: Annotated[Path | None, typer.Option(
-        "--manifest", help="`durapipe versions export` of the code deployed now, instead of the database")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when a run would wait.")] = False,
-    database_url: DbUrl = None,
-    as_json: AsJson = False,
-) -> None:
-    """Before a deploy: which unfinished runs the new code would continue, and which it
-    would leave waiting for a worker with their shape."""
-    app = find_app(load_module(module))
-    if manifest is not None:
-        try:
-            recorded = json.loads(manifest.read_text())
-        except (OSError, ValueError) as exc:
-            raise OperatorError(f"--manifest {str(manifest)!r}: {exc}") from None
-        found = drain.check_manifests(recorded, app)
-        if as_json:
-            _print_json(found)
-        for r in found if not as_json else ():
-            out.print(_render.literal(_render.manifest_verdict(r)), highlight=False, soft_wrap=True)
-        if strict and any(r["wait_from"] for r in found):
-            raise typer.Exit(1)
-        return
-    rows = drain.check_compat(database_url_or_env(database_url or app.database_url), app)
-    waiting = [r for r in rows if r["verdict"] == "wait"]
-    if as_json:
-        _print_json(rows)
-    else:
-        for r in rows:
-            out.print(_render.literal(_render.run_verdict(r)), highlight=False, soft_wrap=True)
-        out.print(_render.literal(f"{len(rows) - len(waiting)} run(s) would continue, "
-                                  f"{len(waiting)} would wait"), highlight=False)
-    if strict and waiting:
-        raise typer.Exit(1)
-
-
-@sql_cli.command("print")
-def sql_print() -> None:
-    """Print the SQL of the audit views."""
-    out.file.write(audit.views_sql() + "\n" + audit.versions_sql())
-
-
-@sql_cli.command("install")
-@guarded
-def sql_install(database_url: DbUrl = None) -> None:
-    """Create or replace the audit views in the Postgres database."""
-    url = database_url_or_env(database_url)
-    audit.install_views(url)
-    out.print(f"installed views durapipe.{{{', '.join(audit.VIEWS)}}}")
-
-
-@cli.command()
-@guarded
-def graph(target: Annotated[str, typer.Argument(help="MODULE:PIPELINE, e.g. examples/demo.py:publish")],
-          fmt: Annotated[str, typer.Option("--format", help="mermaid (text), svg or png")] = "mermaid",
-          output: Annotated[Path | None, typer.Option("--output", "-o", help="file for svg/png")] = None,
-          ) -> None:
-    """Draw a pipeline as a Mermaid flowchart (SVG/PNG through mmdc when it is installed)."""
-    from . import diagram
-
-    _, pipeline = load_target(target)
-    text = pipeline.mermaid()
-    if fmt == "mermaid":
-        out.file.write(text + "\n")
-        return
-    if fmt not in ("svg", "png"):
-        raise OperatorError(f"--format {fmt!r}: use mermaid, svg or png")
-    dest = output or Path(f"{pipeline.name}.{fmt}")
-    diagram.render(text, fmt, str(dest))
-    out.print(_render.literal(f"wrote {dest}"), highlight=False)
+cli.command("check-compat")(_cli_views.check_compat)
+cli.command()(_cli_views.graph)
 
 
 @cli.command()

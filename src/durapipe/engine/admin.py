@@ -25,8 +25,7 @@ from ..errors import OperatorError, UnknownRun, error_text, from_portable
 from . import executors
 from .database import normalize_url
 from .dispatch import fate_key, task_status
-from .interpreter import DURAPIPE_WORKFLOWS, TASK_WORKFLOW, WORKFLOW_NAME
-from .scope import check_name, check_run_id
+from .scope import DURAPIPE_WORKFLOWS, TASK_WORKFLOW, WORKFLOW_NAME, check_name, check_run_id
 from .steplogs import LOG_EVENT_PREFIX
 
 # Child workflows durapipe starts: subtrees (|, race, timeout, map, flow) and dispatched tasks.

@@ -34,7 +34,7 @@ from ..ir import Agent
 from ..models import ModelRequest, ModelResponse, StreamingModel, ToolCall, resolve_model
 from ..models.tools import Tool, make_tools
 from ..state import State, check_updates, render
-from .interpreter import RunContext, handles, node_error, run_step
+from .context import RunContext, node_error, run_step
 
 OUTPUT_RETRIES = 2
 
@@ -143,7 +143,6 @@ async def _run_tools(calls: tuple[ToolCall, ...], tools: dict[str, Tool], where:
 
 # -- the handler --------------------------------------------------------------------------
 
-@handles(Agent)
 async def run_agent(ctx: RunContext, node: Agent, path: str, state: State) -> State:
     where = f"{path}:{node.label}"
     prompt = render(node.instruction or "", state, f"agent {where}")

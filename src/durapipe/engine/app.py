@@ -21,13 +21,13 @@ from .. import validate
 from ..audit import redact
 from ..errors import AppStateError, BuildError, DatabaseError, storable_text
 from ..ir import Dispatch, as_node
-from . import dispatch, executors, gates, interpreter, lifecycle, outcomes, versions
+from . import dispatch, executors, gates, lifecycle, outcomes, versions
+from .current import set_current_app
 from .database import check_postgres, check_url, launch_error, resolve_url, sqlite_problem
 from .executors import ExecutorLock
-from .interpreter import WORKFLOW_NAME
 from .queues import QueueSpec, register_queues
 from .runs import Pipeline, Registered, RunHandle
-from .scope import belongs_to, check_name, check_run_id, refuse
+from .scope import WORKFLOW_NAME, Owner, check_name, check_run, check_run_id
 from .steps import StepLog
 from .tracing import Tracing
 
@@ -209,7 +209,7 @@ class App:
             log.warning("%s", self._database_warning)
         log.info("app %r records to %s", self.name, redact(url))
         outcomes.install()
-        interpreter.set_current_app(self)
+        set_current_app(self)
         lifecycle.reset()
         self._step_log = None
         # Taken before DBOS recovers this executor's runs, so a second live process with
@@ -223,7 +223,7 @@ class App:
             DBOS.launch()
             versions.on_launch(self)
         except Exception as exc:
-            interpreter.set_current_app(None)
+            set_current_app(None)
             DBOS.destroy()
             self._release_executor()
             error = launch_error(exc, url)
@@ -281,7 +281,7 @@ class App:
             )
         self._step_log = None
         DBOS.destroy()
-        interpreter.set_current_app(None)
+        set_current_app(None)
         self._release_executor()
 
     def _release_executor(self) -> None:
@@ -339,32 +339,40 @@ class App:
 
     def _check_run(self, run_id: str, status: Any, kinds: tuple[str, ...] = (WORKFLOW_NAME,)) -> None:
         """Raise UnknownRun unless ``status`` is a workflow of one of ``kinds`` of this app."""
-        if status is None or status.name not in kinds or not belongs_to(self.dbos_name, status):
-            raise refuse(self.name, run_id)
+        check_run(self._owner(), run_id, status, kinds)
+
+    def _owner(self) -> Owner:
+        return Owner(self.name, self.dbos_name)
 
     # -- gates --------------------------------------------------------------------------
     def approve(self, run_id: str, gate: str, *, by: str, comment: str | None = None) -> None:
         """Approve the gate ``gate`` a run is waiting at. An answer sent twice applies once."""
-        gates.answer(self, run_id, gate, "approved", by, comment)
+        self._require_launched("approve")
+        gates.answer(self._owner(), run_id, gate, "approved", by, comment)
 
     def reject(self, run_id: str, gate: str, *, by: str, comment: str | None = None) -> None:
         """Reject the gate ``gate`` a run is waiting at: the run raises GateRejected there."""
-        gates.answer(self, run_id, gate, "rejected", by, comment)
+        self._require_launched("reject")
+        gates.answer(self._owner(), run_id, gate, "rejected", by, comment)
 
     async def approve_async(self, run_id: str, gate: str, *, by: str,
                             comment: str | None = None) -> None:
-        await asyncio.to_thread(gates.answer, self, run_id, gate, "approved", by, comment)
+        self._require_launched("approve")
+        await asyncio.to_thread(gates.answer, self._owner(), run_id, gate, "approved", by, comment)
 
     async def reject_async(self, run_id: str, gate: str, *, by: str,
                            comment: str | None = None) -> None:
-        await asyncio.to_thread(gates.answer, self, run_id, gate, "rejected", by, comment)
+        self._require_launched("reject")
+        await asyncio.to_thread(gates.answer, self._owner(), run_id, gate, "rejected", by, comment)
 
     def pending(self, run_id: str | None = None) -> list[gates.PendingGate]:
         """The gates waiting for an answer: of one run (and its branches) or of every run."""
-        return gates.pending(self, run_id)
+        self._require_launched("pending")
+        return gates.pending(self._owner(), run_id)
 
     async def pending_async(self, run_id: str | None = None) -> list[gates.PendingGate]:
-        return await asyncio.to_thread(gates.pending, self, run_id)
+        self._require_launched("pending")
+        return await asyncio.to_thread(gates.pending, self._owner(), run_id)
 
     # -- operations ---------------------------------------------------------------------
     def queue(self, name: str, *, concurrency: int | None = None,

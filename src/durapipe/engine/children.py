@@ -19,7 +19,7 @@ from dbos._dbos import _get_dbos_instance
 from dbos._error import DBOSAwaitedWorkflowCancelledError, DBOSWorkflowCancelledError
 from dbos._serialization import deserialize_exception, serialize_exception, serialize_value
 
-from .steps import StepLog
+from .current import active_step_log
 
 # How often a wait on a child workflow that runs elsewhere polls its status (DBOS's own
 # get_result polls once a second).
@@ -115,12 +115,6 @@ async def _recorded_get_result(
     output, fmt = serialize_value(result, None, sys_db.serializer)
     await record(output, None, fmt)
     return result
-
-
-def active_step_log() -> StepLog | None:
-    from .interpreter import active_step_log as current
-
-    return current()
 
 
 def _portable_error(exc: Exception, serializer: Any) -> tuple[str, str | None] | None:

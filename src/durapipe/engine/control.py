@@ -4,7 +4,7 @@ Every decision that depends on timing ("which branch finished first", "did the b
 its deadline") is taken through a DBOS operation that records it (``DBOS.asyncio_wait``,
 a step holding a deadline), so a replay takes the same decision. Operations are always
 started in an order that does not depend on timing: see the module docstring of
-:mod:`durapipe.engine.interpreter`.
+:mod:`durapipe.engine.basic`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from ..ir import Agent, Fallback, Fn, Loop, MapOver, Node, Race, Route, Timeout,
 from ..state import State
 from . import lifecycle, taskgroup
 from .children import await_child
-from .interpreter import RunContext, handles, node_error, run_step, single_op
+from .context import RunContext, node_error, run_step
+from .reserve import single_op
 
 
 def recoverable(exc: BaseException) -> bool:
@@ -61,8 +62,7 @@ def call_pred(pred: Callable[[State], Any], state: State, what: str, where: str)
 
 # -- fallback ---------------------------------------------------------------------------
 
-@handles(Fallback)
-async def _fallback(ctx: RunContext, node: Fallback, path: str, state: State) -> State:
+async def run_fallback(ctx: RunContext, node: Fallback, path: str, state: State) -> State:
     failures: list[tuple[str, BaseException]] = []
     for i, attempt in enumerate(node.attempts):
         where = f"{path}.{i}:{attempt.label}"
@@ -81,8 +81,7 @@ async def _fallback(ctx: RunContext, node: Fallback, path: str, state: State) ->
 
 # -- loop -------------------------------------------------------------------------------
 
-@handles(Loop)
-async def _loop(ctx: RunContext, node: Loop, path: str, state: State) -> State:
+async def run_loop(ctx: RunContext, node: Loop, path: str, state: State) -> State:
     passes = node.times if node.times is not None else node.until.max if node.until else 1
     updates: State = {}
     for k in range(passes):
@@ -107,8 +106,7 @@ def _jsonable(v: Any) -> Any:
     return v if v is None or isinstance(v, (str, int, float, bool)) else repr(v)
 
 
-@handles(Route)
-async def _route(ctx: RunContext, node: Route, path: str, state: State) -> State:
+async def run_route(ctx: RunContext, node: Route, path: str, state: State) -> State:
     where = f"{path}:{node.label}"
     if isinstance(node.selector, str):
         if node.selector not in state:
@@ -134,8 +132,7 @@ async def _route(ctx: RunContext, node: Route, path: str, state: State) -> State
 
 # -- race -------------------------------------------------------------------------------
 
-@handles(Race)
-async def _race(ctx: RunContext, node: Race, path: str, state: State) -> State:
+async def run_race(ctx: RunContext, node: Race, path: str, state: State) -> State:
     children = [await ctx.start_child(b, f"{path}.{i}", dict(state))
                 for i, b in enumerate(node.branches)]
     ids = [c.workflow_id for c in children]
@@ -169,8 +166,7 @@ async def _race(ctx: RunContext, node: Race, path: str, state: State) -> State:
 
 # -- timeout ----------------------------------------------------------------------------
 
-@handles(Timeout)
-async def _timeout(ctx: RunContext, node: Timeout, path: str, state: State) -> State:
+async def run_timeout(ctx: RunContext, node: Timeout, path: str, state: State) -> State:
     where = f"{path}:{node.label}"
     body_where = f"{path}.0:{node.body.label}"
     seconds = node.seconds
@@ -205,8 +201,7 @@ def _result_key(body: Node) -> str | None:
     return None
 
 
-@handles(MapOver)
-async def _map(ctx: RunContext, node: MapOver, path: str, state: State) -> State:
+async def run_map(ctx: RunContext, node: MapOver, path: str, state: State) -> State:
     where = f"{path}:{node.label}"
     items = state.get(node.items_key)
     if not isinstance(items, list):

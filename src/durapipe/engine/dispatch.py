@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,19 +42,9 @@ from ..errors import DurapipeError, NodeFailed, RunError, error_text, from_porta
 from ..ir import Dispatch, Join
 from ..state import State, check_updates
 from . import lifecycle
-from .agent import reset_partial_sink, set_partial_sink
 from .children import await_child
-from .interpreter import (
-    BETWEEN_HOOKS,
-    FINISH_HOOKS,
-    TASK_WORKFLOW,
-    RunContext,
-    finish,
-    handles,
-    node_error,
-    open_pipeline,
-    run_step,
-)
+from .context import RunContext, run_step
+from .scope import TASK_WORKFLOW
 
 PROGRESS_EVENT = "durapipe.progress"
 QUEUE_POLL_SEC = 0.1
@@ -180,7 +169,7 @@ def _progress_updates(tasks: list[Task], values: list[Any], state: State) -> Sta
     return out
 
 
-async def _refresh_progress(ctx: RunContext, seq_path: str, state: State) -> State:
+async def refresh_progress(ctx: RunContext, seq_path: str, state: State) -> State:
     tasks = [t for t in ctx.tasks.values() if t.node.progress_key and t.scope == seq_path]
     values = [await read_progress(t.child_id) for t in tasks]
     return _progress_updates(tasks, values, state)
@@ -188,73 +177,8 @@ async def _refresh_progress(ctx: RunContext, seq_path: str, state: State) -> Sta
 
 # -- the task workflow ----------------------------------------------------------------------
 
-def _parent_path(path: str) -> str:
+def parent_path(path: str) -> str:
     return path.rsplit(".", 1)[0]
-
-
-async def _call(cb: Callable[..., Any], *args: Any) -> None:
-    out = cb(*args)
-    if inspect.isawaitable(out):
-        await out
-
-
-async def _publish_partial_text(where: str, text: str) -> None:
-    await progress_async(text)
-
-
-@DBOS.workflow(name=TASK_WORKFLOW)
-async def run_task(
-    pipeline: str, version: str, state: State, path: str, root: str, name: str
-) -> State:
-    """One dispatched task: run its node, then its callback.
-
-    The callbacks are steps in the tail of the task's own workflow: that runs them once per
-    finished task (a recorded step is never re-run, also after a crash), in whichever
-    worker runs the task, without the main pipeline waiting for them; and a join that
-    returns has seen its tasks' callbacks done.
-    """
-    with lifecycle.running(DBOS.workflow_id or ""):  # also while it waits for its shape
-        app, registered = await open_pipeline(pipeline, version, path, root)
-        ctx = RunContext(app=app, pipeline=registered, root=root, tracer=app.tracing,
-                         recorded=version)
-        if ctx.tracer is not None:
-            return await ctx.tracer.workflow(ctx, path, lambda: _run_task(ctx, state, path, name))
-        return await _run_task(ctx, state, path, name)
-
-
-async def _run_task(ctx: RunContext, state: State, path: str, name: str) -> State:
-    registered = ctx.pipeline
-    node = registered.node_at(path)
-    owner = registered.node_at(_parent_path(path))
-    assert isinstance(owner, Dispatch)
-    where = f"{path}:{name}"
-    # Agents in a task with a progress_key publish their partial text as they stream it.
-    token = set_partial_sink(_publish_partial_text) if owner.progress_key else None
-    try:
-        try:
-            result = await ctx.execute(node, path, state)
-        finally:
-            if token is not None:
-                reset_partial_sink(token)
-        await ctx.settle()  # operations a node deferred (a gate's record) land before the end
-        updates = await finish(ctx, path, state, result)
-        if owner.on_complete is not None:
-            on_complete = owner.on_complete
-
-            async def complete() -> None:
-                await _call(on_complete, name, updates)
-            await run_step(f"{path}:on_complete", 0, complete)
-    except Exception as exc:
-        await ctx.settle(raise_errors=False)
-        err = node_error(exc, where)
-        if owner.on_error is not None:
-            on_error = owner.on_error
-
-            async def failed() -> None:
-                await _call(on_error, name, err)
-            await run_step(f"{path}:on_error", 0, failed)
-        raise err from exc
-    return updates
 
 
 # -- dispatch -------------------------------------------------------------------------------
@@ -299,8 +223,7 @@ async def _record_fate(task: Task, status: str) -> None:
         "status": status, "at": int(time.time() * 1000)})
 
 
-@handles(Dispatch)
-async def _dispatch(ctx: RunContext, node: Dispatch, path: str, state: State) -> State:
+async def run_dispatch(ctx: RunContext, node: Dispatch, path: str, state: State) -> State:
     for name in node.names:
         if name in ctx.tasks:
             raise RunError(
@@ -311,16 +234,16 @@ async def _dispatch(ctx: RunContext, node: Dispatch, path: str, state: State) ->
     queue = await _queue_for(ctx, node)
     for i, name in enumerate(node.names):
         tpath = f"{path}.{i}"
-        task = Task(name, tpath, f"{ctx.root}/{tpath}:{name}", node, _parent_path(path))
+        task = Task(name, tpath, f"{ctx.root}/{tpath}:{name}", node, parent_path(path))
         args = (ctx.pipeline.name, ctx.pipeline.version, dict(state), tpath, ctx.root, name)
         propagate = ctx.tracer.propagate() if ctx.tracer is not None else contextlib.nullcontext()
         with SetWorkflowID(task.child_id), SetWorkflowAttributes({TASK_ATTRIBUTE: name}), propagate:
             if queue is None:
-                task.handle = await DBOS.start_workflow_async(run_task, *args)
+                task.handle = await DBOS.start_workflow_async(ctx.table.task, *args)
             else:
                 qname, partitioned = queue
                 with SetEnqueueOptions(queue_partition_key=f"{ctx.root}/{path}" if partitioned else None):
-                    task.handle = await DBOS.enqueue_workflow_async(qname, run_task, *args)
+                    task.handle = await DBOS.enqueue_workflow_async(qname, ctx.table.task, *args)
         ctx.tasks[name] = task
     if not node.progress_key:
         return {}
@@ -379,8 +302,7 @@ async def join_tasks(
     return {**merged, **_progress_updates(with_progress, values, state)}
 
 
-@handles(Join)
-async def _join(ctx: RunContext, node: Join, path: str, state: State) -> State:
+async def run_join(ctx: RunContext, node: Join, path: str, state: State) -> State:
     if node.names:
         missing = [n for n in node.names if n not in ctx.tasks]
         if missing:
@@ -396,13 +318,9 @@ async def _join(ctx: RunContext, node: Join, path: str, state: State) -> State:
     return await join_tasks(ctx, tasks, f"{path}:join", node.timeout_seconds, "joined", state)
 
 
-async def _auto_join(ctx: RunContext, path: str, state: State) -> State:
+async def auto_join(ctx: RunContext, path: str, state: State) -> State:
     """A workflow that ends with tasks pending joins them: their writes are not lost."""
     if not ctx.tasks:
         return {}
     return await join_tasks(ctx, list(ctx.tasks.values()), f"{path}:end", None, "auto_joined",
                             state)
-
-
-BETWEEN_HOOKS.append(_refresh_progress)
-FINISH_HOOKS.append(_auto_join)

@@ -27,7 +27,7 @@ from ..planner import Flow, PlannedStep, Step, at_path
 from ..state import State
 from . import lifecycle
 from .children import await_child
-from .interpreter import RunContext, handles, node_error
+from .context import RunContext, node_error
 from .taskgroup import with_cancelled
 
 POLL_SECONDS = 0.05
@@ -44,8 +44,7 @@ def _renamed(exc: BaseException, step: Step, path: str) -> BaseException:
     return type(exc)(f"step {step.name!r} ({path}) failed: {exc.message}", **data)
 
 
-@handles(Step)
-async def _step(ctx: RunContext, node: Step, path: str, state: State) -> State:
+async def run_flow_step(ctx: RunContext, node: Step, path: str, state: State) -> State:
     body = f"{path}.0"
     # Fn and Agent retry inside their own DBOS step; other nodes are re-run here, each
     # attempt under its own instance mark so its operations have names of their own.
@@ -72,8 +71,7 @@ async def _step(ctx: RunContext, node: Step, path: str, state: State) -> State:
     return updates
 
 
-@handles(Flow)
-async def _flow(ctx: RunContext, node: Flow, path: str, state: State) -> State:
+async def run_flow(ctx: RunContext, node: Flow, path: str, state: State) -> State:
     try:
         plan = node.plan(inputs=state)
     except PlanError as exc:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from dbos import DBOS
@@ -42,11 +42,17 @@ from sqlalchemy.dialects.postgresql import JSONB
 from ..errors import ApprovalRefused, GateRejected, NodeFailed, NodeTimeout, UnknownGate, error_text
 from ..ir import Gate
 from ..state import State, render
-from .interpreter import DURAPIPE_WORKFLOWS, RunContext, handles, run_step
-from .scope import MAX_COMMENT, belongs_to, check_name, check_run_id, owned_by
-
-if TYPE_CHECKING:
-    from .app import App
+from .context import RunContext, run_step
+from .scope import (
+    DURAPIPE_WORKFLOWS,
+    MAX_COMMENT,
+    Owner,
+    belongs_to,
+    check_name,
+    check_run,
+    check_run_id,
+    owned_by,
+)
 
 # recv needs a finite timeout; a gate without one waits ten years.
 FOREVER_SECONDS = 10 * 365 * 24 * 3600.0
@@ -81,8 +87,7 @@ class PendingGate:
 
 # -- the handler ------------------------------------------------------------------------
 
-@handles(Gate)
-async def _gate(ctx: RunContext, node: Gate, path: str, state: State) -> State:
+async def run_gate(ctx: RunContext, node: Gate, path: str, state: State) -> State:
     where = f"{path}:{node.name}"
     if node.when is not None:
         try:
@@ -135,7 +140,7 @@ async def _gate(ctx: RunContext, node: Gate, path: str, state: State) -> State:
     return {node.name: {"approved": True, "by": by, "comment": comment, "at": at}}
 
 
-# -- the App side -----------------------------------------------------------------------
+# -- answers on recorded runs (the App calls these with its scope.Owner) --------------
 
 def _root_of(status: Any) -> str:
     args = (status.input or {}).get("args") if isinstance(status.input, dict) else None
@@ -144,7 +149,7 @@ def _root_of(status: Any) -> str:
     return str(status.workflow_id)
 
 
-def _waiting(app: App, run_id: str | None) -> list[tuple[str, str, dict[str, Any]]]:
+def _waiting(owner: Owner, run_id: str | None) -> list[tuple[str, str, dict[str, Any]]]:
     """(workflow id, run id, event) of every gate being waited at, oldest request first."""
     opts: dict[str, Any] = {"status": "PENDING", "load_output": False}
     if run_id is None:
@@ -154,7 +159,7 @@ def _waiting(app: App, run_id: str | None) -> list[tuple[str, str, dict[str, Any
                     + DBOS.list_workflows(workflow_id_prefix=f"{run_id}/", **opts))
     found: list[tuple[str, str, dict[str, Any]]] = []
     for st in statuses:
-        if st.name not in DURAPIPE_WORKFLOWS or not belongs_to(app.dbos_name, st):
+        if st.name not in DURAPIPE_WORKFLOWS or not belongs_to(owner.dbos_name, st):
             continue
         for key, value in DBOS.get_all_events(st.workflow_id).items():
             if (key.startswith("gate:") and isinstance(value, dict)
@@ -164,14 +169,13 @@ def _waiting(app: App, run_id: str | None) -> list[tuple[str, str, dict[str, Any
     return found
 
 
-def pending(app: App, run_id: str | None = None) -> list[PendingGate]:
+def pending(owner: Owner, run_id: str | None = None) -> list[PendingGate]:
     """The gates waiting for an answer, of one run or of every run of the app."""
-    app._require_launched("pending")
     if run_id is not None:
-        run_id = check_run_id(run_id, f"app {app.name!r}.pending")
-        app._check_run(run_id, DBOS.get_workflow_status(run_id))
+        run_id = check_run_id(run_id, f"app {owner.name!r}.pending")
+        check_run(owner, run_id, DBOS.get_workflow_status(run_id))
     return [PendingGate(root, ev["gate"], ev["message"], ev.get("approvers"), ev["requested_at"])
-            for _, root, ev in _waiting(app, run_id)]
+            for _, root, ev in _waiting(owner, run_id)]
 
 
 @dataclass(frozen=True)
@@ -235,7 +239,7 @@ def _claim_statement(sys_db: Any) -> Any:
     return stmt
 
 
-def _send_at_once(app: App, workflow_id: str, gate: str, decision: str, by: str,
+def _send_at_once(owner: Owner, workflow_id: str, gate: str, decision: str, by: str,
                   comment: str | None) -> bool:
     """Postgres: check and record the decision in one statement, then send; False if not.
 
@@ -249,7 +253,7 @@ def _send_at_once(app: App, workflow_id: str, gate: str, decision: str, by: str,
     key, at = event_key(gate), now_ms()
     with sys_db.engine.begin() as c:
         row = c.execute(_claim_statement(sys_db), {
-            "wf": workflow_id, "gate_key": key, "app": app.dbos_name,
+            "wf": workflow_id, "gate_key": key, "app": owner.dbos_name,
             "decision": decision, "by": by, "comment": comment, "at": at}).first()
         if row is None:
             return False
@@ -258,7 +262,7 @@ def _send_at_once(app: App, workflow_id: str, gate: str, decision: str, by: str,
     return True
 
 
-def _send_if_waiting(app: App, workflow_id: str, gate: str, decision: str, by: str,
+def _send_if_waiting(owner: Owner, workflow_id: str, gate: str, decision: str, by: str,
                      comment: str | None, run_id: str) -> _Found | None:
     """Answer ``gate`` of one workflow in one transaction, or say what is there instead.
 
@@ -279,7 +283,7 @@ def _send_if_waiting(app: App, workflow_id: str, gate: str, decision: str, by: s
     with sys_db.engine.begin() as c:
         row = c.execute(query).first()
         found = _Found(row.status, row.name, row.application_name, None) if row else None
-        app._check_run(workflow_id, found, DURAPIPE_WORKFLOWS)
+        check_run(owner, workflow_id, found, DURAPIPE_WORKFLOWS)
         assert row is not None and found is not None  # UnknownRun otherwise
         event: Any = (deserialize_value(row.value, row.serialization, sys_db.serializer)
                       if row.value is not None else None)
@@ -311,7 +315,7 @@ def _send_if_waiting(app: App, workflow_id: str, gate: str, decision: str, by: s
     return None
 
 
-def answer(app: App, run_id: str, gate: str, decision: str, by: str,
+def answer(owner: Owner, run_id: str, gate: str, decision: str, by: str,
            comment: str | None) -> None:
     """Send a decision to a run waiting at ``gate``; validate everything before sending.
 
@@ -319,20 +323,19 @@ def answer(app: App, run_id: str, gate: str, decision: str, by: str,
     at by a branch's child workflow is looked for only when the run has none waiting.
     """
     verb = "approve" if decision == "approved" else "reject"
-    app._require_launched(verb)
-    where = f"app {app.name!r}.{verb}"
+    where = f"app {owner.name!r}.{verb}"
     run_id = check_run_id(run_id, where)
     check_name(gate, "gate name", where)
     check_name(by, "by= (who answers)", where)
     check_name(comment, "comment", where, MAX_COMMENT, optional=True)
-    if _send_at_once(app, run_id, gate, decision, by, comment):
+    if _send_at_once(owner, run_id, gate, decision, by, comment):
         return
-    found = _send_if_waiting(app, run_id, gate, decision, by, comment, run_id)
+    found = _send_if_waiting(owner, run_id, gate, decision, by, comment, run_id)
     if found is None:
         return
-    waiting = _waiting(app, run_id)
+    waiting = _waiting(owner, run_id)
     for workflow_id, _, _ in (w for w in waiting if w[2].get("gate") == gate):
-        if _send_if_waiting(app, workflow_id, gate, decision, by, comment, run_id) is None:
+        if _send_if_waiting(owner, workflow_id, gate, decision, by, comment, run_id) is None:
             return
     others = sorted({str(w[2].get("gate")) for w in waiting if w[2].get("gate") != gate})
     ev = found.event

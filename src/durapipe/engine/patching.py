@@ -13,7 +13,7 @@ import asyncio
 from ..ir import Patched
 from ..state import State
 from . import versions
-from .interpreter import RunContext, handles
+from .context import RunContext
 
 
 async def run_shape(ctx: RunContext) -> str:
@@ -23,8 +23,7 @@ async def run_shape(ctx: RunContext) -> str:
     return found or ctx.recorded
 
 
-@handles(Patched)
-async def _patched(ctx: RunContext, node: Patched, path: str, state: State) -> State:
+async def run_patched(ctx: RunContext, node: Patched, path: str, state: State) -> State:
     shape = await run_shape(ctx)
     new = shape == ctx.pipeline.version or await asyncio.to_thread(
         versions.has_marker, ctx.app.dbos_name, ctx.pipeline.name, shape, node.name)

@@ -87,3 +87,17 @@ def next_reservation(where: str) -> Any | None:
             "deterministically", node=where,
         )
     return queue.pop(0)
+
+
+def single_op(node: Node) -> bool:
+    """True when a node starts at most one DBOS operation, before it first suspends."""
+    if isinstance(node, Transform):
+        return True
+    if isinstance(node, Fn):
+        return True
+    if isinstance(node, Agent):
+        return not node.tool_fns and node.output_model is None
+    if isinstance(node, Seq):
+        ops = [c for c in node.nodes if not isinstance(c, Transform)]
+        return len(ops) <= 1 and all(single_op(c) for c in ops)
+    return False

@@ -34,8 +34,8 @@ from ..errors import (
 from ..ir import Dispatch, Node
 from ..state import State, check_inputs
 from . import dispatch, lifecycle
-from .interpreter import WORKFLOW_NAME, run_pipeline
-from .scope import belongs_to, check_run_id, refuse
+from .interpreter import run_pipeline
+from .scope import WORKFLOW_NAME, belongs_to, check_run_id, refuse
 
 if TYPE_CHECKING:
     from .app import App

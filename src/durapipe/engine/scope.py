@@ -15,11 +15,21 @@ instead of a driver error with SQL in it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 
 from ..errors import DurapipeError, UnknownRun
+
+WORKFLOW_NAME = "durapipe.run"
+"""The DBOS workflow of every run and of its subtrees (recorded runs name it: never change it)."""
+
+TASK_WORKFLOW = "durapipe.task"
+"""The DBOS workflow of a dispatched background task (``engine/dispatch.py``)."""
+
+DURAPIPE_WORKFLOWS = (WORKFLOW_NAME, TASK_WORKFLOW)
+"""Every workflow durapipe registers: runs and their subtrees, and background tasks."""
 
 MAX_RUN_ID = 200
 """Longest run id, in characters: child workflow ids (``<run>/<path>:<name>``) extend it,
@@ -30,6 +40,15 @@ MAX_NAME = 200
 
 MAX_COMMENT = 10_000
 """Longest comment on a gate decision, in characters."""
+
+
+@dataclass(frozen=True)
+class Owner:
+    """What an operation on recorded runs needs of an app: its name (for messages) and its
+    DBOS name (what its workflow rows record as their owner)."""
+
+    name: str
+    dbos_name: str
 
 
 def app_of(status: Any) -> str | None:
@@ -102,3 +121,10 @@ def check_name(value: Any, what: str, where: str, limit: int = MAX_NAME,
 def refuse(app_name: str, run_id: str) -> UnknownRun:
     """The error for a run id that is not one of the app's (whoever else may own it)."""
     return UnknownRun(f"app {app_name!r} has no run with id '{_shown(run_id)}'", run_id=_shown(run_id))
+
+
+def check_run(owner: Owner, run_id: str, status: Any,
+              kinds: tuple[str, ...] = (WORKFLOW_NAME,)) -> None:
+    """Raise UnknownRun unless ``status`` is a workflow of one of ``kinds`` of the app."""
+    if status is None or status.name not in kinds or not belongs_to(owner.dbos_name, status):
+        raise refuse(owner.name, run_id)

@@ -49,9 +49,10 @@ from dbos._dbos import _get_dbos_instance
 from ..errors import AppStateError
 from ..ir import Node
 from ..state import State
+from .reserve import single_op
 
 if TYPE_CHECKING:
-    from .interpreter import Handler, RunContext
+    from .context import Handler, RunContext
 
 ATTR = "durapipe."
 
@@ -155,8 +156,6 @@ class Tracing:
     # -- one node -----------------------------------------------------------------------
     async def node(self, ctx: RunContext, node: Node, path: str, state: State, handler: Handler) -> State:
         """Run one node's handler under its span; mark it replayed when nothing ran again."""
-        from .interpreter import single_op
-
         dbos_ctx = get_local_dbos_context()
         first = (dbos_ctx.function_id if dbos_ctx else 0) + 1
         name = node.label if node.label == node.kind else f"{node.kind} {node.label}"
