@@ -190,6 +190,9 @@ def test_the_cli_with_app_answers_only_that_apps_runs(make_app: Callable[..., Ap
                                    str(module), "--database-url", database_url])
     assert res.exit_code == 1, res.output
     assert "has no run with id 'eu-order-7'" in res.output and "Traceback" not in res.output
+    shown = CliRunner().invoke(cli, ["show", "eu-order-7", "--app", str(module),
+                                     "--database-url", database_url])
+    assert shown.exit_code == 1 and "has no run with id 'eu-order-7'" in shown.output, shown.output
     assert snapshot(database_url, "eu-order-7") == before
     [(value,)] = sql(database_url, "SELECT value FROM dbos.workflow_events WHERE "
                                    "workflow_uuid = 'eu-order-7' AND key = %s", f"gate:{GATE}")

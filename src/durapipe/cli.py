@@ -44,6 +44,7 @@ from ._cli_common import (
 from .engine.admin import Admin, database_url_or_env, parse_since
 from .engine.app import App
 from .engine.runs import RunHandle, RunStatus
+from .engine.scope import belongs_to, refuse
 from .errors import DurapipeError, OperatorError, UnknownRun
 from .ir import Node
 
@@ -265,6 +266,9 @@ def _pipeline_node(app_module: str, database_url: str | None, run_id: str) -> No
     app = find_app(load_module(app_module))
     with Admin(database_url or app.database_url) as admin:
         pipeline = admin.run(run_id).pipeline
+        rows = admin.client.list_workflows(workflow_ids=[run_id], load_input=False, load_output=False)
+    if not rows or not belongs_to(app.dbos_name, rows[0]):  # --app names the run's own app only
+        raise refuse(app.name, run_id)
     if pipeline not in app.pipelines:
         raise OperatorError(f"app {app.name!r} of {app_module!r} has no pipeline {pipeline!r} "
                             f"(registered: {sorted(app.pipelines)})")
