@@ -6,6 +6,7 @@ calls Gemini. Set DURAPIPE_DATABASE_URL=postgresql://... to record on Postgres i
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
 from typing import Any
@@ -43,7 +44,9 @@ pipeline = (writer
             >> fn(publish_to_cms)
             >> join("email"))                                  # the announcement may finish last
 
-app = App("blog-demo", model=model)
+# Named outright, so the repo's dbos-config.yaml (the service's, for `dbos start`) is not consulted.
+database_url = os.environ.get("DURAPIPE_DATABASE_URL") or "sqlite:///blog_demo.sqlite"
+app = App("blog-demo", database_url, model=model)
 publish = app.pipeline("publish", pipeline, inputs=["topic"])
 
 if __name__ == "__main__":
