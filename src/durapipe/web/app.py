@@ -279,32 +279,27 @@ def create_console(app: App, *, token: str | None = None,
                by: str | None = Form(None), comment: str | None = Form(None)) -> Response:  # noqa: B008
         return decide(False, run_id, gate, who, by, comment)
 
-    @api.post("/runs/{run_id}/cancel")
-    def cancel(run_id: str, who: Person = Depends(person)) -> Response:  # noqa: B008
+    def steer(run_id: str, action: Callable[[], str | None], note: str) -> RedirectResponse:
+        """Run an operator action on one of this app's runs, then show the run it returns
+        (a fork's new run), else that run."""
         check_owned(run_id)
         try:
-            admin().cancel(run_id)
+            shown = action()
         except DurapipeError as exc:
             raise fail(exc) from None
-        return done(run_id, "cancelled")
+        return done(shown or run_id, note)
+
+    @api.post("/runs/{run_id}/cancel")
+    def cancel(run_id: str, who: Person = Depends(person)) -> Response:  # noqa: B008
+        return steer(run_id, lambda: admin().cancel(run_id), "cancelled")
 
     @api.post("/runs/{run_id}/resume")
     def resume(run_id: str, who: Person = Depends(person)) -> Response:  # noqa: B008
-        check_owned(run_id)
-        try:
-            admin().resume(run_id)
-        except DurapipeError as exc:
-            raise fail(exc) from None
-        return done(run_id, "resumed")
+        return steer(run_id, lambda: admin().resume(run_id), "resumed")
 
     @api.post("/runs/{run_id}/fork")
     def fork(run_id: str, node: str = Form(...), who: Person = Depends(person)) -> Response:  # noqa: B008
-        check_owned(run_id)
-        try:
-            new_id = admin().fork(run_id, node)
-        except DurapipeError as exc:
-            raise fail(exc) from None
-        return done(new_id, f"forked from {run_id} at node {node}")
+        return steer(run_id, lambda: admin().fork(run_id, node), f"forked from {run_id} at node {node}")
 
     return api
 
