@@ -17,8 +17,11 @@ install: $(STAMP)
 demo: install
 	$(PY) examples/demo.py
 
+# Two test processes: most tests wait on Postgres, DBOS or a subprocess, not the CPU.
+TEST_WORKERS ?= 2
+
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests examples bench

@@ -17,6 +17,11 @@ from typing import Any
 import pytest
 from hypothesis import settings
 
+# pytest-xdist gives its workers COLUMNS=80; rich would freeze the CLI's width at import.
+# Without it, the CLI's console reads the width at each call (tests pass COLUMNS=200).
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
+
 from dbutil import scratch_database
 from durapipe import App
 
