@@ -52,11 +52,10 @@ BEGIN
                        OR starts_with(s.name, 'durapipe.run:')) THEN
     RETURN;
   END IF;
-  BEGIN
+  -- durapipe records portable JSON; anything else (a pickled input) has no keys to read.
+  IF left(ltrim(inputs), 1) = '{' THEN
     args := inputs::json -> 'positionalArgs';
-  EXCEPTION WHEN others THEN
-    args := NULL;
-  END;
+  END IF;
   INSERT INTO durapipe.run_keys AS k (workflow_id, run_id, parent_workflow_id, app, pipeline,
                                       pipeline_version, node_path, name, created)
   VALUES (wid, COALESCE(args ->> 4, wid), s.parent_workflow_id, s.application_name,
