@@ -151,6 +151,10 @@ def test_one_run_queries_use_indexes_with_many_runs_recorded(
             "SELECT * FROM durapipe.steps WHERE run_id = 'r777'",
             "SELECT * FROM durapipe.llm_calls WHERE run_id = 'r777'",
             "SELECT * FROM durapipe.background_tasks WHERE run_id = 'r777'",
+            # The README's "slowest nodes this week": the bulk runs are older than a week.
+            "SELECT pipeline, node_path, node_name, count(*), round(avg(duration_ms)) AS avg_ms "
+            "FROM durapipe.steps WHERE kind = 'step' AND started > now() - interval '7 days' "
+            "GROUP BY 1, 2, 3 ORDER BY avg_ms DESC LIMIT 10",
         ]
         for query in one_run:
             found = plan(query)

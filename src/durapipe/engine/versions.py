@@ -295,7 +295,8 @@ def on_launch(app: App) -> list[str]:
     regs = list(app.pipelines.values())
     with engine.begin() as con:
         ensure_schema(con)
-        con.exec_driver_sql(keys_sql())  # the indexed run keys the views and `runs` read
+        if schema == "dbos":  # the indexed run keys the views and `runs` read (sql/keys.sql)
+            con.exec_driver_sql(keys_sql())
         record_shapes(con, app.dbos_name, regs)
     if not app.take_over_waiting:
         return []

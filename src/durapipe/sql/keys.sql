@@ -35,6 +35,11 @@ CREATE INDEX IF NOT EXISTS run_keys_app ON durapipe.run_keys (app, created, work
 CREATE INDEX IF NOT EXISTS run_keys_pipeline
   ON durapipe.run_keys (app, pipeline, created, workflow_id) WHERE parent_workflow_id IS NULL;
 
+-- When each recorded operation started, as the steps view shows it (`started`): time
+-- filters on durapipe.steps ("slowest nodes this week") read only the window.
+CREATE INDEX IF NOT EXISTS durapipe_operation_started
+  ON dbos.operation_outputs ((to_timestamp(started_at_epoch_ms / 1000.0)));
+
 -- The keys of one workflow, from DBOS's status row and its input
 -- {"positionalArgs": [pipeline, version, state, path, root, ...]}; nothing for a workflow
 -- that is not durapipe's. Written when DBOS writes the input (same transaction as the
