@@ -80,12 +80,29 @@ def add_runs(con: psycopg.Connection[Any], first: int, last: int, now_ms: int) -
         con.execute(f"ANALYZE {t}")
 
 
+def start_cost(app: App, pipeline: Any, con: psycopg.Connection[Any], rounds: int) -> list[list[str]]:
+    """A one-step run started and finished, with durapipe's keying trigger and with it
+    disabled, interleaved: what keying adds to a run (and to each child workflow)."""
+    out: dict[str, list[float]] = {"with run keys": [], "trigger disabled": []}
+    for i in range(rounds + 5):
+        for mode in out:
+            action = "ENABLE" if mode == "with run keys" else "DISABLE"
+            con.execute(f"ALTER TABLE dbos.workflow_input {action} TRIGGER durapipe_run_keys")
+            t0 = time.perf_counter()
+            pipeline.run({"n": i})
+            if i >= 5:
+                out[mode].append((time.perf_counter() - t0) * 1000)
+    con.execute("ALTER TABLE dbos.workflow_input ENABLE TRIGGER durapipe_run_keys")
+    base = median(out["trigger disabled"])
+    return [[mode, f"{median(xs):.2f}", f"{median(xs) / base:.2f}x"] for mode, xs in out.items()]
+
+
 def section(database_url: str) -> str:
     sizes = [int(s) for s in os.environ.get("DURAPIPE_BENCH_QUERY_SIZES", "1000,10000,100000").split(",")]
     app = App("bench-queries", database_url=database_url)
-    app.pipeline("alpha", fn(lambda s: {"a": 1}, name="a"))
-    with app:  # DBOS's tables and durapipe's run keys
-        pass
+    alpha = app.pipeline("alpha", fn(lambda s: {"a": 1}, name="a"))
+    with app, psycopg.connect(database_url, autocommit=True) as con:
+        starts = start_cost(app, alpha, con, rounds=100)
     install_views(database_url)
     audit = readme_queries()
     now_ms = int(time.time() * 1000)
@@ -113,7 +130,7 @@ def section(database_url: str) -> str:
             }
             for title, query in audit.items():
                 cases[f"README: {title}"] = (lambda q=query: con.execute(q).fetchall())
-            rounds = 30 if size <= 10_000 else 10
+            rounds = 30 if size <= 10_000 else 5
             times = interleave(cases, rounds=rounds, warmup=2)
             for name, xs in times.items():
                 ms = median(xs)
@@ -128,6 +145,11 @@ def section(database_url: str) -> str:
         f"({'; '.join(insert_s)}, through durapipe's keying trigger).",
         "",
         table(rows, ["query", "recorded runs", "median ms", "vs smallest"]),
+        "",
+        "What keying costs at start: a one-step run, `pipeline.run` to its result, with the",
+        "trigger and with it disabled, interleaved (median ms of 100 each).",
+        "",
+        table(starts, ["run", "median ms", "ratio"]),
         "",
     ])
 
