@@ -29,6 +29,7 @@ from common import median, p95, table
 from dbos import DBOS
 
 from durapipe import App, fn, transform
+from durapipe.engine.scope import is_run_workflow
 
 ROUNDS = 40
 PAR_ROUNDS = 10
@@ -69,7 +70,8 @@ def section(database_url: str) -> str:
             thr = {"durapipe": throughput(lambda: seq10.run({})),
                    "raw DBOS": throughput(raw(raw_seq, 10)),
                    "LangGraph": throughput(lg(lg_seq))}
-            recorded = len(DBOS.list_workflows(name="durapipe.run", limit=100000))
+            recorded = sum(is_run_workflow(w.name) for w in DBOS.list_workflows(
+                limit=100000, load_input=False, load_output=False))
     runs = 2 * (WARMUP + ROUNDS) + WARMUP + PAR_ROUNDS + CONCURRENCY + THROUGHPUT_N
 
     def rows(label: str, res: dict[str, tuple[list[float], list[float]]], base: str,

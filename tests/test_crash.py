@@ -27,6 +27,10 @@ def test_sigkill_after_step_three_resumes_without_repeating(database_url: str, t
     crash_at_step_four(database_url, log)
     status = sql(database_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid='crash-run'")
     assert status == [("PENDING",)]
+    # The killed run is the DBOS workflow of its pipeline, keyed in the start's transaction.
+    assert sql(database_url, "SELECT s.name, k.run_id, k.pipeline FROM dbos.workflow_status s "
+               "JOIN durapipe.run_keys k ON k.workflow_id = s.workflow_uuid "
+               "WHERE s.workflow_uuid = 'crash-run'") == [("durapipe.run:five", "crash-run", "five")]
 
     again = spawn(SCRIPT, database_url, str(log), "recover")
     out, _ = again.communicate(timeout=120)

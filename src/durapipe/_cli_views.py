@@ -109,7 +109,7 @@ def check_compat(
 @sql_cli.command("print")
 def sql_print() -> None:
     """Print the SQL of the audit views."""
-    out.file.write(audit.views_sql() + "\n" + audit.versions_sql())
+    out.file.write(audit.keys_sql() + "\n" + audit.views_sql() + "\n" + audit.versions_sql())
 
 
 @sql_cli.command("install")

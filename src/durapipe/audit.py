@@ -25,6 +25,12 @@ def views_sql() -> str:
     return resources.files("durapipe").joinpath("sql/views.sql").read_text(encoding="utf-8")
 
 
+def keys_sql() -> str:
+    """durapipe's indexed keys of every workflow it runs (``durapipe.run_keys``) and the
+    triggers that keep them; the views read them. Also run by every launched App."""
+    return resources.files("durapipe").joinpath("sql/keys.sql").read_text(encoding="utf-8")
+
+
 def versions_sql() -> str:
     """The deploy records (``durapipe.shapes``, ``durapipe.waiting``, view ``durapipe.versions``)."""
     return resources.files("durapipe").joinpath("sql/versions.sql").read_text(encoding="utf-8")
@@ -46,10 +52,11 @@ def install_views(database_url: str) -> None:
                     f"{redact(database_url)} has no DBOS tables (dbos.*): launch a durapipe "
                     "App on it once, then install the views", url=redact(database_url),
                 )
-            con.execute(views_sql().encode())
             with con.transaction():
                 con.execute("SELECT pg_advisory_xact_lock(hashtext('durapipe.versions'))")
+                con.execute(keys_sql().encode())
                 con.execute(versions_sql().encode())
+            con.execute(views_sql().encode())
     except psycopg.OperationalError as exc:
         raise OperatorError(
             f"cannot reach database {redact(database_url)}: {first_line(exc)}",

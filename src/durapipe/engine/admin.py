@@ -22,10 +22,19 @@ from dbos._utils import INTERNAL_QUEUE_NAME
 
 from ..audit import NodeRecord, RunInfo, RunTree, first_line, model_usage, path_key, redact, split_step_name
 from ..errors import OperatorError, UnknownRun, error_text, from_portable
-from . import executors
+from . import executors, runlist
 from .database import normalize_url
 from .dispatch import fate_key, task_status
-from .scope import DURAPIPE_WORKFLOWS, TASK_WORKFLOW, WORKFLOW_NAME, check_name, check_run_id
+from .scope import (
+    DURAPIPE_WORKFLOWS,
+    TASK_WORKFLOW,
+    WORKFLOW_NAME,
+    check_name,
+    check_run_id,
+    is_run_workflow,
+    named_one_of,
+    run_workflow_name,
+)
 from .steplogs import LOG_EVENT_PREFIX
 
 # Child workflows durapipe starts: subtrees (|, race, timeout, map, flow) and dispatched tasks.
@@ -119,23 +128,31 @@ class Admin:
 
     def list_runs(self, *, pipeline: str | None = None, status: str | None = None,
                   since: datetime | None = None, limit: int = 50) -> list[RunInfo]:
-        """Newest first; filters are passed to DBOS as parameters, never pasted into SQL."""
+        """Newest first. On Postgres one indexed query (:mod:`.runlist`); elsewhere through
+        DBOS's API by workflow name (``durapipe.run:<pipeline>``). Filters are parameters,
+        never pasted into SQL."""
+        found = runlist.page(self.url, runlist.RunQuery(pipeline=pipeline, status=status,
+                                                        since=since), limit)
+        if found is not None:
+            return found[0]
         out: list[RunInfo] = []
+        # Runs recorded before runs were named by pipeline are all "durapipe.run".
+        names = [run_workflow_name(pipeline), WORKFLOW_NAME] if pipeline is not None else None
         offset = 0
-        page = max(limit, 100)
+        size = max(limit, 100)
         while len(out) < limit:
             rows = self.client.list_workflows(
-                name=WORKFLOW_NAME, has_parent=False, status=status.upper() if status else None,
+                name=names, has_parent=False, status=status.upper() if status else None,
                 start_time=since.isoformat() if since else None, sort_desc=True,
-                limit=page, offset=offset, load_output=True,
+                limit=size, offset=offset, load_output=True,
             )
             for st in rows:
                 info = self._info(st)
-                if pipeline is None or info.pipeline == pipeline:
+                if is_run_workflow(st.name) and (pipeline is None or info.pipeline == pipeline):
                     out.append(info)
-            if len(rows) < page:
+            if len(rows) < size:
                 break
-            offset += page
+            offset += size
         return out[:limit]
 
     def _status(self, workflow_id: str) -> Any:
@@ -145,7 +162,7 @@ class Admin:
     def run(self, run_id: str) -> RunInfo:
         run_id = check_run_id(run_id, "")
         st = self._status(run_id)
-        if st is None or st.name != WORKFLOW_NAME:
+        if st is None or not is_run_workflow(st.name):
             raise UnknownRun(f"no durapipe run with id {run_id!r} in {redact(self.url)}", run_id=run_id)
         return self._info(st)
 
@@ -163,7 +180,7 @@ class Admin:
         for step in self.client.list_workflow_steps(workflow_id):
             cid = step["child_workflow_id"]
             started, done = step["started_at_epoch_ms"], step["completed_at_epoch_ms"]
-            if cid and step["function_name"] in CHILD_WORKFLOWS:
+            if cid and named_one_of(step["function_name"], CHILD_WORKFLOWS):
                 node = self._child_node(cid, root, now)
                 if step["function_name"] == TASK_WORKFLOW:
                     tasks[cid] = node
@@ -237,7 +254,8 @@ class Admin:
             ids = [run_id]
         else:
             ids = [st.workflow_id for st in self.client.list_workflows(
-                name=WORKFLOW_NAME, status=list(ACTIVE), load_input=False, load_output=False)]
+                status=list(ACTIVE), load_input=False, load_output=False)
+                if is_run_workflow(st.name)]
         out = []
         for wid in ids:
             for key, value in self._events(wid).items():
@@ -282,7 +300,7 @@ class Admin:
         candidates: list[tuple[int, str]] = []
         for step in self.client.list_workflow_steps(run_id):
             fid, fname, cid = step["function_id"], step["function_name"], step["child_workflow_id"]
-            if cid and fname in CHILD_WORKFLOWS:
+            if cid and named_one_of(fname, CHILD_WORKFLOWS):
                 st = self._status(cid)
                 args = _args(st) if st else []
                 path = str(args[3]) if len(args) > 3 else None

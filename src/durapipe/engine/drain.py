@@ -40,7 +40,7 @@ SELECT s.workflow_uuid, s.application_name, s.status, s.executor_id,
        (SELECT min(w.reason) FROM durapipe.waiting w WHERE w.run_id = s.workflow_uuid) AS reason
 FROM dbos.workflow_status s
 JOIN dbos.workflow_input i ON i.workflow_uuid = s.workflow_uuid
-WHERE s.name = 'durapipe.run' AND s.parent_workflow_id IS NULL
+WHERE (s.name = 'durapipe.run' OR s.name LIKE 'durapipe.run:%') AND s.parent_workflow_id IS NULL
   AND s.status IN ('PENDING', 'ENQUEUED', 'DELAYED')
 ORDER BY s.created_at
 """

@@ -51,7 +51,9 @@ from .scope import (
     check_name,
     check_run,
     check_run_id,
+    named_one_of,
     owned_by,
+    run_names_sql,
 )
 
 # recv needs a finite timeout; a gate without one waits ten years.
@@ -159,7 +161,7 @@ def _waiting(owner: Owner, run_id: str | None) -> list[tuple[str, str, dict[str,
                     + DBOS.list_workflows(workflow_id_prefix=f"{run_id}/", **opts))
     found: list[tuple[str, str, dict[str, Any]]] = []
     for st in statuses:
-        if st.name not in DURAPIPE_WORKFLOWS or not belongs_to(owner.dbos_name, st):
+        if not named_one_of(st.name, DURAPIPE_WORKFLOWS) or not belongs_to(owner.dbos_name, st):
             continue
         for key, value in DBOS.get_all_events(st.workflow_id).items():
             if (key.startswith("gate:") and isinstance(value, dict)
@@ -228,7 +230,7 @@ def _claim_statement(sys_db: Any) -> Any:
             .where(we.c.workflow_uuid == sa.bindparam("wf", type_=sa.Text),
                    we.c.key == sa.bindparam("gate_key", type_=sa.Text),
                    ws.c.workflow_uuid == we.c.workflow_uuid, ws.c.status == "PENDING",
-                   ws.c.name.in_(DURAPIPE_WORKFLOWS),
+                   sa.or_(ws.c.name.in_(DURAPIPE_WORKFLOWS), run_names_sql(ws.c.name)),
                    owned_by(ws.c.application_name, sa.bindparam("app", type_=sa.Text)),
                    _field(ev, "->>", "status") == "waiting",
                    sa.or_(sa.func.jsonb_typeof(_field(ev, "->", "approvers")).is_distinct_from("array"),

@@ -1,6 +1,7 @@
 """The node table and the DBOS workflows that run every pipeline.
 
-A run is ``durapipe.run(pipeline, version, state, path="0", root=None)``; a dispatched
+A run of pipeline P is ``durapipe.run:P(pipeline, version, state, path="0", root=None)``
+(:func:`run_workflow`), its subtrees ``durapipe.run(...)`` with the same arguments; a dispatched
 task is ``durapipe.task(pipeline, version, state, path, root, name)``. Each workflow looks
 the pipeline up by name in the launched App, continues a run recorded by another shape
 only when its history is unchanged up to where it stopped (else leaves it waiting for a
@@ -48,14 +49,14 @@ from ..state import State
 from . import agent, basic, control, dispatch, flow, gates, lifecycle, patching, versions
 from .context import Handler, Hook, RunContext, Table, finish, node_error, run_step
 from .current import current_app
-from .scope import DURAPIPE_WORKFLOWS, TASK_WORKFLOW, WORKFLOW_NAME
+from .scope import DURAPIPE_WORKFLOWS, TASK_WORKFLOW, WORKFLOW_NAME, run_workflow_name
 
 if TYPE_CHECKING:
     from .app import App
     from .runs import Registered
 
 __all__ = ["DURAPIPE_WORKFLOWS", "HANDLERS", "TABLE", "TASK_WORKFLOW", "WORKFLOW_NAME",
-           "run_pipeline", "run_task"]
+           "run_pipeline", "run_task", "run_workflow"]
 
 HANDLERS: dict[type[Node], Handler] = {
     Seq: basic.run_seq,
@@ -101,6 +102,34 @@ async def open_pipeline(pipeline: str, version: str, path: str = "0",
 @DBOS.workflow(name=WORKFLOW_NAME)
 async def run_pipeline(
     pipeline: str, version: str, state: State, path: str = "0", root: str | None = None
+) -> State:
+    """A subtree of a run (and a run recorded before runs were named by pipeline)."""
+    return await _run_pipeline(pipeline, version, state, path, root)
+
+
+_RUN_WORKFLOWS: dict[str, Callable[..., Any]] = {}
+
+
+def run_workflow(pipeline: str) -> Callable[..., Any]:
+    """The DBOS workflow ``durapipe.run:<pipeline>`` that runs of ``pipeline`` start as.
+
+    Registered when the pipeline is (before launch, so recovery finds it); one function
+    per name in the process, shared by every App that registers a pipeline of that name
+    (the body looks the pipeline up in the launched App, as :func:`run_pipeline` does).
+    """
+    name = run_workflow_name(pipeline)
+    found = _RUN_WORKFLOWS.get(name)
+    if found is None:
+        async def run(pipeline: str, version: str, state: State, path: str = "0",
+                      root: str | None = None) -> State:
+            return await _run_pipeline(pipeline, version, state, path, root)
+        run.__qualname__ = run.__name__ = f"run_{pipeline}"
+        found = _RUN_WORKFLOWS[name] = DBOS.workflow(name=name)(run)
+    return found
+
+
+async def _run_pipeline(
+    pipeline: str, version: str, state: State, path: str, root: str | None
 ) -> State:
     run_id = DBOS.workflow_id or ""
     with lifecycle.running(run_id):  # also while it waits for a worker with its shape

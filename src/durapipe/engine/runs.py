@@ -34,8 +34,8 @@ from ..errors import (
 from ..ir import Dispatch, Node
 from ..state import State, check_inputs
 from . import dispatch, lifecycle
-from .interpreter import run_pipeline
-from .scope import WORKFLOW_NAME, belongs_to, check_run_id, refuse
+from .interpreter import run_workflow
+from .scope import belongs_to, check_run_id, is_run_workflow, refuse
 
 if TYPE_CHECKING:
     from .app import App
@@ -95,6 +95,8 @@ class Pipeline:
         self.version = registered.version
         self.node = registered.node
         self._reg = registered
+        # Registered with DBOS now (before launch): runs are ``durapipe.run:<name>``.
+        self._workflow = run_workflow(registered.name)
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, version={self.version!r})"
@@ -130,7 +132,7 @@ class Pipeline:
                 f"one of app {self.app.name!r}'s; choose another run id", run_id=run_id)
         args = (status.input or {}).get("args") if isinstance(status.input, dict) else None
         recorded = args[0] if args else None
-        if status.name != WORKFLOW_NAME or (recorded is not None and recorded != self.name):
+        if not is_run_workflow(status.name) or (recorded is not None and recorded != self.name):
             raise DurapipeError(
                 f"run id {run_id!r} is already used by another workflow "
                 f"({status.name} {recorded or ''}); choose another run id",
@@ -155,12 +157,12 @@ class Pipeline:
         submit = _loop_submit()
         if submit is None:
             with SetWorkflowID(workflow_id), deadline:
-                handle = DBOS.start_workflow(run_pipeline, self.name, self.version, state)
+                handle = DBOS.start_workflow(self._workflow, self.name, self.version, state)
             return RunHandle(self.app, handle.workflow_id, handle)
 
         async def start() -> _Started:
             with SetWorkflowID(workflow_id), deadline:
-                started = await DBOS.start_workflow_async(run_pipeline, self.name, self.version, state)
+                started = await DBOS.start_workflow_async(self._workflow, self.name, self.version, state)
             return _Started(started.workflow_id, _future_of(getattr(started, "task", None)))
         return RunHandle(self.app, workflow_id, submit(start()))
 
@@ -183,7 +185,7 @@ class Pipeline:
         if run_id is not None:
             self._check_existing(run_id, await DBOS.get_workflow_status_async(run_id))
         with SetWorkflowID(run_id or str(uuid.uuid4())), deadline:
-            handle = await DBOS.start_workflow_async(run_pipeline, self.name, self.version, state)
+            handle = await DBOS.start_workflow_async(self._workflow, self.name, self.version, state)
         return RunHandle(self.app, handle.workflow_id, async_handle=handle)
 
     def run(self, inputs: Any = None, *, run_id: str | None = None,
@@ -211,7 +213,7 @@ class Pipeline:
         if run_id is not None:
             self._check_existing(run_id, DBOS.get_workflow_status(run_id))
         with SetWorkflowID(run_id or str(uuid.uuid4())), deadline:
-            handle = DBOS.enqueue_workflow(queue, run_pipeline, self.name, self.version, state)
+            handle = DBOS.enqueue_workflow(queue, self._workflow, self.name, self.version, state)
         return RunHandle(self.app, handle.workflow_id)
 
     async def run_async(self, inputs: Any = None, *, run_id: str | None = None,

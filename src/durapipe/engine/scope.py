@@ -23,13 +23,41 @@ import sqlalchemy as sa
 from ..errors import DurapipeError, UnknownRun
 
 WORKFLOW_NAME = "durapipe.run"
-"""The DBOS workflow of every run and of its subtrees (recorded runs name it: never change it)."""
+"""The DBOS workflow of the subtrees of a run (and of every run recorded before runs were
+named by pipeline): recorded workflows name it, never change it."""
+
+RUN_PREFIX = "durapipe.run:"
+"""A run of pipeline ``P`` is the DBOS workflow ``durapipe.run:P`` (:func:`run_workflow_name`),
+so DBOS's own tools (``dbos workflow list -n``, its console, ``DBOS.list_workflows(name=)``)
+tell pipelines apart."""
 
 TASK_WORKFLOW = "durapipe.task"
 """The DBOS workflow of a dispatched background task (``engine/dispatch.py``)."""
 
 DURAPIPE_WORKFLOWS = (WORKFLOW_NAME, TASK_WORKFLOW)
-"""Every workflow durapipe registers: runs and their subtrees, and background tasks."""
+"""The fixed workflows durapipe registers: subtrees and background tasks (runs are also
+``durapipe.run:<pipeline>``; :func:`named_one_of` accepts those where ``durapipe.run`` is)."""
+
+
+def run_workflow_name(pipeline: str) -> str:
+    """The DBOS workflow name of the runs of ``pipeline``."""
+    return RUN_PREFIX + pipeline
+
+
+def is_run_workflow(name: Any) -> bool:
+    """True for the DBOS name of a run or of one of its subtrees."""
+    return isinstance(name, str) and (name == WORKFLOW_NAME or name.startswith(RUN_PREFIX))
+
+
+def named_one_of(name: Any, kinds: tuple[str, ...]) -> bool:
+    """Is a workflow named ``name`` one of ``kinds``? ``durapipe.run`` among them stands
+    for every run workflow, ``durapipe.run:<pipeline>`` included."""
+    return name in kinds or (WORKFLOW_NAME in kinds and is_run_workflow(name))
+
+
+def run_names_sql(column: Any) -> Any:
+    """The SQL condition of :func:`is_run_workflow` on a ``workflow_status.name`` column."""
+    return sa.or_(column == WORKFLOW_NAME, column.like(RUN_PREFIX + "%"))
 
 MAX_RUN_ID = 200
 """Longest run id, in characters: child workflow ids (``<run>/<path>:<name>``) extend it,
@@ -126,5 +154,5 @@ def refuse(app_name: str, run_id: str) -> UnknownRun:
 def check_run(owner: Owner, run_id: str, status: Any,
               kinds: tuple[str, ...] = (WORKFLOW_NAME,)) -> None:
     """Raise UnknownRun unless ``status`` is a workflow of one of ``kinds`` of the app."""
-    if status is None or status.name not in kinds or not belongs_to(owner.dbos_name, status):
+    if status is None or not named_one_of(status.name, kinds) or not belongs_to(owner.dbos_name, status):
         raise refuse(owner.name, run_id)

@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from dbos import DBOS
 from dbos._error import DBOSWorkflowCancelledError
 
-from ..audit import versions_sql
+from ..audit import keys_sql, versions_sql
 from ..errors import PipelineChanged
 from ..manifest import Frontier, Manifest, Verdict, compare, manifest
 
@@ -295,6 +295,8 @@ def on_launch(app: App) -> list[str]:
     regs = list(app.pipelines.values())
     with engine.begin() as con:
         ensure_schema(con)
+        if schema == "dbos":  # the indexed run keys the views and `runs` read (sql/keys.sql)
+            con.exec_driver_sql(keys_sql())
         record_shapes(con, app.dbos_name, regs)
     if not app.take_over_waiting:
         return []

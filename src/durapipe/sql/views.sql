@@ -1,18 +1,9 @@
 -- durapipe audit views over the DBOS 3.x system tables (schema dbos, Postgres).
--- Install with `durapipe sql install` or `psql -f`; every statement is idempotent.
+-- Install with `durapipe sql install` (or `psql -f` after sql/keys.sql, which they read);
+-- every statement is idempotent.
 -- Outputs, inputs and errors are portable JSON text (DBOSPortableJSONSerializer).
 
 CREATE SCHEMA IF NOT EXISTS durapipe;
-
--- JSON text as jsonb; NULL for anything that is not JSON (e.g. rows pickled by other apps).
-CREATE OR REPLACE FUNCTION durapipe.jsonb_or_null(t text) RETURNS jsonb
-LANGUAGE plpgsql IMMUTABLE AS $$
-BEGIN
-  IF t IS NULL THEN RETURN NULL; END IF;
-  RETURN t::jsonb;
-EXCEPTION WHEN others THEN
-  RETURN NULL;
-END $$;
 
 -- A recorded error ({"name","message",...}) as one line: "Name: message".
 CREATE OR REPLACE FUNCTION durapipe.error_text(t text) RETURNS text
@@ -39,35 +30,34 @@ EXCEPTION WHEN others THEN
   RETURN NULL;
 END $$;
 
--- Every workflow of the durapipe interpreter: runs and their child workflows.
--- Input is {"positionalArgs": [pipeline, version, state, path, root]}.
+-- Every workflow of the durapipe interpreter: runs and their child workflows. Its keys
+-- (run id, pipeline, node path, app, created) come from durapipe.run_keys (sql/keys.sql),
+-- indexed, so a filter on them reads only the rows it selects; inputs are parsed only
+-- for the rows a query returns.
 CREATE OR REPLACE VIEW durapipe.workflows AS
-SELECT s.workflow_uuid                                        AS workflow_id,
-       COALESCE(i.args->>4, s.workflow_uuid)                  AS run_id,
-       s.parent_workflow_id,
-       i.args->>0                                             AS pipeline,
-       i.args->>1                                             AS pipeline_version,
-       COALESCE(i.args->>3, '0')                              AS node_path,
+SELECT k.workflow_id,
+       k.run_id,
+       k.parent_workflow_id,
+       k.pipeline,
+       k.pipeline_version,
+       k.node_path,
        s.status,
-       s.application_name                                     AS app,
+       k.app,
        s.application_version                                  AS app_version,
        s.executor_id,
        s.queue_name,
-       to_timestamp(s.created_at / 1000.0)                    AS created,
+       k.created,
        to_timestamp(s.completed_at / 1000.0)                  AS completed,
        s.completed_at - s.created_at                          AS duration_ms,
-       i.args->2                                              AS inputs,
+       (SELECT durapipe.jsonb_or_null(wi.inputs)->'positionalArgs'->2
+        FROM dbos.workflow_input wi WHERE wi.workflow_uuid = k.workflow_id) AS inputs,
        durapipe.jsonb_or_null(w.output)                       AS output,
        durapipe.error_text(w.error)                           AS error,
        s.forked_from,
        s.recovery_attempts
-FROM dbos.workflow_status s
-LEFT JOIN LATERAL (
-  SELECT durapipe.jsonb_or_null(wi.inputs)->'positionalArgs' AS args
-  FROM dbos.workflow_input wi WHERE wi.workflow_uuid = s.workflow_uuid
-) i ON true
-LEFT JOIN dbos.workflow_output w ON w.workflow_uuid = s.workflow_uuid
-WHERE s.name IN ('durapipe.run', 'durapipe.task');
+FROM durapipe.run_keys k
+JOIN dbos.workflow_status s ON s.workflow_uuid = k.workflow_id
+LEFT JOIN dbos.workflow_output w ON w.workflow_uuid = k.workflow_id;
 
 -- One row per run (top-level workflow).
 CREATE OR REPLACE VIEW durapipe.runs AS

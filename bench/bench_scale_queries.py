@@ -1,0 +1,166 @@
+"""Queries against a growing history: one-run lookups in the audit views, `durapipe runs -p`
+(one keyset page), and the README's five audit queries at 1k, 10k and 100k recorded runs,
+beside DBOS's own primary-key lookup of one workflow.
+
+Runs are bulk-inserted by SQL modelled on what a real run of a two-node pipeline with a
+child workflow writes (status, input, two operation rows, a child workflow with its own
+status and input), through DBOS's tables, so durapipe's trigger keys them as it keys real
+runs. Every tenth run failed. Sizes: ``DURAPIPE_BENCH_QUERY_SIZES`` (default 1000,10000,100000).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from common import interleave, median, table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+from durapipe import App, fn  # noqa: E402
+from durapipe.audit import install_views  # noqa: E402
+from durapipe.engine.runlist import PAGE_SQL, RunQuery  # noqa: E402
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_queries() -> dict[str, str]:
+    block = re.search(r"Five audit queries:\s*```sql\n(.*?)```", README.read_text(), re.S)
+    assert block is not None
+    parts = re.findall(r"^-- ([^\n]+)\n(.*?)(?=^-- |\Z)", block.group(1), re.S | re.M)
+    return {title.strip(): query.strip() for title, query in parts}
+
+
+def add_runs(con: psycopg.Connection[Any], first: int, last: int, now_ms: int) -> None:
+    """Runs r<first>..r<last>, one second apart going back from now."""
+    rng = f"generate_series({first}, {last}) g"
+    con.execute(f"""
+        INSERT INTO dbos.workflow_status (workflow_uuid, status, name, created_at, completed_at,
+                                          application_name, application_version, executor_id,
+                                          parent_workflow_id)
+        SELECT 'r' || g, CASE WHEN g % 10 = 0 THEN 'ERROR' ELSE 'SUCCESS' END,
+               'durapipe.run:alpha', {now_ms} - g * 1000, {now_ms} - g * 1000 + 40,
+               'bench-queries', 'v', 'local', NULL FROM {rng}
+        UNION ALL
+        SELECT 'r' || g || '/0.1:b', 'SUCCESS', 'durapipe.run', {now_ms} - g * 1000 + 5,
+               {now_ms} - g * 1000 + 30, 'bench-queries', 'v', 'local', 'r' || g FROM {rng}""")
+    con.execute(f"""
+        INSERT INTO dbos.workflow_input (workflow_uuid, inputs)
+        SELECT 'r' || g, '{{"positionalArgs": ["alpha", "s1", {{"topic": "item ' || g || '"}}]}}'
+        FROM {rng}
+        UNION ALL
+        SELECT 'r' || g || '/0.1:b',
+               '{{"positionalArgs": ["alpha", "s1", {{"topic": "item ' || g || '"}}, "0.1", "r' || g || '"]}}'
+        FROM {rng}""")
+    con.execute(f"""
+        INSERT INTO dbos.workflow_output (workflow_uuid, output, error)
+        SELECT 'r' || g, CASE WHEN g % 10 = 0 THEN NULL ELSE '{{"done": true}}' END,
+               CASE WHEN g % 10 = 0 THEN '{{"name": "NodeFailed", "message": "node 0.0:a failed"}}' END
+        FROM {rng}""")
+    con.execute(f"""
+        INSERT INTO dbos.operation_outputs (workflow_uuid, function_id, function_name, output,
+                                            started_at_epoch_ms, completed_at_epoch_ms,
+                                            child_workflow_id)
+        SELECT 'r' || g, 0, '0.0:a',
+               '{{"model": "fake", "input_tokens": 3, "output_tokens": 7, "text": "t"}}',
+               {now_ms} - g * 1000 + 1, {now_ms} - g * 1000 + 4, NULL FROM {rng}
+        UNION ALL
+        SELECT 'r' || g, 1, 'durapipe.run', NULL, {now_ms} - g * 1000 + 5,
+               {now_ms} - g * 1000 + 6, 'r' || g || '/0.1:b' FROM {rng}
+        UNION ALL
+        SELECT 'r' || g || '/0.1:b', 0, '0.1.0:b', '{{"b": 1}}', {now_ms} - g * 1000 + 6,
+               {now_ms} - g * 1000 + 29, NULL FROM {rng}""")
+    for t in ("dbos.workflow_status", "dbos.workflow_input", "dbos.workflow_output",
+              "dbos.operation_outputs", "durapipe.run_keys"):
+        con.execute(f"ANALYZE {t}")
+
+
+def start_cost(app: App, pipeline: Any, con: psycopg.Connection[Any], rounds: int) -> list[list[str]]:
+    """A one-step run started and finished, with durapipe's keying trigger and with it
+    disabled, interleaved: what keying adds to a run (and to each child workflow)."""
+    out: dict[str, list[float]] = {"with run keys": [], "trigger disabled": []}
+    for i in range(rounds + 5):
+        for mode in out:
+            action = "ENABLE" if mode == "with run keys" else "DISABLE"
+            con.execute(f"ALTER TABLE dbos.workflow_input {action} TRIGGER durapipe_run_keys")
+            t0 = time.perf_counter()
+            pipeline.run({"n": i})
+            if i >= 5:
+                out[mode].append((time.perf_counter() - t0) * 1000)
+    con.execute("ALTER TABLE dbos.workflow_input ENABLE TRIGGER durapipe_run_keys")
+    base = median(out["trigger disabled"])
+    return [[mode, f"{median(xs):.2f}", f"{median(xs) / base:.2f}x"] for mode, xs in out.items()]
+
+
+def section(database_url: str) -> str:
+    sizes = [int(s) for s in os.environ.get("DURAPIPE_BENCH_QUERY_SIZES", "1000,10000,100000").split(",")]
+    app = App("bench-queries", database_url=database_url)
+    alpha = app.pipeline("alpha", fn(lambda s: {"a": 1}, name="a"))
+    with app, psycopg.connect(database_url, autocommit=True) as con:
+        starts = start_cost(app, alpha, con, rounds=100)
+    install_views(database_url)
+    audit = readme_queries()
+    now_ms = int(time.time() * 1000)
+    rows: list[list[str]] = []
+    base: dict[str, float] = {}
+    done = 0
+    insert_s: list[str] = []
+    with psycopg.connect(database_url, autocommit=True) as con:
+        for size in sizes:
+            t0 = time.perf_counter()
+            add_runs(con, done + 1, size, now_ms)
+            insert_s.append(f"{size - done:,} runs in {time.perf_counter() - t0:.1f} s")
+            done = size
+            one = f"r{size // 2}"
+            page = RunQuery(pipeline="alpha", status="SUCCESS").params(51)
+            cases: dict[str, Any] = {
+                "DBOS primary key (workflow_status)": lambda one=one: con.execute(
+                    "SELECT * FROM dbos.workflow_status WHERE workflow_uuid = %s", (one,)).fetchall(),
+                "durapipe.runs WHERE run_id =": lambda one=one: con.execute(
+                    "SELECT * FROM durapipe.runs WHERE run_id = %s", (one,)).fetchall(),
+                "durapipe.steps WHERE run_id =": lambda one=one: con.execute(
+                    "SELECT * FROM durapipe.steps WHERE run_id = %s", (one,)).fetchall(),
+                "runs -p alpha --status SUCCESS (one page)": lambda page=page: con.execute(
+                    PAGE_SQL, page).fetchall(),
+            }
+            heavy: dict[str, Any] = {}
+            for title, query in audit.items():
+                # The aggregates read the whole window: fewer rounds for them.
+                into = heavy if title in ("slowest nodes this week",
+                                          "tokens per run (join your prices per model)",
+                                          "runs that failed today") else cases
+                into[f"README: {title}"] = (lambda q=query: con.execute(q).fetchall())
+            times = interleave(cases, rounds=50, warmup=5)
+            times.update(interleave(heavy, rounds=10 if size <= 10_000 else 3, warmup=1))
+            for name, xs in times.items():
+                ms = median(xs)
+                base.setdefault(name, ms)
+                rows.append([name, f"{size:,}", f"{ms:.2f}", f"{ms / base[name]:.2f}x"])
+    rows.sort(key=lambda r: (r[0], int(r[1].replace(",", ""))))
+    return "\n".join([
+        "## Queries against a growing history (bench_scale_queries.py)",
+        "",
+        "Median milliseconds per query (interleaved rounds, one open connection), and the",
+        "ratio to the same query at the smallest size. Bulk runs modelled on real rows "
+        f"({'; '.join(insert_s)}, through durapipe's keying trigger).",
+        "",
+        table(rows, ["query", "recorded runs", "median ms", "vs smallest"]),
+        "",
+        "What keying costs at start: a one-step run, `pipeline.run` to its result, with the",
+        "trigger and with it disabled, interleaved (median ms of 100 each).",
+        "",
+        table(starts, ["run", "median ms", "ratio"]),
+        "",
+    ])
+
+
+if __name__ == "__main__":
+    from common import fresh_database, postgres_server
+
+    with postgres_server() as server, fresh_database(server) as url:
+        print(section(url))

@@ -1,0 +1,1 @@
+../src/durapipe/sql/keys.sql

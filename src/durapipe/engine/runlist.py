@@ -1,0 +1,122 @@
+"""Lists of runs as one indexed, keyset-paged query (Postgres), for ``durapipe runs`` and the
+console's runs list.
+
+A page walks durapipe's run keys (``durapipe.run_keys``, ``sql/keys.sql``) backwards along
+the index of its filters (app, pipeline, creation time) from the cursor, the last row of
+the previous page: page 1000 costs what page 1 costs, and a filter on pipeline never reads
+the other pipelines' runs or parses a recorded input. Filters are parameters, never pasted
+into the SQL. Where there are no run keys (SQLite, or a database no current App launched
+on yet) :func:`page` returns None and callers list through DBOS's API instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from ..audit import RunInfo, first_line, redact
+from ..errors import OperatorError
+
+PAGE_SQL = """
+SELECT k.workflow_id, s.status, s.created_at, s.completed_at, s.executor_id,
+       s.application_version, s.forked_from, k.pipeline, wo.error, s.queue_name, k.app
+FROM durapipe.run_keys k
+JOIN dbos.workflow_status s ON s.workflow_uuid = k.workflow_id
+LEFT JOIN dbos.workflow_output wo ON wo.workflow_uuid = k.workflow_id
+WHERE k.parent_workflow_id IS NULL
+  AND (%(app)s::text IS NULL OR k.app = %(app)s::text)
+  AND (%(pipeline)s::text IS NULL OR k.pipeline = %(pipeline)s::text)
+  AND (%(status)s::text IS NULL OR s.status = %(status)s::text)
+  AND (%(since)s::bigint IS NULL OR k.created >= to_timestamp(%(since)s::bigint / 1000.0))
+  AND (%(until)s::bigint IS NULL OR k.created < to_timestamp(%(until)s::bigint / 1000.0))
+  AND (%(c_at)s::bigint IS NULL OR k.created <= to_timestamp(%(c_at)s::bigint / 1000.0))
+  AND (%(c_at)s::bigint IS NULL
+       OR (k.created, k.workflow_id) < (to_timestamp(%(c_at)s::bigint / 1000.0), %(c_id)s::text))
+  AND (%(text)s::text IS NULL OR EXISTS (
+         SELECT 1 FROM dbos.workflow_input i
+         WHERE i.workflow_uuid = k.workflow_id AND i.inputs ILIKE %(text)s::text ESCAPE '\\'))
+ORDER BY k.created DESC, k.workflow_id DESC
+LIMIT %(limit)s
+"""
+
+
+@dataclass(frozen=True)
+class RunQuery:
+    """Which runs, newest first: every field optional; ``cursor`` is ``<created_ms>:<run id>``
+    of the last run of the previous page; ``text`` is found in the run's inputs."""
+
+    app: str | None = None
+    pipeline: str | None = None
+    status: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    text: str | None = None
+    cursor: str | None = None
+
+    def params(self, limit: int) -> dict[str, Any]:
+        c_at: int | None = None
+        c_id: str | None = None
+        if self.cursor:
+            at, sep, rid = self.cursor.partition(":")
+            if not sep or not at.isdigit():
+                raise OperatorError(f"page cursor {self.cursor!r}: expected <created_ms>:<run id>")
+            c_at, c_id = int(at), rid
+        text = None
+        if self.text:
+            text = "%" + self.text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        return {
+            "app": self.app, "status": self.status.upper() if self.status else None,
+            "since": int(self.since.timestamp() * 1000) if self.since else None,
+            "until": int(self.until.timestamp() * 1000) if self.until else None,
+            "c_at": c_at, "c_id": c_id, "pipeline": self.pipeline or None, "text": text,
+            "limit": limit,
+        }
+
+
+def error_line(raw: str | None) -> str | None:
+    """A recorded error (portable JSON ``{"name", "message"}``) as ``Name: message``."""
+    import json
+
+    if not raw:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return raw
+    if isinstance(doc, dict):
+        return ": ".join(str(doc[k]) for k in ("name", "message") if doc.get(k))
+    return str(doc)
+
+
+def _info(row: tuple[Any, ...]) -> RunInfo:
+    wid, status, created, completed, executor, version, forked, pipeline, error, queue, app = row
+    active = status in ("PENDING", "ENQUEUED", "DELAYED")
+    duration = (completed - created) if completed and created and not active else None
+    return RunInfo(run_id=wid, pipeline=pipeline, status=status, created_ms=created,
+                   duration_ms=duration, error=error_line(error), executor_id=executor,
+                   queue=queue, app=app, app_version=version, forked_from=forked)
+
+
+def page(url: str, query: RunQuery, limit: int) -> tuple[list[RunInfo], str | None] | None:
+    """One page of runs and the cursor of the next (None at the end); None when the
+    database has no run keys (see the module docstring)."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        return None
+    import psycopg
+
+    params = query.params(limit + 1)
+    try:
+        with psycopg.connect(url, connect_timeout=10) as con:
+            if con.execute("SELECT to_regclass('durapipe.run_keys')").fetchone() == (None,):
+                return None
+            found = con.execute(PAGE_SQL, params).fetchall()
+    except psycopg.OperationalError as exc:
+        raise OperatorError(f"cannot reach database {redact(url)}: {first_line(exc)}",
+                            url=redact(url)) from None
+    runs = [_info(r) for r in found[:limit]]
+    nxt = f"{runs[-1].created_ms}:{runs[-1].run_id}" if len(found) > limit and runs else None
+    return runs, nxt
+
+
+__all__ = ["PAGE_SQL", "RunQuery", "error_line", "page"]
