@@ -10,12 +10,14 @@ from typing import Any
 
 from .errors import BuildError
 from .ir import (
+    BestOf,
     Dispatch,
     Fn,
     Gate,
     Join,
     MapOver,
     Node,
+    Parallel,
     Patched,
     Race,
     Route,
@@ -25,6 +27,7 @@ from .ir import (
     as_node,
     template_keys,
 )
+from .retry import Retry, as_retry
 
 
 def _keys(arg: Iterable[str] | None, what: str, owner: str) -> tuple[str, ...] | None:
@@ -53,18 +56,23 @@ def fn(
     *,
     reads: Iterable[str] | None = None,
     writes: Iterable[str] | None = None,
+    retry: Retry | None = None,
 ) -> Fn:
     """A function step: ``f(state) -> dict | None``, sync or async, run as a DBOS step.
 
     ``reads``/``writes`` declare the state keys it uses, so the pipeline is checked when it
     is registered (a read nothing upstream writes, two parallel branches writing one key).
+    It runs once unless told otherwise: ``retry=Retry(attempts=5, backoff=1)`` tries it
+    again after a failure, each attempt recorded (a restart resumes the count);
+    ``retries=n`` retries inside one step, quickly, with DBOS's fixed backoff (a restart
+    starts the count again).
     """
     _check_fn(f, "fn")
     label = name or getattr(f, "__name__", "fn")
     if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
         raise BuildError(f"fn {label!r}: retries must be an int >= 0, got {retries!r}")
     return Fn(f, name, retries or 0, _keys(reads, "reads", f"fn {label!r}"),
-              _keys(writes, "writes", f"fn {label!r}"))
+              _keys(writes, "writes", f"fn {label!r}"), as_retry(retry, f"fn {label!r}"))
 
 
 def transform(
@@ -97,6 +105,7 @@ def dispatch(
     progress_key: str | None = None,
     max_tasks: int | None = None,
     queue: str | None = None,
+    detach: bool = False,
 ) -> Dispatch:
     """Fire-and-continue: start each node as a background task and go on at once.
 
@@ -107,6 +116,10 @@ def dispatch(
     task publishes with :func:`durapipe.progress` appear in ``state[progress_key]`` for the
     nodes after the dispatch. ``max_tasks`` bounds how many of the tasks run at once;
     ``queue`` puts them on a named DBOS queue any worker process of the app can dequeue.
+    ``detach=True`` makes tasks that outlive the run: never joined (a ``join`` cannot name
+    them, and the run's end does not wait for them), listed as detached in
+    ``durapipe.background_tasks``, and cancelled by name with ``handle.cancel_task(name)``
+    or ``durapipe cancel RUN --task NAME``.
 
     >>> pipeline = writer >> dispatch(email, seo, names=["email", "seo"]) >> formatter >> join()
     """
@@ -138,8 +151,13 @@ def dispatch(
         raise BuildError(f"{owner}: progress_key must be a non-empty string, got {progress_key!r}")
     if queue is not None and (not isinstance(queue, str) or not queue or queue.startswith("_dbos_")):
         raise BuildError(f"{owner}: queue must be a queue name (not starting with _dbos_), got {queue!r}")
+    if not isinstance(detach, bool):
+        raise BuildError(f"{owner}: detach must be True or False, got {detach!r}")
+    if detach and progress_key is not None:
+        raise BuildError(f"{owner}: a detached task is never joined, so progress_key has no "
+                         "node to publish to; read its progress from the run's events instead")
     return Dispatch(tasks, labels, on_complete, on_error, progress_key,
-                    _positive_int(max_tasks, "max_tasks", owner), queue)
+                    _positive_int(max_tasks, "max_tasks", owner), queue, detach)
 
 
 def join(*names: str, timeout: float | None = None) -> Join:
@@ -235,12 +253,19 @@ def map_over(
     output_key: str,
     concurrency: int | None = None,
     item_key: str = "item",
+    errors: str = "raise",
+    errors_key: str | None = None,
 ) -> MapOver:
     """Run ``node`` once per item of the list ``state[items_key]``; results go to ``output_key``.
 
     Each execution sees its item in ``state[item_key]``. Results are in input order: the
     value of the key the node writes (an Agent's key, or ``fn(..., writes=[k])``), else its
     whole updates dict. ``concurrency`` bounds how many items run at once.
+
+    ``errors="raise"`` (the default) fails the map at the first failed item and cancels the
+    rest. ``errors="collect"`` lets every item finish: a failed item leaves ``None`` at its
+    place in ``output_key`` and a record ``{"index", "item", "node", "error", "type"}`` in
+    ``state[errors_key]`` (default ``<output_key>_errors``; ``[]`` when none failed).
     """
     for what, key in (("items_key", items_key), ("output_key", output_key), ("item_key", item_key)):
         if not isinstance(key, str) or not key:
@@ -248,8 +273,59 @@ def map_over(
     if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
                                     or concurrency < 1):
         raise BuildError(f"map_over({items_key!r}): concurrency must be an int >= 1 or None")
+    _errors_mode(errors, errors_key, f"map_over({items_key!r})")
     return MapOver(items_key, as_node(node, f"map_over({items_key!r}) body"), output_key,
-                   concurrency, item_key)
+                   concurrency, item_key, errors, errors_key)
+
+
+def _errors_mode(errors: Any, errors_key: Any, owner: str) -> None:
+    if errors not in ("raise", "collect"):
+        raise BuildError(f"{owner}: errors must be 'raise' (fail at the first failure) or "
+                         f"'collect' (keep going, record failures), got {errors!r}")
+    if errors_key is not None and (not isinstance(errors_key, str) or not errors_key):
+        raise BuildError(f"{owner}: errors_key must be a non-empty state key, got {errors_key!r}")
+    if errors_key is not None and errors != "collect":
+        raise BuildError(f"{owner}: errors_key={errors_key!r} is only used with errors='collect'")
+
+
+def parallel(*nodes: Any, errors: str = "raise", errors_key: str | None = None) -> Parallel:
+    """``parallel(a, b, c)`` is ``a | b | c``; ``errors="collect"`` keeps it going when a
+    branch fails.
+
+    With ``errors="collect"`` every branch runs to its end; the writes of the branches that
+    succeeded are merged as with ``|``, a failed branch writes nothing, and
+    ``state[errors_key]`` (default ``"errors"``) lists each failure as
+    ``{"branch", "node", "error", "type"}`` (``[]`` when none failed).
+    """
+    if len(nodes) < 2:
+        raise BuildError(f"parallel(...) needs at least two branches, got {len(nodes)}")
+    _errors_mode(errors, errors_key, "parallel(...)")
+    branches = tuple(as_node(n, f"parallel branch {i}") for i, n in enumerate(nodes))
+    if errors == "raise":
+        return Parallel(branches)
+    return Parallel(branches, errors, errors_key or "errors")
+
+
+def best_of(n: int, node: Any, score: Callable[[dict[str, Any]], Any],
+            item_key: str = "candidate") -> BestOf:
+    """Run ``n`` candidates of ``node`` concurrently and keep the best by ``score``.
+
+    Each candidate is a durable child workflow that sees its index (0 to n-1) in
+    ``state[item_key]``. ``score(state)`` gets the state with a candidate's writes merged
+    and returns a number; the highest wins (the lowest index on a tie; a failed candidate
+    never wins; all failed is ``NodeFailed``). Only the winner's writes reach state. The
+    candidates, their scores and the winner are recorded in one step (``<path>:best_of(...)``
+    in ``durapipe.steps``), so a replay keeps the same winner and never runs a finished
+    candidate again.
+
+    >>> pipeline = best_of(3, Agent("writer").instruct("Title for {topic}"), score=len_of_title)
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise BuildError(f"best_of({n!r}, ...): n must be an int >= 1")
+    _check_fn(score, "best_of score=")
+    if not isinstance(item_key, str) or not item_key:
+        raise BuildError(f"best_of({n}, ...): item_key must be a non-empty state key, got {item_key!r}")
+    return BestOf(as_node(node, f"best_of({n}) node"), n, score, item_key)
 
 
 def sleep(seconds: float) -> Sleep:
