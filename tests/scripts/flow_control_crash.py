@@ -5,8 +5,9 @@ CASE "retry": fn(flaky, retry=Retry(attempts=3, backoff=1)) >> fn(done); flaky f
 first two executions (counted in DIR/effects.log) and succeeds on the third.
 CASE "best": best_of(3, fn(cand), score=random) >> fn(after); candidate 2 waits for the file
 DIR/go-cand, ``after`` for DIR/go-after; every execution appends a line to DIR/effects.log.
-MODE "start" starts run "fc-<case>" and waits to be killed; "finish" recovers it (a new
-process with the same executor id) and prints ``RESULT <json state>``.
+MODE "start" starts run "fc-<case>" and waits to be killed; "start-recovered" recovers it
+(a new process with the same executor id) and waits to be killed; "finish" recovers it
+and prints ``RESULT <json state>``.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ if __name__ == "__main__":
         run_id = f"fc-{case}"
         if mode == "start":
             (retrying if case == "retry" else best).start({}, run_id=run_id)
+        if mode in ("start", "start-recovered"):  # recovered at launch; runs until killed
             time.sleep(3600)  # the test SIGKILLs the process
         else:
             result = app.get_run(run_id).result(timeout=60)
