@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 from dbutil import sql, wait_for
 from durapipe import (
@@ -32,7 +33,7 @@ from durapipe import (
     until,
 )
 from durapipe.audit import install_views
-from durapipe.engine.admin import Admin
+from durapipe.cli import cli
 from durapipe.models import FakeModel
 
 MakeApp = Callable[..., App]
@@ -84,6 +85,9 @@ def test_retry_policies_of_fn_agent_and_step(make_app: MakeApp, database_url: st
     assert first["attempt"] == 1 and first["of"] == 4 and first["retry"] is True
     assert first["error"] == "ConnectionError: down 1" and 0.025 <= first["delay"] <= 0.075
     assert rows["0#1:retry"][0]["attempt"] == 2
+    install_views(database_url)  # the audit lists each retry under its node
+    assert sql(database_url, "SELECT node_path, kind FROM durapipe.steps WHERE run_id = 'r' AND "
+                             "node_name = 'retry' ORDER BY step_id") == [("0", "step"), ("0#1", "step")]
 
 
 def _failing_pipelines(app: App) -> tuple[Any, Any, Any, dict[str, int]]:
@@ -199,7 +203,7 @@ def test_collected_failures_and_best_of(make_app: MakeApp, database_url: str) ->
 def test_detached_task_outlives_the_run_and_tasks_cancel_by_name(make_app: MakeApp,
                                                                   database_url: str) -> None:
     """A detached heartbeat keeps running after its run succeeded, is listed as detached and
-    stops when cancelled by name; a joined task cancelled by name (Admin, as the CLI does)
+    stops when cancelled by name; a joined task cancelled by name (`durapipe cancel --task`)
     drops its writes and the join goes on."""
     stop, release = threading.Event(), threading.Event()
     ticks: list[int] = []
@@ -238,8 +242,9 @@ def test_detached_task_outlives_the_run_and_tasks_cancel_by_name(make_app: MakeA
 
         handle = q.start({}, run_id="s")
         wait_for(lambda: status("s/0.0.0:slow") != [], what="the task to start")
-        with Admin(database_url) as admin:
-            assert admin.cancel_task("s", "slow") == "s/0.0.0:slow"
+        res = CliRunner().invoke(cli, ["cancel", "s", "--task", "slow", "--database-url", database_url],
+                                 catch_exceptions=False)
+        assert res.exit_code == 0 and "cancelled task slow of run s (s/0.0.0:slow)" in res.output
         state = handle.result(timeout=30).state
         release.set()
     assert state["saw"] == ["quick"]
