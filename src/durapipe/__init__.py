@@ -9,8 +9,8 @@
 'Hi!'
 """
 
+from .bestof import best_of
 from .builder import (
-    best_of,
     dispatch,
     fn,
     gate,

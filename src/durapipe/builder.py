@@ -10,7 +10,6 @@ from typing import Any
 
 from .errors import BuildError
 from .ir import (
-    BestOf,
     Dispatch,
     Fn,
     Gate,
@@ -304,28 +303,6 @@ def parallel(*nodes: Any, errors: str = "raise", errors_key: str | None = None) 
     if errors == "raise":
         return Parallel(branches)
     return Parallel(branches, errors, errors_key or "errors")
-
-
-def best_of(n: int, node: Any, score: Callable[[dict[str, Any]], Any],
-            item_key: str = "candidate") -> BestOf:
-    """Run ``n`` candidates of ``node`` concurrently and keep the best by ``score``.
-
-    Each candidate is a durable child workflow that sees its index (0 to n-1) in
-    ``state[item_key]``. ``score(state)`` gets the state with a candidate's writes merged
-    and returns a number; the highest wins (the lowest index on a tie; a failed candidate
-    never wins; all failed is ``NodeFailed``). Only the winner's writes reach state. The
-    candidates, their scores and the winner are recorded in one step (``<path>:best_of(...)``
-    in ``durapipe.steps``), so a replay keeps the same winner and never runs a finished
-    candidate again.
-
-    >>> pipeline = best_of(3, Agent("writer").instruct("Title for {topic}"), score=len_of_title)
-    """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise BuildError(f"best_of({n!r}, ...): n must be an int >= 1")
-    _check_fn(score, "best_of score=")
-    if not isinstance(item_key, str) or not item_key:
-        raise BuildError(f"best_of({n}, ...): item_key must be a non-empty state key, got {item_key!r}")
-    return BestOf(as_node(node, f"best_of({n}) node"), n, score, item_key)
 
 
 def sleep(seconds: float) -> Sleep:

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .bestof import BestOf
 from .errors import OperatorError
 from .ir import (
     Agent,
-    BestOf,
     Dispatch,
     Fallback,
     Fn,

@@ -479,24 +479,6 @@ class Dispatch(Node):
 
 
 @dataclass(frozen=True)
-class BestOf(Node):
-    """Run ``n`` candidates of ``body`` concurrently; keep the one ``score`` ranks highest."""
-
-    kind: ClassVar[str] = "best_of"
-    body: Node
-    n: int
-    score: Callable[[dict[str, Any]], Any]
-    item_key: str = "candidate"
-
-    def children(self) -> tuple[Node, ...]:
-        return (self.body,)
-
-    @property
-    def label(self) -> str:
-        return f"best_of({self.body.label})"
-
-
-@dataclass(frozen=True)
 class Join(Node):
     """Barrier: wait for the named background tasks (all pending ones when none named)."""
 
@@ -542,7 +524,7 @@ class Patched(Node):
 
 
 __all__ = [
-    "OPTION", "Agent", "BestOf", "Dispatch", "Fallback", "Fn", "Gate", "Join", "Loop", "MapOver", "Node",
+    "OPTION", "Agent", "Dispatch", "Fallback", "Fn", "Gate", "Join", "Loop", "MapOver", "Node",
     "Parallel", "Patched", "Race", "Route", "Seq", "Sleep", "Timeout", "Transform", "Until",
     "as_node", "callable_name", "template_keys",
 ]

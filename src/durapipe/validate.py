@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
+from .bestof import BestOf
 from .errors import BuildError, PlanError, storable_text
-from .ir import Agent, BestOf, Dispatch, Fn, Gate, Join, Loop, MapOver, Node, Parallel, Seq, Transform
+from .ir import Agent, Dispatch, Fn, Gate, Join, Loop, MapOver, Node, Parallel, Seq, Transform
 from .planner import Flow, Plan, PlannedStep, Step, at_path
 
 

@@ -14,8 +14,8 @@ import asyncio
 import math
 from typing import Any
 
+from ..bestof import BestOf
 from ..errors import NodeFailed, StateError, error_text, from_portable
-from ..ir import BestOf
 from ..state import State
 from .children import await_child
 from .context import RunContext, run_step

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 from dbos import DBOS
 
+from ..bestof import BestOf
 from ..errors import error_text
 from ..ir import (
     Agent,
-    BestOf,
     Dispatch,
     Fallback,
     Fn,
