@@ -34,6 +34,7 @@ from durapipe import (
 )
 from durapipe.audit import install_views
 from durapipe.cli import cli
+from durapipe.diagram import mermaid
 from durapipe.models import FakeModel
 
 MakeApp = Callable[..., App]
@@ -131,7 +132,16 @@ def _agent_and_step(app: App) -> tuple[Any, list[str], list[int]]:
     return app.pipeline("agent_flow", agent >> flow), asked, seq_calls
 
 
-def test_retry_bad_arguments_are_build_errors() -> None:
+def test_bad_arguments_hashes_and_diagram() -> None:
+    """Bad Retry arguments are BuildErrors; a new option at its default keeps a pipeline's
+    hash; the diagram shows retries, best_of, collected failures and detached tasks."""
+    chart = mermaid(best_of(3, fn(len, retry=Retry(attempts=2)), score=len)
+                    >> map_over("xs", fn(len), "ys", errors="collect")
+                    >> parallel(fn(len, name="a"), fn(len, name="b"), errors="collect")
+                    >> dispatch(fn(len, name="bg"), detach=True))
+    for text in ("best of 3 by len", "len · retry ×2", "failures → ys_errors",
+                 "failures → errors", "dispatch: bg (detached)"):
+        assert text in chart, text
     for kwargs, words in [({"attempts": 0}, "attempts must be an int >= 1"),
                           ({"jitter": 2}, "jitter must be >= 0 and <= 1"),
                           ({"retry_on": [3]}, "give exception classes")]:
