@@ -22,7 +22,7 @@ from typing import Any
 
 from dbos._error import DBOSException
 
-from ..errors import DurapipeError, NodeFailed, error_text, from_portable
+from ..errors import DurapipeError, NodeFailed, PipelineChanged, RunCancelled, error_text, from_portable
 from ..ir import Node
 from ..retry import Retry
 from ..state import State
@@ -76,6 +76,8 @@ async def run_attempts(ctx: RunContext, policy: Retry, path: str, label: str,
         try:
             return await attempt(apath)
         except Exception as exc:
+            if _passes_through(exc):
+                raise  # the run stops or parks here: nothing to record, nothing to retry
             where = f"{apath}:{label}"
             err = node_error(exc, where)
             last = k + 1 == policy.attempts
@@ -96,6 +98,12 @@ async def run_attempts(ctx: RunContext, policy: Retry, path: str, label: str,
             if wait > 0:
                 await asyncio.sleep(wait)
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _passes_through(exc: BaseException) -> bool:
+    """Errors that are not a failed attempt: a diverged replay, a cancel, a changed pipeline."""
+    return isinstance(exc, DBOSException) or isinstance(from_portable(exc), (PipelineChanged,
+                                                                               RunCancelled))
 
 
 def _given_up(err: BaseException, path: str, label: str, made: int, allowed: int) -> BaseException:
