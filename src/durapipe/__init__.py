@@ -9,7 +9,21 @@
 'Hi!'
 """
 
-from .builder import dispatch, fn, gate, join, map_over, patched, race, route, sleep, transform, until
+from .bestof import best_of
+from .builder import (
+    dispatch,
+    fn,
+    gate,
+    join,
+    map_over,
+    parallel,
+    patched,
+    race,
+    route,
+    sleep,
+    transform,
+    until,
+)
 from .engine import App, Pipeline, RunHandle, RunResult, RunStatus
 from .engine.dispatch import progress
 from .engine.gates import PendingGate
@@ -31,11 +45,13 @@ from .errors import (
 from .ir import Agent, Node
 from .models import FakeModel
 from .planner import Flow, Plan, Step
+from .retry import Retry
 
 __all__ = [
     "Agent", "App", "BuildError", "DurapipeError", "FakeModel", "Flow", "GateRejected",
     "ModelError", "Node", "NodeFailed", "NodeTimeout", "PendingGate", "Pipeline", "Plan",
-    "PlanError", "RunCancelled", "RunError", "RunHandle", "RunResult", "RunStatus", "RunTimeout",
-    "StateError", "Step", "UnknownGate", "UnknownRun", "dispatch", "fn", "gate", "join", "map_over",
-    "patched", "progress", "race", "route", "sleep", "transform", "until",
+    "PlanError", "Retry", "RunCancelled", "RunError", "RunHandle", "RunResult", "RunStatus",
+    "RunTimeout", "StateError", "Step", "UnknownGate", "UnknownRun", "best_of", "dispatch", "fn",
+    "gate", "join", "map_over", "parallel", "patched", "progress", "race", "route", "sleep",
+    "transform", "until",
 ]

@@ -16,6 +16,7 @@ from .ir import (
     Join,
     MapOver,
     Node,
+    Parallel,
     Patched,
     Race,
     Route,
@@ -25,6 +26,7 @@ from .ir import (
     as_node,
     template_keys,
 )
+from .retry import Retry, as_retry
 
 
 def _keys(arg: Iterable[str] | None, what: str, owner: str) -> tuple[str, ...] | None:
@@ -53,18 +55,23 @@ def fn(
     *,
     reads: Iterable[str] | None = None,
     writes: Iterable[str] | None = None,
+    retry: Retry | None = None,
 ) -> Fn:
     """A function step: ``f(state) -> dict | None``, sync or async, run as a DBOS step.
 
     ``reads``/``writes`` declare the state keys it uses, so the pipeline is checked when it
     is registered (a read nothing upstream writes, two parallel branches writing one key).
+    It runs once unless told otherwise: ``retry=Retry(attempts=5, backoff=1)`` tries it
+    again after a failure, each attempt recorded (a restart resumes the count);
+    ``retries=n`` retries inside one step, quickly, with DBOS's fixed backoff (a restart
+    starts the count again).
     """
     _check_fn(f, "fn")
     label = name or getattr(f, "__name__", "fn")
     if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
         raise BuildError(f"fn {label!r}: retries must be an int >= 0, got {retries!r}")
     return Fn(f, name, retries or 0, _keys(reads, "reads", f"fn {label!r}"),
-              _keys(writes, "writes", f"fn {label!r}"))
+              _keys(writes, "writes", f"fn {label!r}"), as_retry(retry, f"fn {label!r}"))
 
 
 def transform(
@@ -97,6 +104,7 @@ def dispatch(
     progress_key: str | None = None,
     max_tasks: int | None = None,
     queue: str | None = None,
+    detach: bool = False,
 ) -> Dispatch:
     """Fire-and-continue: start each node as a background task and go on at once.
 
@@ -107,6 +115,10 @@ def dispatch(
     task publishes with :func:`durapipe.progress` appear in ``state[progress_key]`` for the
     nodes after the dispatch. ``max_tasks`` bounds how many of the tasks run at once;
     ``queue`` puts them on a named DBOS queue any worker process of the app can dequeue.
+    ``detach=True`` makes tasks that outlive the run: never joined (a ``join`` cannot name
+    them, and the run's end does not wait for them), listed as detached in
+    ``durapipe.background_tasks``, and cancelled by name with ``handle.cancel_task(name)``
+    or ``durapipe cancel RUN --task NAME``.
 
     >>> pipeline = writer >> dispatch(email, seo, names=["email", "seo"]) >> formatter >> join()
     """
@@ -138,8 +150,13 @@ def dispatch(
         raise BuildError(f"{owner}: progress_key must be a non-empty string, got {progress_key!r}")
     if queue is not None and (not isinstance(queue, str) or not queue or queue.startswith("_dbos_")):
         raise BuildError(f"{owner}: queue must be a queue name (not starting with _dbos_), got {queue!r}")
+    if not isinstance(detach, bool):
+        raise BuildError(f"{owner}: detach must be True or False, got {detach!r}")
+    if detach and progress_key is not None:
+        raise BuildError(f"{owner}: a detached task is never joined, so progress_key has no "
+                         "node to publish to; read its progress from the run's events instead")
     return Dispatch(tasks, labels, on_complete, on_error, progress_key,
-                    _positive_int(max_tasks, "max_tasks", owner), queue)
+                    _positive_int(max_tasks, "max_tasks", owner), queue, detach)
 
 
 def join(*names: str, timeout: float | None = None) -> Join:
@@ -235,12 +252,19 @@ def map_over(
     output_key: str,
     concurrency: int | None = None,
     item_key: str = "item",
+    errors: str = "raise",
+    errors_key: str | None = None,
 ) -> MapOver:
     """Run ``node`` once per item of the list ``state[items_key]``; results go to ``output_key``.
 
     Each execution sees its item in ``state[item_key]``. Results are in input order: the
     value of the key the node writes (an Agent's key, or ``fn(..., writes=[k])``), else its
     whole updates dict. ``concurrency`` bounds how many items run at once.
+
+    ``errors="raise"`` (the default) fails the map at the first failed item and cancels the
+    rest. ``errors="collect"`` lets every item finish: a failed item leaves ``None`` at its
+    place in ``output_key`` and a record ``{"index", "item", "node", "error", "type"}`` in
+    ``state[errors_key]`` (default ``<output_key>_errors``; ``[]`` when none failed).
     """
     for what, key in (("items_key", items_key), ("output_key", output_key), ("item_key", item_key)):
         if not isinstance(key, str) or not key:
@@ -248,8 +272,37 @@ def map_over(
     if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int)
                                     or concurrency < 1):
         raise BuildError(f"map_over({items_key!r}): concurrency must be an int >= 1 or None")
+    _errors_mode(errors, errors_key, f"map_over({items_key!r})")
     return MapOver(items_key, as_node(node, f"map_over({items_key!r}) body"), output_key,
-                   concurrency, item_key)
+                   concurrency, item_key, errors, errors_key)
+
+
+def _errors_mode(errors: Any, errors_key: Any, owner: str) -> None:
+    if errors not in ("raise", "collect"):
+        raise BuildError(f"{owner}: errors must be 'raise' (fail at the first failure) or "
+                         f"'collect' (keep going, record failures), got {errors!r}")
+    if errors_key is not None and (not isinstance(errors_key, str) or not errors_key):
+        raise BuildError(f"{owner}: errors_key must be a non-empty state key, got {errors_key!r}")
+    if errors_key is not None and errors != "collect":
+        raise BuildError(f"{owner}: errors_key={errors_key!r} is only used with errors='collect'")
+
+
+def parallel(*nodes: Any, errors: str = "raise", errors_key: str | None = None) -> Parallel:
+    """``parallel(a, b, c)`` is ``a | b | c``; ``errors="collect"`` keeps it going when a
+    branch fails.
+
+    With ``errors="collect"`` every branch runs to its end; the writes of the branches that
+    succeeded are merged as with ``|``, a failed branch writes nothing, and
+    ``state[errors_key]`` (default ``"errors"``) lists each failure as
+    ``{"branch", "node", "error", "type"}`` (``[]`` when none failed).
+    """
+    if len(nodes) < 2:
+        raise BuildError(f"parallel(...) needs at least two branches, got {len(nodes)}")
+    _errors_mode(errors, errors_key, "parallel(...)")
+    branches = tuple(as_node(n, f"parallel branch {i}") for i, n in enumerate(nodes))
+    if errors == "raise":
+        return Parallel(branches)
+    return Parallel(branches, errors, errors_key or "errors")
 
 
 def sleep(seconds: float) -> Sleep:

@@ -347,9 +347,17 @@ def pending(run_id: Annotated[str | None, typer.Option("--run")] = None,
 
 @cli.command()
 @guarded
-def cancel(run_id: str, database_url: DbUrl = None) -> None:
-    """Cancel a run and its child workflows."""
+def cancel(run_id: str, database_url: DbUrl = None,
+           task: Annotated[str | None, typer.Option(
+               "--task", help="cancel only this background task of the run (by name)")] = None,
+           ) -> None:
+    """Cancel a run and its child workflows, or with --task one background task of it."""
     with Admin(database_url) as admin:
+        if task is not None:
+            child = admin.cancel_task(run_id, task)
+            out.print(_render.literal(f"cancelled task {task} of run {run_id} ({child})"),
+                      highlight=False)
+            return
         admin.cancel(run_id)
     out.print(_render.literal(f"cancelled run {run_id}"), highlight=False)
 

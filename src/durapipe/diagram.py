@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .bestof import BestOf
 from .errors import OperatorError
 from .ir import (
     Agent,
@@ -88,9 +89,12 @@ def _leaf(d: _Drawing, path: str, node: Node) -> tuple[list[str], list[str]]:
     if isinstance(node, Agent):
         model = node.model_ref if isinstance(node.model_ref, str) else None
         sub = f"agent · {model}" if model else "agent"
+        if node.retry_policy is not None:
+            sub += f" · retry ×{node.retry_policy.attempts}"
         d.add(f'{nid}["{_text(node.name)}<br/><small>{_text(sub)}</small>"]')
     elif isinstance(node, Fn):
-        d.add(f'{nid}("{_text(node.label)}")')
+        retry = f" · retry ×{node.retry.attempts}" if node.retry is not None else ""
+        d.add(f'{nid}("{_text(node.label + retry)}")')
     elif isinstance(node, Transform):
         d.add(f'{nid}[/"{_text(node.label)}"/]')
     elif isinstance(node, Sleep):
@@ -132,6 +136,8 @@ def _draw(d: _Drawing, path: str, node: Node) -> tuple[list[str], list[str]]:
         return parts[0][0], parts[-1][1]
     if isinstance(node, (Parallel, Race)):
         title = "parallel: all branches" if isinstance(node, Parallel) else "race: first success wins"
+        if isinstance(node, Parallel) and node.errors == "collect":
+            title += f", failures → {node.errors_key or 'errors'}"
         entries, exits, _ = _subgraph(d, path, title, _kids(path, node))
         return entries, exits
     if isinstance(node, Fallback):
@@ -151,7 +157,13 @@ def _draw(d: _Drawing, path: str, node: Node) -> tuple[list[str], list[str]]:
     if isinstance(node, MapOver):
         limit = f", {node.concurrency} at a time" if node.concurrency else ""
         title = f"map over {node.items_key} → {node.output_key}{limit}"
+        if node.errors == "collect":
+            title += f", failures → {node.failures_key}"
         entries, exits, _ = _subgraph(d, path, title, _kids(path, node))
+        return entries, exits
+    if isinstance(node, BestOf):
+        score = callable_name(node.score).rsplit(":", 1)[-1]
+        entries, exits, _ = _subgraph(d, path, f"best of {node.n} by {score}", _kids(path, node))
         return entries, exits
     if isinstance(node, Route):
         nid = node_id(path)
@@ -169,11 +181,13 @@ def _draw(d: _Drawing, path: str, node: Node) -> tuple[list[str], list[str]]:
         return [nid], exits
     if isinstance(node, Dispatch):
         nid = node_id(path)
-        d.add(f'{nid}>"dispatch: {_text(", ".join(node.names))}"]')
+        detached = " (detached)" if node.detach else ""
+        d.add(f'{nid}>"dispatch: {_text(", ".join(node.names))}{detached}"]')
         for name, (p, child) in zip(node.names, _kids(path, node), strict=True):
             ent, ex = _draw(d, p, child)
-            d.edge([nid], ent, "-.->", f"task {name}")
-            d.tasks.append((name, ex))
+            d.edge([nid], ent, "-.->", f"task {name}{detached}")
+            if not node.detach:  # a detached task is never joined
+                d.tasks.append((name, ex))
         return [nid], [nid]
     if isinstance(node, Join):
         nid = node_id(path)

@@ -14,10 +14,15 @@ import inspect
 import json
 import string
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from .errors import BuildError
+from .retry import Retry
+
+# Field metadata of an option added after pipelines were deployed: left out of the shape
+# while it has its default, so adding the option changes no existing pipeline's hash.
+OPTION: dict[str, Any] = {"option": True}
 
 StateFn = Callable[[dict[str, Any]], Any]
 
@@ -33,7 +38,7 @@ def callable_name(f: Any) -> str:
 
 
 def _shape_value(v: Any) -> Any:
-    if isinstance(v, Node):
+    if isinstance(v, (Node, Retry)):
         return v.shape()
     if isinstance(v, (list, tuple)):
         return [_shape_value(x) for x in v]
@@ -104,7 +109,10 @@ class Node:
         """The JSON shape: kind plus every field, children nested, functions by name."""
         out: dict[str, Any] = {"kind": self.kind}
         for f in fields(self):
-            out[f.name] = _shape_value(getattr(self, f.name))
+            value = getattr(self, f.name)
+            if f.metadata.get("option") and value == f.default:
+                continue
+            out[f.name] = _shape_value(value)
         return out
 
     def digest(self) -> str:
@@ -128,7 +136,7 @@ class Node:
 def _flatten(cls: type[Node], nodes: tuple[Node, ...]) -> tuple[Node, ...]:
     out: list[Node] = []
     for n in nodes:
-        if type(n) is cls:
+        if type(n) is cls and getattr(n, "errors", "raise") == "raise":
             out.extend(n.children())
         else:
             out.append(n)
@@ -194,6 +202,7 @@ class Agent(Node):
     tool_fns: tuple[Callable[..., Any], ...] = ()
     output_model: type | None = None
     turn_limit: int = 10
+    retry_policy: Retry | None = field(default=None, metadata=OPTION)
 
     def __init__(self, name: str, model: Any = None) -> None:
         if not isinstance(name, str) or not name.strip():
@@ -206,6 +215,7 @@ class Agent(Node):
         object.__setattr__(self, "tool_fns", ())
         object.__setattr__(self, "output_model", None)
         object.__setattr__(self, "turn_limit", 10)
+        object.__setattr__(self, "retry_policy", None)
 
     @property
     def label(self) -> str:
@@ -234,6 +244,12 @@ class Agent(Node):
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise BuildError(f"Agent {self.name!r}.retries({n!r}): retries must be an int >= 0")
         return self._replace(max_retries=n)  # type: ignore[no-any-return]
+
+    def retry(self, policy: Retry | None) -> Agent:
+        """Run the whole agent again when it fails, each attempt durable (see :class:`Retry`)."""
+        if policy is not None and not isinstance(policy, Retry):
+            raise BuildError(f"Agent {self.name!r}.retry({policy!r}): give Retry(attempts=..., ...)")
+        return self._replace(retry_policy=policy)  # type: ignore[no-any-return]
 
     def model(self, m: Any) -> Agent:
         return self._replace(model_ref=m)  # type: ignore[no-any-return]
@@ -273,10 +289,15 @@ class Fn(Node):
     max_retries: int = 0
     reads: tuple[str, ...] | None = None
     writes: tuple[str, ...] | None = None
+    retry: Retry | None = field(default=None, metadata=OPTION)
 
     @property
     def label(self) -> str:
         return self.name or str(getattr(self.func, "__name__", "fn"))
+
+    @property
+    def retry_policy(self) -> Retry | None:
+        return self.retry
 
     @property
     def is_async(self) -> bool:
@@ -324,6 +345,9 @@ class Parallel(Node):
 
     kind: ClassVar[str] = "parallel"
     branches: tuple[Node, ...]
+    # "collect": a failed branch does not fail the node; its error goes to errors_key.
+    errors: str = field(default="raise", metadata=OPTION)
+    errors_key: str | None = field(default=None, metadata=OPTION)
 
     def children(self) -> tuple[Node, ...]:
         return self.branches
@@ -422,9 +446,17 @@ class MapOver(Node):
     output_key: str
     concurrency: int | None = None
     item_key: str = "item"
+    # "collect": a failed item leaves None at its place; its error goes to errors_key.
+    errors: str = field(default="raise", metadata=OPTION)
+    errors_key: str | None = field(default=None, metadata=OPTION)
 
     def children(self) -> tuple[Node, ...]:
         return (self.body,)
+
+    @property
+    def failures_key(self) -> str:
+        """Where collected failures go: ``errors_key``, else ``<output_key>_errors``."""
+        return self.errors_key or f"{self.output_key}_errors"
 
 
 @dataclass(frozen=True)
@@ -439,6 +471,8 @@ class Dispatch(Node):
     progress_key: str | None = None
     max_tasks: int | None = None
     queue: str | None = None
+    # Detached tasks outlive the run: never joined (not even at its end), cancellable by name.
+    detach: bool = field(default=False, metadata=OPTION)
 
     def children(self) -> tuple[Node, ...]:
         return self.tasks
@@ -490,7 +524,7 @@ class Patched(Node):
 
 
 __all__ = [
-    "Agent", "Dispatch", "Fallback", "Fn", "Gate", "Join", "Loop", "MapOver", "Node",
+    "OPTION", "Agent", "Dispatch", "Fallback", "Fn", "Gate", "Join", "Loop", "MapOver", "Node",
     "Parallel", "Patched", "Race", "Route", "Seq", "Sleep", "Timeout", "Transform", "Until",
     "as_node", "callable_name", "template_keys",
 ]

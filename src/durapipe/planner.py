@@ -18,11 +18,12 @@ and keys involved.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .errors import BuildError, PlanError
-from .ir import Agent, Fn, Node, as_node
+from .ir import OPTION, Agent, Fn, Node, as_node
+from .retry import Retry, as_retry
 
 
 def _names(arg: Any, what: str, owner: str) -> tuple[str, ...]:
@@ -46,7 +47,8 @@ class Step(Node):
 
     ``fn`` is any node (``fn(...)``, an ``Agent``, a sub-pipeline) or a bare function of
     the state. The step must write every key in ``outputs``; ``retries`` re-runs it when
-    it fails (for a function or agent, as retries of its DBOS step).
+    it fails (for a function or agent, as retries of its DBOS step); ``retry=Retry(...)``
+    re-runs it with a durable count and backoff (see :class:`durapipe.Retry`).
 
     >>> Step("setup-account", setup_account, needs=["customer_id", "email"], outputs=["account_id"])
     """
@@ -57,9 +59,10 @@ class Step(Node):
     needs: tuple[str, ...]
     outputs: tuple[str, ...]
     retries: int
+    retry: Retry | None = field(default=None, metadata=OPTION)
 
     def __init__(self, name: str, fn: Any, needs: Iterable[str] = (), outputs: Iterable[str] = (),
-                 retries: int | None = None) -> None:
+                 retries: int | None = None, retry: Retry | None = None) -> None:
         if not isinstance(name, str) or not name.strip():
             raise BuildError(f"Step({name!r}): the name must be a non-empty string")
         owner = f"step {name!r}"
@@ -76,6 +79,14 @@ class Step(Node):
             node = node._replace(max_retries=n)
         elif isinstance(node, Agent) and n > node.max_retries:
             node = node.retries(n)
+        policy = as_retry(retry, owner)
+        # A durable policy goes on a function or agent itself (unless it has its own); any
+        # other node is re-run by the step handler, each attempt recorded.
+        if policy is not None and isinstance(node, Fn) and node.retry is None:
+            node = node._replace(retry=policy)
+        elif policy is not None and isinstance(node, Agent) and node.retry_policy is None:
+            node = node.retry(policy)
+        object.__setattr__(self, "retry", policy)
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "node", node)
         object.__setattr__(self, "needs", _names(needs, "needs", owner))

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
+from .bestof import BestOf
 from .errors import BuildError, PlanError, storable_text
-from .ir import Agent, Dispatch, Fn, Gate, Join, MapOver, Node, Parallel, Seq, Transform
+from .ir import Agent, Dispatch, Fn, Gate, Join, Loop, MapOver, Node, Parallel, Seq, Transform
 from .planner import Flow, Plan, PlannedStep, Step, at_path
 
 
@@ -32,6 +33,7 @@ class Avail:
 class Checker:
     inputs: frozenset[str] | None
     required: set[str] = field(default_factory=set)
+    detached: set[str] = field(default_factory=set)
 
     def need(self, path: str, node: Node, keys: tuple[str, ...], avail: Avail) -> None:
         if avail.opaque:
@@ -66,7 +68,13 @@ class Checker:
         if isinstance(node, MapOver):
             self.need(path, node, (node.items_key,), avail)
             self.flow(node.body, f"{path}.0", avail.add((node.item_key,)))
-            return avail.add((node.output_key,))
+            out = avail.add((node.output_key,))
+            return out.add((node.failures_key,)) if node.errors == "collect" else out
+        if isinstance(node, BestOf):
+            after = self.flow(node.body, f"{path}.0", avail.add((node.item_key,)))
+            return replace(after, keys=after.keys - ({node.item_key} - avail.keys))
+        if isinstance(node, Loop):
+            self.no_flow_in_loop(node, path)
         if isinstance(node, Gate):
             return avail.add((node.name,))
         if isinstance(node, Dispatch):
@@ -104,12 +112,30 @@ class Checker:
                 writers[k] = f"{bpath}:{branch.label}"
             out = replace(out, keys=out.keys | after.keys, opaque=out.opaque or after.opaque,
                           pending=out.pending + after.pending[len(avail.pending):])
-        return out
+        return out.add((node.errors_key or "errors",)) if node.errors == "collect" else out
+
+    def no_flow_in_loop(self, node: Loop, path: str) -> None:
+        for sub, n in node.body.walk(f"{path}.0"):
+            if isinstance(n, Flow):
+                raise BuildError(
+                    f"loop {path}: the goal-driven Flow at {sub} cannot repeat: a Flow plans from "
+                    "what state already holds, so from pass 2 on its goals are there and it would "
+                    "run nothing; loop the nodes its steps run (fn/agents) instead, or write the "
+                    "goals under new keys in each pass", path=path, node=sub,
+                )
 
     def dispatch(self, node: Dispatch, path: str, avail: Avail) -> Avail:
-        known = {name for name, _, _ in avail.pending}
+        known = {name for name, _, _ in avail.pending} | self.detached
         pending = list(avail.pending)
         for i, (name, task) in enumerate(zip(node.names, node.tasks, strict=True)):
+            if node.detach:
+                if name in known:
+                    raise BuildError(
+                        f"dispatch {path}: task name {name!r} is already used by an earlier "
+                        "dispatch; give it another name with names=[...]", path=path, name=name)
+                self.detached.add(name)
+                self.flow(task, f"{path}.{i}", avail)
+                continue
             if name in known:
                 raise BuildError(
                     f"dispatch {path}: task name {name!r} is already used by an earlier dispatch; "
@@ -125,7 +151,19 @@ class Checker:
 
     def join(self, node: Join, path: str, avail: Avail) -> Avail:
         names = {name for name, _, _ in avail.pending}
+        if not node.names and not names:
+            raise BuildError(
+                f"join {path}: there is nothing to join here; no dispatch upstream starts a "
+                "background task (detached tasks are never joined). Remove the join, or "
+                "dispatch(...) before it", path=path,
+            )
         for name in node.names:
+            if name in self.detached and name not in names:
+                raise BuildError(
+                    f"join {path}: task {name!r} is dispatched with detach=True, so it is never "
+                    "joined; drop detach=True to join it, or drop it from the join",
+                    path=path, name=name,
+                )
             if name not in names:
                 raise BuildError(
                     f"join {path}: no dispatch upstream starts a task named {name!r} "

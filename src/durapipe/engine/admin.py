@@ -24,7 +24,7 @@ from ..audit import NodeRecord, RunInfo, RunTree, first_line, model_usage, path_
 from ..errors import OperatorError, UnknownRun, error_text, from_portable
 from . import executors, runlist
 from .database import normalize_url
-from .dispatch import fate_key, task_status
+from .dispatch import DETACHED_ATTRIBUTE, fate_key, find_task_in, task_query, task_status
 from .scope import (
     DURAPIPE_WORKFLOWS,
     TASK_WORKFLOW,
@@ -204,7 +204,8 @@ class Admin:
             child.kind = "task"
             child.detail["task"] = child.name
             child.detail["task_status"] = task_status(cid in joins, joins.get(cid, False),
-                                                      events.get(fate_key(cid)))
+                                                      events.get(fate_key(cid)),
+                                                      bool(child.detail.get("detached")))
         for key, value in events.items():
             if key.startswith("gate:") and isinstance(value, dict):
                 nodes.append(NodeRecord(
@@ -227,10 +228,12 @@ class Admin:
         prefix = f"{root}/{path}:"
         name = child_id[len(prefix):] if path and child_id.startswith(prefix) else child_id
         end = st.completed_at if st.status not in ACTIVE else now
+        detached = (getattr(st, "attributes", None) or {}).get(DETACHED_ATTRIBUTE) == "true"
         return NodeRecord(
             path=path, name=name, kind="child", status=st.status, started_ms=st.created_at,
             duration_ms=(end - st.created_at) if end and st.created_at else None,
             error=_err(st.error), workflow_id=child_id, children=self._nodes(child_id, root),
+            detail={"detached": True} if detached else {},
         )
 
     def _events(self, workflow_id: str) -> dict[str, Any]:
@@ -270,6 +273,18 @@ class Admin:
         next await, a sync step finishes, nothing more starts."""
         self.run(run_id)
         self.client.cancel_workflow(run_id, cancel_children=True)
+
+    def cancel_task(self, run_id: str, name: str) -> str:
+        """Cancel the background task ``name`` of a run (a detached one too), with its own
+        child workflows; the run goes on. Returns the task's workflow id."""
+        self.run(run_id)
+        found = self.client.list_workflows(**task_query(run_id, name, self.client._sys_db))
+        child = find_task_in(run_id, name, found)
+        if child is None:
+            raise OperatorError(f"run {run_id!r} has started no background task named {name!r}; "
+                                f"`durapipe show {run_id}` lists its tasks", run_id=run_id, task=name)
+        self.client.cancel_workflow(child, cancel_children=True)
+        return child
 
     def resume(self, run_id: str, *, force: bool = False) -> None:
         """Resume a cancelled or stuck run from its last checkpoint (on any live worker).

@@ -20,7 +20,7 @@ from typing import Any
 
 from dbos import DBOS
 
-from ..errors import NodeFailed, StateError, storable_errors
+from ..errors import DurapipeError, NodeFailed, StateError, error_text, storable_errors
 from ..ir import Fn, Node, Parallel, Seq, Sleep, Transform
 from ..state import State, check_updates
 from . import lifecycle, steplogs, taskgroup
@@ -139,7 +139,8 @@ def _sync_run(ctx: RunContext, nodes: tuple[Node, ...], start: int) -> int:
     end = start
     while end < len(nodes) and (
         isinstance(nodes[end], Transform)
-        or (isinstance(nodes[end], Fn) and not nodes[end].is_async)  # type: ignore[attr-defined]
+        or (isinstance(nodes[end], Fn) and not nodes[end].is_async  # type: ignore[attr-defined]
+            and nodes[end].retry is None)  # type: ignore[attr-defined]
     ):
         end += 1
     return end - start
@@ -160,8 +161,8 @@ def _run_sync_nodes(nodes: tuple[Node, ...], path: str, first: int, state: State
 
 
 async def gather_branches(
-    ctx: RunContext, branches: tuple[Node, ...], path: str, state: State
-) -> list[State]:
+    ctx: RunContext, branches: tuple[Node, ...], path: str, state: State, collect: bool = False
+) -> list[Any]:
     """Run branches concurrently with a deterministic operation order; updates per branch.
 
     A branch whose operations the IR fixes runs inline at step numbers reserved for it
@@ -182,6 +183,14 @@ async def gather_branches(
             runs.append(await_child(handle))
     futures = [asyncio.ensure_future(r) for r in runs]  # in branch order, as gather would
     labels = [f"{path}.{i}:{b.label}" for i, b in enumerate(branches)]
+    if collect:  # every branch runs to its end; a failed one's error stands in its place
+        try:
+            await asyncio.wait(futures)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        return [f.exception() or f.result() for f in futures]
     failure = await taskgroup.wait_all_or_first_failure(futures, children, labels)
     if failure is not None:
         i, cancelled = failure
@@ -198,10 +207,21 @@ async def _run_reserved(ctx: RunContext, branch: Node, path: str, state: State,
 
 
 async def run_parallel(ctx: RunContext, node: Parallel, path: str, state: State) -> State:
-    results = await gather_branches(ctx, node.branches, path, state)
+    collect = node.errors == "collect"
+    results = await gather_branches(ctx, node.branches, path, state, collect)
     merged: State = {}
     owner: dict[str, int] = {}
+    failures: list[dict[str, Any]] = []
     for i, out in enumerate(results):
+        if isinstance(out, BaseException):
+            if not isinstance(out, Exception):
+                raise out  # cancelled: the run stops here
+            where = f"{path}.{i}:{node.branches[i].label}"
+            err = node_error(out, where)
+            cause = err.data.get("cause") if isinstance(err, DurapipeError) else None
+            kind = cause.split(":", 1)[0] if isinstance(cause, str) and ":" in cause else type(err).__name__
+            failures.append({"branch": i, "node": where, "error": error_text(err), "type": kind})
+            continue
         for k, v in out.items():
             if k in owner:
                 raise StateError(
@@ -211,4 +231,6 @@ async def run_parallel(ctx: RunContext, node: Parallel, path: str, state: State)
                 )
             owner[k] = i
             merged[k] = v
+    if collect:
+        merged[node.errors_key or "errors"] = failures
     return merged

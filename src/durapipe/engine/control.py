@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,12 +28,14 @@ from ..errors import (
     error_text,
     from_portable,
 )
-from ..ir import Agent, Fallback, Fn, Loop, MapOver, Node, Race, Route, Timeout, Transform
+from ..ir import Agent, Fallback, Fn, Loop, MapOver, Node, Race, Route, Timeout, Transform, callable_name
 from ..state import State
 from . import lifecycle, taskgroup
 from .children import await_child
 from .context import RunContext, node_error, run_step
 from .reserve import single_op
+
+log = logging.getLogger("durapipe")
 
 
 def recoverable(exc: BaseException) -> bool:
@@ -93,6 +96,19 @@ async def run_loop(ctx: RunContext, node: Loop, path: str, state: State) -> Stat
             node.until.pred, state, "the until() predicate of loop", f"{path}:{node.label} pass {k}"
         ):
             break
+    else:
+        if node.until is not None:
+            # The predicate never held: a step records that the loop stopped at its bound, so
+            # the audit (and durapipe.steps) shows it, not only the state it left.
+            where = f"{path}:{node.label}"
+            record: dict[str, Any] = {"max_reached": True, "passes": passes,
+                                      "until": callable_name(node.until.pred)}
+
+            def reached(record: dict[str, Any] = record) -> dict[str, Any]:
+                return record
+            await run_step(where, 0, reached)
+            log.warning("loop %s stopped at its max of %d passes; until(%s) never held",
+                        where, passes, record["until"])
     return updates
 
 
@@ -230,6 +246,7 @@ async def run_map(ctx: RunContext, node: MapOver, path: str, state: State) -> St
         return [i for i in sorted(futures) if not futures[i].done()]
 
     labels = [f"{path}.0#{i}:{node.body.label}" for i in range(len(items))]
+    collect = node.errors == "collect"
     failure: tuple[int, list[str]] | None = None
     try:
         # Items start in order while fewer than ``limit`` run; which one finished first is
@@ -241,7 +258,7 @@ async def run_map(ctx: RunContext, node: MapOver, path: str, state: State) -> St
                 break
             order = running()
             await DBOS.asyncio_wait([futures[i] for i in order], return_when=asyncio.FIRST_COMPLETED)
-            bad = [i for i in sorted(futures) if taskgroup.failed(futures[i])]
+            bad = [i for i in sorted(futures) if taskgroup.failed(futures[i])] if not collect else []
             if bad:
                 stopping = running()
                 await taskgroup.cancel_siblings(futures, children, stopping)
@@ -251,6 +268,8 @@ async def run_map(ctx: RunContext, node: MapOver, path: str, state: State) -> St
         for f in futures.values():
             f.cancel()
         raise
+    if collect:
+        return await _collected(node, items, [futures[i] for i in range(len(items))], labels)
     if failure is None:
         ordered = [futures[i] for i in range(len(futures))]
         failure = await taskgroup.wait_all_or_first_failure(ordered, children, labels)
@@ -265,3 +284,39 @@ async def run_map(ctx: RunContext, node: MapOver, path: str, state: State) -> St
     key = _result_key(node.body)
     results = [futures[i].result() for i in range(len(items))]
     return {node.output_key: [r.get(key) for r in results] if key else results}
+
+
+async def _collected(node: MapOver, items: list[Any], futures: list[asyncio.Future[Any]],
+                     labels: list[str]) -> State:
+    """``errors="collect"``: every item finished; failures listed, successes in place."""
+    try:
+        if futures:
+            await asyncio.wait(futures)
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
+    key = _result_key(node.body)
+    results: list[Any] = []
+    failures: list[dict[str, Any]] = []
+    for i, f in enumerate(futures):
+        exc = f.exception()
+        if exc is None:
+            r = f.result()
+            results.append(r.get(key) if key else r)
+            continue
+        if not isinstance(exc, Exception):
+            raise exc  # cancelled: the run stops here
+        err = node_error(exc, labels[i])
+        results.append(None)
+        failures.append({"index": i, "item": items[i], "node": labels[i],
+                         "error": error_text(err), "type": failure_type(err)})
+    return {node.output_key: results, node.failures_key: failures}
+
+
+def failure_type(err: BaseException) -> str:
+    """The class name of the error a node's code raised (``ValueError``), else its own."""
+    cause = err.data.get("cause") if isinstance(err, DurapipeError) else None
+    if isinstance(cause, str) and ":" in cause:
+        return cause.split(":", 1)[0]
+    return type(err).__name__

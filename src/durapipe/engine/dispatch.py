@@ -37,6 +37,7 @@ from dbos import DBOS, SetEnqueueOptions, SetWorkflowAttributes, SetWorkflowID, 
 from dbos._context import get_local_dbos_context, snapshot_step_context
 from dbos._core import set_event as _dbos_set_event
 from dbos._dbos import _get_dbos_instance
+from dbos._error import DBOSAwaitedWorkflowCancelledError, DBOSWorkflowCancelledError
 
 from ..errors import DurapipeError, NodeFailed, RunError, error_text, from_portable
 from ..ir import Dispatch, Join
@@ -51,8 +52,9 @@ QUEUE_POLL_SEC = 0.1
 
 
 TASK_ATTRIBUTE = "durapipe.task"  # workflow attribute of a task workflow: its task name
+DETACHED_ATTRIBUTE = "durapipe.detached"  # "true" on the task workflow of dispatch(detach=True)
 FATE_PREFIX = "task:"
-RARE_FATES = ("timed_out", "auto_joined")
+RARE_FATES = ("timed_out", "auto_joined", "cancelled")
 
 
 def fate_key(child_id: str) -> str:
@@ -60,8 +62,10 @@ def fate_key(child_id: str) -> str:
     return f"{FATE_PREFIX}{child_id}"
 
 
-def task_status(joined: bool, join_failed: bool, fate: Any) -> str:
+def task_status(joined: bool, join_failed: bool, fate: Any, detached: bool = False) -> str:
     """A task's status from what was recorded: its join row (if any) and its fate event."""
+    if detached:
+        return "detached"
     if isinstance(fate, dict) and fate.get("status") in RARE_FATES:
         return str(fate["status"])
     if not joined:
@@ -71,24 +75,49 @@ def task_status(joined: bool, join_failed: bool, fate: Any) -> str:
 
 def find_task(run_id: str, name: str) -> str | None:
     """The workflow id of the latest task ``name`` dispatched in run ``run_id`` (or None)."""
-    found = DBOS.list_workflows(**_task_query(run_id, name))
-    return _own_task(run_id, name, found)
+    sys_db = _get_dbos_instance()._sys_db
+    return find_task_in(run_id, name, DBOS.list_workflows(**task_query(run_id, name, sys_db)))
 
 
 async def find_task_async(run_id: str, name: str) -> str | None:
-    found = await DBOS.list_workflows_async(**_task_query(run_id, name))
-    return _own_task(run_id, name, found)
+    sys_db = _get_dbos_instance()._sys_db
+    found = await DBOS.list_workflows_async(**task_query(run_id, name, sys_db))
+    return find_task_in(run_id, name, found)
 
 
-def _task_query(run_id: str, name: str) -> dict[str, Any]:
+def _not_started(run_id: str, name: str) -> RunError:
+    return RunError(f"run {run_id!r} has not started a background task named {name!r} (yet); "
+                    "nothing was cancelled", run_id=run_id, task=name)
+
+
+def cancel_task(run_id: str, name: str) -> str:
+    """Cancel the latest task ``name`` of a run with its child workflows; its workflow id."""
+    child = find_task(run_id, name)
+    if child is None:
+        raise _not_started(run_id, name)
+    DBOS.cancel_workflow(child, cancel_children=True)
+    return child
+
+
+async def cancel_task_async(run_id: str, name: str) -> str:
+    child = await find_task_async(run_id, name)
+    if child is None:
+        raise _not_started(run_id, name)
+    await DBOS.cancel_workflow_async(child, cancel_children=True)
+    return child
+
+
+def task_query(run_id: str, name: str, sys_db: Any) -> dict[str, Any]:
+    """``list_workflows`` arguments that find the task workflows of a run named ``name``."""
     query: dict[str, Any] = {"workflow_id_prefix": f"{run_id}/", "name": TASK_WORKFLOW,
                              "sort_desc": True, "load_input": False, "load_output": False}
-    if _get_dbos_instance()._sys_db.engine.dialect.name == "postgresql":
+    if sys_db.engine.dialect.name == "postgresql":
         query["attributes"] = {TASK_ATTRIBUTE: name}  # DBOS filters attributes on Postgres only
     return query
 
 
-def _own_task(run_id: str, name: str, found: list[Any]) -> str | None:
+def find_task_in(run_id: str, name: str, found: list[Any]) -> str | None:
+    """The id of the latest task ``name`` of run ``run_id`` among ``found``."""
     # Task ids are "<run id>/<path>:<name>" and a path has no ":"; the prefix is a LIKE
     # pattern, so the start is checked too.
     prefix = f"{run_id}/"
@@ -237,14 +266,16 @@ async def run_dispatch(ctx: RunContext, node: Dispatch, path: str, state: State)
         task = Task(name, tpath, f"{ctx.root}/{tpath}:{name}", node, parent_path(path))
         args = (ctx.pipeline.name, ctx.pipeline.version, dict(state), tpath, ctx.root, name)
         propagate = ctx.tracer.propagate() if ctx.tracer is not None else contextlib.nullcontext()
-        with SetWorkflowID(task.child_id), SetWorkflowAttributes({TASK_ATTRIBUTE: name}), propagate:
+        attributes = {TASK_ATTRIBUTE: name, **({DETACHED_ATTRIBUTE: "true"} if node.detach else {})}
+        with SetWorkflowID(task.child_id), SetWorkflowAttributes(attributes), propagate:
             if queue is None:
                 task.handle = await DBOS.start_workflow_async(ctx.table.task, *args)
             else:
                 qname, partitioned = queue
                 with SetEnqueueOptions(queue_partition_key=f"{ctx.root}/{path}" if partitioned else None):
                     task.handle = await DBOS.enqueue_workflow_async(qname, ctx.table.task, *args)
-        ctx.tasks[name] = task
+        if not node.detach:  # a detached task is never joined, not even at the run's end
+            ctx.tasks[name] = task
     if not node.progress_key:
         return {}
     return {node.progress_key: None if len(node.names) == 1 else dict.fromkeys(node.names)}
@@ -282,6 +313,9 @@ async def join_tasks(
         del ctx.tasks[task.name]
         if i in timed_out:
             await _record_fate(task, "timed_out")
+        elif isinstance(result, (DBOSAwaitedWorkflowCancelledError, DBOSWorkflowCancelledError)):
+            # Cancelled by name (handle.cancel_task): its writes are dropped, the join goes on.
+            await _record_fate(task, "cancelled")
         elif isinstance(result, BaseException):
             if task.node.on_error is None and failure is None:
                 cause = from_portable(result)

@@ -28,6 +28,7 @@ from ..state import State
 from . import lifecycle
 from .children import await_child
 from .context import RunContext, node_error
+from .retry import run_attempts
 from .taskgroup import with_cancelled
 
 POLL_SECONDS = 0.05
@@ -46,8 +47,17 @@ def _renamed(exc: BaseException, step: Step, path: str) -> BaseException:
 
 async def run_flow_step(ctx: RunContext, node: Step, path: str, state: State) -> State:
     body = f"{path}.0"
-    # Fn and Agent retry inside their own DBOS step; other nodes are re-run here, each
-    # attempt under its own instance mark so its operations have names of their own.
+    if node.retry is not None and not isinstance(node.node, (Fn, Agent)):
+        # A durable policy: each attempt at its own mark, each failure recorded (retry.py).
+        try:
+            done = await run_attempts(ctx, node.retry, body, node.node.label,
+                                      lambda where: ctx.execute(node.node, where, state))
+        except Exception as exc:
+            raise _renamed(node_error(exc, f"{body}:{node.node.label}"), node, path) from exc
+        return _check_outputs(node, path, done)
+    # Fn and Agent retry inside their own DBOS step (or by their own durable policy); other
+    # nodes are re-run here, each attempt under its own instance mark so its operations
+    # have names of their own.
     attempts = 1 if isinstance(node.node, (Fn, Agent)) else node.retries + 1
     updates: State = {}
     for attempt in range(attempts):
@@ -60,6 +70,10 @@ async def run_flow_step(ctx: RunContext, node: Step, path: str, state: State) ->
                 raise _renamed(exc, node, path) from exc
         except Exception as exc:
             raise _renamed(node_error(exc, f"{where}:{node.node.label}"), node, path) from exc
+    return _check_outputs(node, path, updates)
+
+
+def _check_outputs(node: Step, path: str, updates: State) -> State:
     missing = [k for k in node.outputs if k not in updates]
     if missing:
         raise StateError(

@@ -20,11 +20,14 @@ one-second polling while keeping its recorded ``DBOS.getResult`` operation.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from dbos import DBOS
 
+from ..bestof import BestOf
+from ..errors import error_text
 from ..ir import (
     Agent,
     Dispatch,
@@ -43,10 +46,11 @@ from ..ir import (
     Sleep,
     Timeout,
     Transform,
+    callable_name,
 )
 from ..planner import Flow, Step
 from ..state import State
-from . import agent, basic, control, dispatch, flow, gates, lifecycle, patching, versions
+from . import agent, basic, bestof, control, dispatch, flow, gates, lifecycle, patching, retry, versions
 from .context import Handler, Hook, RunContext, Table, finish, node_error, run_step
 from .current import current_app
 from .scope import DURAPIPE_WORKFLOWS, TASK_WORKFLOW, WORKFLOW_NAME, run_workflow_name
@@ -58,19 +62,22 @@ if TYPE_CHECKING:
 __all__ = ["DURAPIPE_WORKFLOWS", "HANDLERS", "TABLE", "TASK_WORKFLOW", "WORKFLOW_NAME",
            "run_pipeline", "run_task", "run_workflow"]
 
+log = logging.getLogger("durapipe")
+
 HANDLERS: dict[type[Node], Handler] = {
     Seq: basic.run_seq,
     Parallel: basic.run_parallel,
-    Fn: basic.run_fn,
+    Fn: retry.retrying(basic.run_fn),
     Transform: basic.run_transform_node,
     Sleep: basic.run_sleep,
-    Agent: agent.run_agent,
+    Agent: retry.retrying(agent.run_agent),
     Fallback: control.run_fallback,
     Loop: control.run_loop,
     Route: control.run_route,
     Race: control.run_race,
     Timeout: control.run_timeout,
     MapOver: control.run_map,
+    BestOf: bestof.run_best_of,
     Dispatch: dispatch.run_dispatch,
     Join: dispatch.run_join,
     Gate: gates.run_gate,
@@ -193,8 +200,8 @@ async def _run_task(ctx: RunContext, state: State, path: str, name: str) -> Stat
         if owner.on_complete is not None:
             on_complete = owner.on_complete
 
-            async def complete() -> None:
-                await _call(on_complete, name, updates)
+            async def complete() -> dict[str, Any] | None:
+                return await _call(on_complete, name, updates)
             await run_step(f"{path}:on_complete", 0, complete)
     except Exception as exc:
         await ctx.settle(raise_errors=False)
@@ -202,17 +209,26 @@ async def _run_task(ctx: RunContext, state: State, path: str, name: str) -> Stat
         if owner.on_error is not None:
             on_error = owner.on_error
 
-            async def failed() -> None:
-                await _call(on_error, name, err)
+            async def failed() -> dict[str, Any] | None:
+                return await _call(on_error, name, err)
             await run_step(f"{path}:on_error", 0, failed)
         raise err from exc
     return updates
 
 
-async def _call(cb: Callable[..., Any], *args: Any) -> None:
-    out = cb(*args)
-    if inspect.isawaitable(out):
-        await out
+async def _call(cb: Callable[..., Any], *args: Any) -> dict[str, Any] | None:
+    """Run a monitoring callback. One that raises is logged and its error recorded as its
+    step's output (``{"callback_error": ...}``); it does not change the task's outcome."""
+    try:
+        out = cb(*args)
+        if inspect.isawaitable(out):
+            await out
+    except Exception as exc:
+        text = error_text(exc)
+        log.warning("callback %s of task %r raised %s; the task's outcome stands",
+                    callable_name(cb), args[0], text)
+        return {"callback_error": text, "callback": callable_name(cb)}
+    return None
 
 
 async def _publish_partial_text(where: str, text: str) -> None:

@@ -39,6 +39,8 @@ def static_ops(node: Node) -> int | None:
     """
     if isinstance(node, Transform):
         return 0
+    if getattr(node, "retry_policy", None) is not None:
+        return None  # how many attempts it takes is known only when it runs
     if isinstance(node, Fn):
         return 1
     if isinstance(node, Agent):
@@ -93,6 +95,8 @@ def single_op(node: Node) -> bool:
     """True when a node starts at most one DBOS operation, before it first suspends."""
     if isinstance(node, Transform):
         return True
+    if getattr(node, "retry_policy", None) is not None:
+        return False
     if isinstance(node, Fn):
         return True
     if isinstance(node, Agent):

@@ -423,6 +423,20 @@ class RunHandle:
         await DBOS.cancel_workflow_async(self.run_id, cancel_children=True)
         lifecycle.cancel_local(self.run_id)
 
+    def cancel_task(self, name: str) -> None:
+        """Cancel the background task ``name`` of this run (a detached one too) and its child
+        workflows; the run itself goes on. A join waiting for it drops its writes and records
+        it ``cancelled``. Raises ``UnknownTask`` when no dispatch starts such a task and
+        ``RunError`` when this run has not started it (yet)."""
+        self._check_task(name)
+        self.status()  # one of this app's runs
+        lifecycle.cancel_local(dispatch.cancel_task(self.run_id, name))
+
+    async def cancel_task_async(self, name: str) -> None:
+        self._check_task(name)
+        await self.status_async()
+        lifecycle.cancel_local(await dispatch.cancel_task_async(self.run_id, name))
+
     def _check_task(self, name: str) -> None:
         names = {n for reg in self.app.pipelines.values() for _, node in reg.node.walk()
                  if isinstance(node, Dispatch) for n in node.names}

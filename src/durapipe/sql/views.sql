@@ -130,8 +130,11 @@ WHERE s.kind = 'step' AND jsonb_typeof(s.output) = 'object'
 -- One row per background task started by dispatch: a "durapipe.task" child workflow (its
 -- attribute "durapipe.task" is the task name) and the operation of the dispatching workflow
 -- that started it. status: running until the dispatching workflow records a DBOS.getResult
--- naming the child, then joined (failed when that row holds an error); timed_out and
--- auto_joined are recorded as the event "task:<child workflow id>" of the dispatching workflow.
+-- naming the child, then joined (failed when that row holds an error); timed_out,
+-- auto_joined and cancelled (by name, then met by a join) are recorded as the event
+-- "task:<child workflow id>" of the dispatching workflow. A task of dispatch(detach=True)
+-- (attribute "durapipe.detached") is never joined: its status is detached, and
+-- child_status says whether it still runs.
 CREATE OR REPLACE VIEW durapipe.background_tasks AS
 SELECT w.run_id, w.pipeline,
        o.workflow_uuid                                        AS workflow_id,
@@ -139,12 +142,13 @@ SELECT w.run_id, w.pipeline,
                 substr(c.workflow_id, length(c.run_id) + length(c.node_path) + 3)) AS task,
        c.node_path,
        c.workflow_id                                          AS child_workflow_id,
-       CASE WHEN f.v->>'status' IN ('timed_out', 'auto_joined') THEN f.v->>'status'
+       CASE WHEN t.attributes->>'durapipe.detached' = 'true' THEN 'detached'
+            WHEN f.v->>'status' IN ('timed_out', 'auto_joined', 'cancelled') THEN f.v->>'status'
             WHEN j.function_id IS NULL THEN 'running'
             WHEN j.error IS NOT NULL THEN 'failed'
             ELSE 'joined'
        END                                                    AS status,
-       CASE WHEN f.v->>'status' IN ('timed_out', 'auto_joined') THEN durapipe.ts(f.v->'at')
+       CASE WHEN f.v->>'status' IN ('timed_out', 'auto_joined', 'cancelled') THEN durapipe.ts(f.v->'at')
             WHEN j.function_id IS NOT NULL THEN to_timestamp(j.completed_at_epoch_ms / 1000.0)
             ELSE to_timestamp(o.completed_at_epoch_ms / 1000.0)
        END                                                    AS status_at,
