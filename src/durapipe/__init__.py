@@ -9,7 +9,7 @@
 'Hi!'
 """
 
-from .builder import dispatch, fn, gate, join, map_over, patched, race, route, sleep, transform, until
+from .builder import dispatch, fn, gate, join, limit, map_over, patched, race, route, sleep, transform, until
 from .engine import App, Pipeline, RunHandle, RunResult, RunStatus
 from .engine.dispatch import progress
 from .engine.gates import PendingGate
@@ -36,6 +36,6 @@ __all__ = [
     "Agent", "App", "BuildError", "DurapipeError", "FakeModel", "Flow", "GateRejected",
     "ModelError", "Node", "NodeFailed", "NodeTimeout", "PendingGate", "Pipeline", "Plan",
     "PlanError", "RunCancelled", "RunError", "RunHandle", "RunResult", "RunStatus", "RunTimeout",
-    "StateError", "Step", "UnknownGate", "UnknownRun", "dispatch", "fn", "gate", "join", "map_over",
+    "StateError", "Step", "UnknownGate", "UnknownRun", "dispatch", "fn", "gate", "join", "limit", "map_over",
     "patched", "progress", "race", "route", "sleep", "transform", "until",
 ]

@@ -14,6 +14,7 @@ from .ir import (
     Fn,
     Gate,
     Join,
+    Limit,
     MapOver,
     Node,
     Patched,
@@ -23,6 +24,7 @@ from .ir import (
     Transform,
     Until,
     as_node,
+    check_limit,
     template_keys,
 )
 
@@ -286,3 +288,22 @@ def gate(
     if on_timeout not in ("reject", "approve", "fail"):
         raise BuildError(f"gate {name!r}: on_timeout must be 'reject', 'approve' or 'fail', got {on_timeout!r}")
     return Gate(name, message, when, secs, who, on_timeout)
+
+
+def limit(key: str, node: Any = None, *, concurrency: int,
+          adaptive: bool = False) -> Any:
+    """At most ``concurrency`` executions of ``node`` (and of every node limited by the
+    same ``key``) run at once, across all runs and worker processes of the app.
+
+    ``limit("gemini", writer, concurrency=4)``, or ``limit("gemini", concurrency=4)`` as a
+    wrapper applied to several nodes. ``adaptive=True`` halves the limit when a step inside
+    fails with 429, 5xx or a timeout, and raises it by one per window of successes, never
+    above ``concurrency``. ``node.concurrency(n)`` is ``limit(node's name, node, ...)``.
+    """
+    if not isinstance(key, str) or not key.strip() or "\n" in key or "\x00" in key:
+        raise BuildError(f"limit({key!r}, ...): the key must be a non-empty one-line string, "
+                         "e.g. limit('gemini', node, concurrency=4)")
+    n = check_limit(concurrency, adaptive, f"limit({key!r}, concurrency=...)")
+    if node is None:
+        return lambda inner: Limit(as_node(inner, f"limit({key!r})"), key, n, adaptive)
+    return Limit(as_node(node, f"limit({key!r})"), key, n, adaptive)

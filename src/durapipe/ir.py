@@ -99,6 +99,12 @@ class Node:
             raise BuildError(f"{self.label}.timeout({seconds!r}): seconds must be a number > 0")
         return Timeout(self, float(seconds))
 
+    def concurrency(self, n: int, *, adaptive: bool = False) -> Limit:
+        """At most ``n`` executions of this node at once, across all runs and workers of
+        the app (the key is the node's label); see ``durapipe.limit``."""
+        return Limit(self, self.label, check_limit(n, adaptive, f"{self.label}.concurrency"),
+                     adaptive)
+
     # -- derived data -----------------------------------------------------------------
     def shape(self) -> dict[str, Any]:
         """The JSON shape: kind plus every field, children nested, functions by name."""
@@ -420,7 +426,8 @@ class MapOver(Node):
     items_key: str
     body: Node
     output_key: str
-    concurrency: int | None = None
+    # Items at once within the run (a map's own bound; limit() bounds across runs).
+    concurrency: int | None = None  # type: ignore[assignment]
     item_key: str = "item"
 
     def children(self) -> tuple[Node, ...]:
@@ -489,8 +496,35 @@ class Patched(Node):
         return self.name
 
 
+def check_limit(n: Any, adaptive: Any, where: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise BuildError(f"{where}({n!r}): concurrency must be a whole number >= 1")
+    if not isinstance(adaptive, bool):
+        raise BuildError(f"{where}: adaptive must be True or False, got {adaptive!r}")
+    return n
+
+
+@dataclass(frozen=True)
+class Limit(Node):
+    """At most ``n`` executions of ``body`` (and of every node sharing ``key``) at once
+    across the app's runs and workers; ``adaptive`` lowers it on overload (AIMD)."""
+
+    kind: ClassVar[str] = "limit"
+    body: Node
+    key: str
+    n: int
+    adaptive: bool = False
+
+    def children(self) -> tuple[Node, ...]:
+        return (self.body,)
+
+    @property
+    def label(self) -> str:
+        return f"limit({self.key})"
+
+
 __all__ = [
-    "Agent", "Dispatch", "Fallback", "Fn", "Gate", "Join", "Loop", "MapOver", "Node",
+    "Agent", "Dispatch", "Fallback", "Fn", "Gate", "Join", "Limit", "Loop", "MapOver", "Node",
     "Parallel", "Patched", "Race", "Route", "Seq", "Sleep", "Timeout", "Transform", "Until",
     "as_node", "callable_name", "template_keys",
 ]

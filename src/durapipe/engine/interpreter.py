@@ -31,6 +31,7 @@ from ..ir import (
     Fn,
     Gate,
     Join,
+    Limit,
     Loop,
     MapOver,
     Node,
@@ -45,7 +46,7 @@ from ..ir import (
 )
 from ..planner import Flow, Step
 from ..state import State
-from . import agent, basic, control, dispatch, flow, gates, lifecycle, patching, versions
+from . import agent, basic, control, dispatch, flow, gates, lifecycle, limits, patching, versions
 from .context import Handler, Hook, RunContext, Table, finish, node_error, run_step
 from .current import current_app
 from .scope import DURAPIPE_WORKFLOWS, TASK_WORKFLOW, WORKFLOW_NAME
@@ -69,6 +70,7 @@ HANDLERS: dict[type[Node], Handler] = {
     Route: control.run_route,
     Race: control.run_race,
     Timeout: control.run_timeout,
+    Limit: limits.run_limit,
     MapOver: control.run_map,
     Dispatch: dispatch.run_dispatch,
     Join: dispatch.run_join,
