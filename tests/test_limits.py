@@ -15,6 +15,7 @@ import pytest
 from dbutil import kill_then_recover, lines, spawn, sql, wait_for
 from durapipe import Agent, App, BuildError, DurapipeError, ModelError, fn, limit
 from durapipe.models.fake import FunctionModel
+from fake_gemini import Error, FakeGemini, text_reply
 
 SCRIPTS = Path(__file__).parent / "scripts"
 WORKER = SCRIPTS / "limit_worker.py"
@@ -188,3 +189,31 @@ def test_limits_are_checked_when_built_and_registered(make_app: Callable[..., Ap
     with pytest.raises(BuildError, match=r"limit key 'k' is already declared with concurrency=2"):
         app.pipeline("two", limit("k", step, concurrency=3))
     assert "two" not in app.pipelines
+
+
+def test_a_model_clients_own_retries_of_429_lower_an_adaptive_limit(
+        make_app: Callable[..., App]) -> None:
+    """GeminiModel retries a 429 inside one step; the limit around it still sees it."""
+    from google import genai
+    from google.genai import types
+
+    from durapipe.models import GeminiModel
+
+    server = FakeGemini().start()
+    try:
+        server.reply(Error(429, "RESOURCE_EXHAUSTED"), text_reply("ok"), text_reply("ok"),
+                     text_reply("ok"))
+        client = genai.Client(api_key="k", http_options=types.HttpOptions(base_url=server.url))
+        model = GeminiModel("gemini-2.5-flash", client, initial_delay=0.01)
+        app = make_app("gemini-limits")
+        writer = Agent("writer", model).instruct("{topic}").writes("text")
+        pipe = app.pipeline("p", writer.concurrency(4, adaptive=True))
+        with app:
+            assert pipe.run({"topic": "a"}).state["text"] == "ok"  # retried, then answered
+            [down] = app.limit_changes("writer")
+            assert (down["old_limit"], down["new_limit"]) == (4, 2) and "429" in down["reason"]
+            pipe.run({"topic": "b"})
+            pipe.run({"topic": "c"})  # two successes at 2: one slot more
+            assert [c["new_limit"] for c in app.limit_changes("writer")] == [2, 3]
+    finally:
+        server.stop()

@@ -46,6 +46,7 @@ import sqlalchemy as sa
 
 from ..errors import BuildError, DurapipeError, error_text
 from ..ir import Limit, Node
+from ..models.base import listen_for_overloads, stop_listening
 
 log = logging.getLogger("durapipe")
 
@@ -173,34 +174,41 @@ def observing(body: Callable[[], Any]) -> Callable[[], Any]:
         for g in guards:
             g.report(exc)
 
+    def retried(why: str) -> None:  # a model client retrying an overload by itself
+        for g in guards:
+            g.report(RetriedOverload(why))
+
     if inspect.iscoroutinefunction(body):
         async def run_async() -> Any:
+            token = listen_for_overloads(retried)
             try:
                 out = await body()
             except Exception as exc:
                 report(exc)
                 raise
+            finally:
+                stop_listening(token)
             report(None)
             return out
         return run_async
 
     def run() -> Any:
+        token = listen_for_overloads(retried)
         try:
             out = body()
         except Exception as exc:
             report(exc)
             raise
+        finally:
+            stop_listening(token)
         report(None)
         return out
     return run
 
 
-def report_overload(exc: BaseException) -> None:
-    """Tell the adaptive limits around the running step that a provider answered with an
-    overload the step then retried itself (a model client's own retries)."""
-    for g in _guards.get():
-        if g.spec.adaptive:
-            g.report(exc)
+class RetriedOverload(TimeoutError):
+    """An overload a model client answered with a retry of its own (see
+    ``durapipe.models.base.report_overload``)."""
 
 
 # -- limiters ------------------------------------------------------------------------------
