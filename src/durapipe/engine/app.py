@@ -21,7 +21,7 @@ from .. import validate
 from ..audit import redact
 from ..errors import AppStateError, BuildError, DatabaseError, storable_text
 from ..ir import Dispatch, as_node
-from . import dispatch, executors, gates, lifecycle, outcomes, slots, versions
+from . import dispatch, executors, gates, lifecycle, outcomes, slots, slots_pg, versions
 from .batch import Batch
 from .current import set_current_app
 from .database import check_postgres, check_url, launch_error, resolve_url, sqlite_problem
@@ -242,7 +242,7 @@ class App:
                         self.name, redact(url))
         self._launched = True
         register_queues(self._queues)
-        self.limiter = slots.new_limiter(self.name, self._limits, url, str(
+        self.limiter = slots_pg.new_limiter(self.name, self._limits, url, str(
             self.dbos_config().get("dbos_system_schema") or "dbos"))
         self.step_log()  # looked up once here rather than by the first step, on the loop
         lifecycle.start_watcher(_cancelled_of)

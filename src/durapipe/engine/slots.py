@@ -37,12 +37,9 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
-
-import sqlalchemy as sa
 
 from ..errors import BuildError, DurapipeError, error_text
 from ..ir import Limit, Node
@@ -332,18 +329,3 @@ class Limiter:
         for key in keys:
             self.wake(key, every=True)
 
-
-def new_limiter(app_name: str, specs: dict[str, Spec], database_url: str,
-                system_schema: str) -> Limiter:
-    """The limiter for a launched app: in-process on SQLite, in Postgres otherwise."""
-    if database_url.startswith("sqlite"):
-        return Limiter(app_name, specs)
-    from .slots_pg import PgLimiter
-
-    return PgLimiter(app_name, specs, database_url, system_schema, uuid.uuid4().hex)
-
-
-def engine_for(database_url: str) -> sa.Engine:
-    url = database_url.replace("postgresql://", "postgresql+psycopg://", 1).replace(
-        "postgres://", "postgresql+psycopg://", 1)
-    return sa.create_engine(url, pool_size=4, max_overflow=4, pool_pre_ping=True)

@@ -20,6 +20,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from typing import Any
 
 import psycopg
@@ -129,7 +130,7 @@ class PgLimiter(Limiter):
         self.url = database_url
         self.system = '"' + system_schema.replace('"', '""') + '"'
         self.process = process
-        self.engine = slots.engine_for(database_url)
+        self.engine = _engine_for(database_url)
         self._take = _take_sql(self.system)
         self._stop = threading.Event()
         self._mine: set[str] = set()  # holders of the slots this process holds
@@ -272,3 +273,17 @@ class PgLimiter(Limiter):
         for t in self._threads:
             t.join(timeout=2.0)
         self.engine.dispose()
+
+
+def new_limiter(app_name: str, specs: dict[str, Spec], database_url: str,
+                system_schema: str) -> Limiter:
+    """The limiter for a launched app: in-process on SQLite, in Postgres otherwise."""
+    if database_url.startswith("sqlite"):
+        return Limiter(app_name, specs)
+    return PgLimiter(app_name, specs, database_url, system_schema, uuid.uuid4().hex)
+
+
+def _engine_for(database_url: str) -> sa.Engine:
+    url = database_url.replace("postgresql://", "postgresql+psycopg://", 1).replace(
+        "postgres://", "postgresql+psycopg://", 1)
+    return sa.create_engine(url, pool_size=4, max_overflow=4, pool_pre_ping=True)
