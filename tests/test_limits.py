@@ -217,3 +217,12 @@ def test_a_model_clients_own_retries_of_429_lower_an_adaptive_limit(
             assert [c["new_limit"] for c in app.limit_changes("writer")] == [2, 3]
     finally:
         server.stop()
+
+
+def test_limit_reads_as_a_wrapper_or_around_a_node() -> None:
+    step = fn(lambda s: None, name="step")
+    expected = limit("k", step, concurrency=2)
+    assert limit("k", concurrency=2)(step) == limit("k", 2)(step) == expected
+    assert step.concurrency(2) == limit("step", step, concurrency=2)
+    with pytest.raises(BuildError, match=r"wraps a node rather than being one: apply it"):
+        _ = step >> limit("k", concurrency=2)

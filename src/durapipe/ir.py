@@ -147,6 +147,9 @@ def as_node(x: Any, where: str = "pipeline") -> Node:
         return x
     if isinstance(x, Until):
         raise BuildError(f"{where}: until(...) goes after '*', as in node * until(pred, max=10)")
+    if getattr(x, "wraps_nodes", False):
+        raise BuildError(f"{where}: {x!r} wraps a node rather than being one: apply it, as in "
+                         "limit(key, concurrency=n)(node), or write limit(key, node, concurrency=n)")
     if callable(x) and not isinstance(x, type):
         return Fn(x)
     raise BuildError(

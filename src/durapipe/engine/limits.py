@@ -10,13 +10,17 @@ body stopped by a crash, a cancel or a shutdown takes a slot again when its run 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from dbos import DBOS
 
+from ..errors import error_text
 from ..ir import Limit
 from ..state import State
 from .context import RunContext
 from .slots import Guard, guarding, is_overload, unguard
+
+log = logging.getLogger("durapipe")
 
 
 async def run_limit(ctx: RunContext, node: Limit, path: str, state: State) -> State:
@@ -39,5 +43,9 @@ async def run_limit(ctx: RunContext, node: Limit, path: str, state: State) -> St
         raise
     finally:
         unguard(token)
-        await limiter.release(slot, done)
-        await guard.settle()
+        try:
+            await limiter.release(slot, done)
+            await guard.settle()
+        except Exception as exc:  # e.g. the app is stopping: the slot's lease runs out
+            log.warning("durapipe: node %s: could not give back its slot of limit %r (%s); "
+                        "it is freed when its lease runs out", path, node.key, error_text(exc))

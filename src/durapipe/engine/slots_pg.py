@@ -277,8 +277,9 @@ class PgLimiter(Limiter):
 
 def new_limiter(app_name: str, specs: dict[str, Spec], database_url: str,
                 system_schema: str) -> Limiter:
-    """The limiter for a launched app: in-process on SQLite, in Postgres otherwise."""
-    if database_url.startswith("sqlite"):
+    """The limiter for a launched app: in-process on SQLite (or with no limit declared,
+    so an app without limits opens no connection for them), in Postgres otherwise."""
+    if database_url.startswith("sqlite") or not specs:
         return Limiter(app_name, specs)
     return PgLimiter(app_name, specs, database_url, system_schema, uuid.uuid4().hex)
 
