@@ -41,6 +41,10 @@ def test_a_limit_of_two_holds_across_two_worker_processes(database_url: str, tmp
     rows = [line.split() for line in lines(log)]
     assert len(rows) == 12 and len({r[0] for r in rows}) == 2  # both processes ran steps
     intervals = [(float(r[1]), float(r[2])) for r in rows]
+    by_pid = {pid: [iv for r, iv in zip(rows, intervals, strict=True) if r[0] == pid]
+              for pid in {r[0] for r in rows}}
+    first, second = ((min(s for s, _ in v), max(e for _, e in v)) for v in by_pid.values())
+    assert first[0] < second[1] and second[0] < first[1]  # the two workers ran at once
     # Each step logs the span it ran in; the limit of 2 is never exceeded, and is used.
     assert _max_overlap(intervals) == 2
     assert sql(database_url, "SELECT concurrency, current_limit, in_use FROM durapipe.limit_status "

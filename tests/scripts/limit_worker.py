@@ -51,6 +51,11 @@ if __name__ == "__main__":
     with app:
         if mode == "run":
             prefix, n = sys.argv[5], int(sys.argv[6])
+            # Both workers start their runs once both are up, so their runs overlap.
+            Path(f"{log}.ready.{executor}").touch()
+            deadline = time.time() + 60
+            while len(list(log.parent.glob(log.name + ".ready.*"))) < 2 and time.time() < deadline:
+                time.sleep(0.02)
             handles = [shared.start({}, run_id=f"{prefix}{i}") for i in range(n)]
             for h in handles:
                 h.result(timeout=120)

@@ -53,6 +53,11 @@ CHANNEL = "durapipe_limits"
 OVERLOAD_STATUS = frozenset({408, 429, *range(500, 600)})
 
 
+def snap(x: float) -> float:
+    """``x`` with float error around a whole number removed (3 + 1/3 + 1/3 + 1/3 is 4)."""
+    return float(round(x)) if abs(x - round(x)) < 1e-6 else x
+
+
 @dataclass(frozen=True)
 class Spec:
     key: str
@@ -301,7 +306,7 @@ class Limiter:
             now = max(1.0, float(int(was) // 2))
             self._decreased[spec.key] = time.time()
         else:
-            now = min(float(spec.n), was + 1.0 / max(1, int(was)))
+            now = min(float(spec.n), snap(was + 1.0 / max(1, int(was))))
         self._limit[spec.key] = now
         if int(now) != int(was):
             self._changed(spec.key, int(was), int(now), why or "success", slot.holder)

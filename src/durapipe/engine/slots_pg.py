@@ -28,7 +28,7 @@ import sqlalchemy as sa
 
 from ..errors import error_text
 from . import slots
-from .slots import Limiter, Slot, Spec
+from .slots import Limiter, Slot, Spec, snap
 
 log = logging.getLogger("durapipe")
 
@@ -191,7 +191,7 @@ class PgLimiter(Limiter):
                     return  # this slot was taken under the limit already lowered
                 now = max(1.0, float(int(was) // 2))
             else:
-                now = min(float(bound), was + 1.0 / max(1, int(was)))
+                now = min(float(bound), snap(was + 1.0 / max(1, int(was))))
                 if now == was:
                     return
             con.execute(sa.text(
