@@ -150,6 +150,8 @@ class Guard:
                         self.spec.key, error_text(task.exception()))  # type: ignore[arg-type]
 
     async def settle(self) -> None:
+        """Wait for the outcomes reported so far to be recorded."""
+        await asyncio.sleep(0)  # outcomes reported from a step's thread start first
         while self.tasks:
             await asyncio.gather(*list(self.tasks), return_exceptions=True)
 
