@@ -230,3 +230,27 @@ def test_limit_reads_as_a_wrapper_or_around_a_node() -> None:
     assert step.concurrency(2) == limit("step", step, concurrency=2)
     with pytest.raises(BuildError, match=r"wraps a node rather than being one: apply it"):
         _ = step >> limit("k", concurrency=2)
+
+
+def test_sync_function_steps_in_a_sequence_report_to_an_adaptive_limit(
+        make_app: Callable[..., App]) -> None:
+    """Back-to-back sync fns run on one worker thread; each still reports its outcome."""
+    calls = {"n": 0}
+
+    def flaky(state: dict[str, Any]) -> dict[str, Any]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise TimeoutError("provider timed out")
+        return {"ok": True}
+
+    def after(state: dict[str, Any]) -> None:
+        return None
+
+    app = make_app("sync-adaptive")
+    pipe = app.pipeline("p", limit("api", fn(flaky, retries=1) >> fn(after), concurrency=8,
+                                   adaptive=True))
+    with app:
+        pipe.run({})
+        changes = app.limit_changes("api")
+    assert [(c["old_limit"], c["new_limit"]) for c in changes] == [(8, 4)]
+    assert "provider timed out" in changes[0]["reason"]
