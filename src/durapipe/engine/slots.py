@@ -25,7 +25,7 @@ Every change of the whole limit is a row of ``durapipe.limit_changes``; the view
 ``durapipe.limit_status`` shows each key's bound, limit and slots in use.
 
 On SQLite (one process) the same limits and changes live in the process: slots are
-counters, and ``App.limit_status()`` reports them.
+counters, and ``App.limits()`` / ``App.limit_changes(key)`` report them.
 """
 
 from __future__ import annotations
