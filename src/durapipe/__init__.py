@@ -15,6 +15,7 @@ from .builder import (
     fn,
     gate,
     join,
+    limit,
     map_over,
     parallel,
     patched,
@@ -52,6 +53,6 @@ __all__ = [
     "ModelError", "Node", "NodeFailed", "NodeTimeout", "PendingGate", "Pipeline", "Plan",
     "PlanError", "Retry", "RunCancelled", "RunError", "RunHandle", "RunResult", "RunStatus",
     "RunTimeout", "StateError", "Step", "UnknownGate", "UnknownRun", "best_of", "dispatch", "fn",
-    "gate", "join", "map_over", "parallel", "patched", "progress", "race", "route", "sleep",
+    "gate", "join", "limit", "map_over", "parallel", "patched", "progress", "race", "route", "sleep",
     "transform", "until",
 ]

@@ -14,6 +14,7 @@ from .ir import (
     Fn,
     Gate,
     Join,
+    Limit,
     MapOver,
     Node,
     Parallel,
@@ -24,6 +25,7 @@ from .ir import (
     Transform,
     Until,
     as_node,
+    check_limit,
     template_keys,
 )
 from .retry import Retry, as_retry
@@ -339,3 +341,39 @@ def gate(
     if on_timeout not in ("reject", "approve", "fail"):
         raise BuildError(f"gate {name!r}: on_timeout must be 'reject', 'approve' or 'fail', got {on_timeout!r}")
     return Gate(name, message, when, secs, who, on_timeout)
+
+
+def limit(key: str, node: Any = None, concurrency: int | None = None, *,
+          adaptive: bool = False) -> Any:
+    """At most ``concurrency`` executions of ``node`` (and of every node limited by the
+    same ``key``) run at once, across all runs and worker processes of the app.
+
+    ``limit("gemini", writer, concurrency=4)``, or ``limit("gemini", concurrency=4)`` (also
+    ``limit("gemini", 4)``) as a wrapper to apply to nodes: ``limit("gemini", 4)(writer)``. ``adaptive=True`` halves the limit when a step inside
+    fails with 429, 5xx or a timeout, and raises it by one per window of successes, never
+    above ``concurrency``. ``node.concurrency(n)`` is ``limit(node's name, node, ...)``.
+    """
+    if not isinstance(key, str) or not key.strip() or "\n" in key or "\x00" in key:
+        raise BuildError(f"limit({key!r}, ...): the key must be a non-empty one-line string, "
+                         "e.g. limit('gemini', node, concurrency=4)")
+    if isinstance(node, int) and not isinstance(node, bool) and concurrency is None:
+        node, concurrency = None, node  # limit("gemini", 4)
+    n = check_limit(concurrency, adaptive, f"limit({key!r}, concurrency=...)")
+    if node is None:
+        return LimitWrapper(key, n, adaptive)
+    return Limit(as_node(node, f"limit({key!r})"), key, n, adaptive)
+
+
+class LimitWrapper:
+    """``limit(key, concurrency=n)``: call it on a node to limit that node."""
+
+    wraps_nodes = True
+
+    def __init__(self, key: str, n: int, adaptive: bool) -> None:
+        self.key, self.n, self.adaptive = key, n, adaptive
+
+    def __repr__(self) -> str:
+        return f"limit({self.key!r}, concurrency={self.n}, adaptive={self.adaptive})"
+
+    def __call__(self, node: Any) -> Limit:
+        return Limit(as_node(node, f"limit({self.key!r})"), self.key, self.n, self.adaptive)

@@ -25,6 +25,7 @@ from .ir import (
     Fn,
     Gate,
     Join,
+    Limit,
     Loop,
     MapOver,
     Node,
@@ -153,6 +154,11 @@ def _draw(d: _Drawing, path: str, node: Node) -> tuple[list[str], list[str]]:
         return entries, exits
     if isinstance(node, Timeout):
         entries, exits, _ = _subgraph(d, path, f"timeout {_seconds(node.seconds)}", _kids(path, node))
+        return entries, exits
+    if isinstance(node, Limit):
+        how = ", adaptive" if node.adaptive else ""
+        entries, exits, _ = _subgraph(d, path, f"limit {node.key}: {node.n} at once{how}",
+                                      _kids(path, node))
         return entries, exits
     if isinstance(node, MapOver):
         limit = f", {node.concurrency} at a time" if node.concurrency else ""

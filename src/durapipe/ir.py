@@ -104,6 +104,12 @@ class Node:
             raise BuildError(f"{self.label}.timeout({seconds!r}): seconds must be a number > 0")
         return Timeout(self, float(seconds))
 
+    def concurrency(self, n: int, *, adaptive: bool = False) -> Limit:
+        """At most ``n`` executions of this node at once, across all runs and workers of
+        the app (the key is the node's label); see ``durapipe.limit``."""
+        return Limit(self, self.label, check_limit(n, adaptive, f"{self.label}.concurrency"),
+                     adaptive)
+
     # -- derived data -----------------------------------------------------------------
     def shape(self) -> dict[str, Any]:
         """The JSON shape: kind plus every field, children nested, functions by name."""
@@ -149,6 +155,9 @@ def as_node(x: Any, where: str = "pipeline") -> Node:
         return x
     if isinstance(x, Until):
         raise BuildError(f"{where}: until(...) goes after '*', as in node * until(pred, max=10)")
+    if getattr(x, "wraps_nodes", False):
+        raise BuildError(f"{where}: {x!r} wraps a node rather than being one: apply it, as in "
+                         "limit(key, concurrency=n)(node), or write limit(key, node, concurrency=n)")
     if callable(x) and not isinstance(x, type):
         return Fn(x)
     raise BuildError(
@@ -444,7 +453,8 @@ class MapOver(Node):
     items_key: str
     body: Node
     output_key: str
-    concurrency: int | None = None
+    # Items at once within the run (a map's own bound; limit() bounds across runs).
+    concurrency: int | None = None  # type: ignore[assignment]
     item_key: str = "item"
     # "collect": a failed item leaves None at its place; its error goes to errors_key.
     errors: str = field(default="raise", metadata=OPTION)
@@ -523,8 +533,35 @@ class Patched(Node):
         return self.name
 
 
+def check_limit(n: Any, adaptive: Any, where: str) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise BuildError(f"{where}({n!r}): concurrency must be a whole number >= 1")
+    if not isinstance(adaptive, bool):
+        raise BuildError(f"{where}: adaptive must be True or False, got {adaptive!r}")
+    return n
+
+
+@dataclass(frozen=True)
+class Limit(Node):
+    """At most ``n`` executions of ``body`` (and of every node sharing ``key``) at once
+    across the app's runs and workers; ``adaptive`` lowers it on overload (AIMD)."""
+
+    kind: ClassVar[str] = "limit"
+    body: Node
+    key: str
+    n: int
+    adaptive: bool = False
+
+    def children(self) -> tuple[Node, ...]:
+        return (self.body,)
+
+    @property
+    def label(self) -> str:
+        return f"limit({self.key})"
+
+
 __all__ = [
-    "OPTION", "Agent", "Dispatch", "Fallback", "Fn", "Gate", "Join", "Loop", "MapOver", "Node",
+    "OPTION", "Agent", "Dispatch", "Fallback", "Fn", "Gate", "Join", "Limit", "Loop", "MapOver", "Node",
     "Parallel", "Patched", "Race", "Route", "Seq", "Sleep", "Timeout", "Transform", "Until",
     "as_node", "callable_name", "template_keys",
 ]

@@ -21,7 +21,8 @@ from .. import validate
 from ..audit import redact
 from ..errors import AppStateError, BuildError, DatabaseError, storable_text
 from ..ir import Dispatch, as_node
-from . import dispatch, executors, gates, lifecycle, outcomes, versions
+from . import dispatch, executors, gates, lifecycle, outcomes, slots, slots_pg, versions
+from .batch import Batch
 from .current import set_current_app
 from .database import check_postgres, check_url, launch_error, resolve_url, sqlite_problem
 from .executors import ExecutorLock
@@ -102,6 +103,8 @@ class App:
         self._extra_config = dict(dbos_config or {})
         self._pipelines: dict[str, Registered] = {}
         self._queues: dict[str, QueueSpec] = {}
+        self._limits: dict[str, slots.Spec] = {}
+        self.limiter: slots.Limiter = slots.Limiter(self.name, {})
         self._launched = False
         self._executor_lock: ExecutorLock | None = None
         self._listen: list[str] | None = None
@@ -131,6 +134,7 @@ class App:
             )
         root = as_node(node, f"pipeline {name!r}")
         needed = validate.check(root, inputs)
+        limits = slots.specs_of(root.walk(), self._limits, name)
         version = root.digest()
         old = self._pipelines.get(name)
         if old is not None and old.version != version:
@@ -141,6 +145,7 @@ class App:
         reg = Registered(name, root, version, needed, inputs is not None,
                          {path: n for path, n in root.walk()})
         self._pipelines[name] = reg
+        self._limits = limits
         return Pipeline(self, reg)
 
     def registered(self, name: str) -> Registered:
@@ -237,6 +242,8 @@ class App:
                         self.name, redact(url))
         self._launched = True
         register_queues(self._queues)
+        self.limiter = slots_pg.new_limiter(self.name, self._limits, url, str(
+            self.dbos_config().get("dbos_system_schema") or "dbos"))
         self.step_log()  # looked up once here rather than by the first step, on the loop
         lifecycle.start_watcher(_cancelled_of)
 
@@ -280,6 +287,7 @@ class App:
                 ", ".join(left[:10]) + (" ..." if len(left) > 10 else ""),
             )
         self._step_log = None
+        self.limiter.close()
         DBOS.destroy()
         set_current_app(None)
         self._release_executor()
@@ -364,6 +372,22 @@ class App:
                            comment: str | None = None) -> None:
         self._require_launched("reject")
         await asyncio.to_thread(gates.answer, self._owner(), run_id, gate, "rejected", by, comment)
+
+    def batch(self) -> Batch:
+        """Runs of this app's pipelines to start together (``with app.batch() as b:
+        b.add(pipeline, inputs, run_id=...)``); see :class:`~durapipe.engine.batch.Batch`."""
+        return Batch(self)
+
+    def limits(self) -> list[dict[str, Any]]:
+        """Each ``limit`` key of this app: ``concurrency`` (the bound), ``adaptive``, the
+        ``limit`` in force and the slots ``in_use`` across all its processes."""
+        self._require_launched("limits")
+        return self.limiter.status()
+
+    def limit_changes(self, key: str) -> list[dict[str, Any]]:
+        """Every change of an adaptive limit's whole value, oldest first, with the reason."""
+        self._require_launched("limit_changes")
+        return self.limiter.changes_of(key)
 
     def pending(self, run_id: str | None = None) -> list[gates.PendingGate]:
         """The gates waiting for an answer: of one run (and its branches) or of every run."""

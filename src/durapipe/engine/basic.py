@@ -23,7 +23,7 @@ from dbos import DBOS
 from ..errors import DurapipeError, NodeFailed, StateError, error_text, storable_errors
 from ..ir import Fn, Node, Parallel, Seq, Sleep, Transform
 from ..state import State, check_updates
-from . import lifecycle, steplogs, taskgroup
+from . import lifecycle, slots, steplogs, taskgroup
 from . import steps as lean
 from .children import await_child
 from .context import RunContext, no_retry_for_durapipe_errors, node_error, run_step, step_options
@@ -60,7 +60,7 @@ def _sync_body(node: Fn, where: str, state: State) -> Callable[[], State]:
 def run_sync_fn(node: Fn, path: str, state: State) -> State:
     """A sync fn node as one DBOS step, called on a worker thread (see ``_sync_run``)."""
     where = f"{path}:{node.label}"
-    body = storable_errors(steplogs.capturing(where, _sync_body(node, where, state)))
+    body = storable_errors(steplogs.capturing(where, slots.observing(_sync_body(node, where, state))))
     log = active_step_log()
     if not lifecycle.step_started():
         lifecycle.refuse_on_thread()  # the app is stopping: no new step starts

@@ -24,7 +24,7 @@ from dbos._error import DBOSMaxStepRetriesExceeded
 from ..errors import DurapipeError, NodeFailed, error_text, from_portable, storable_errors
 from ..ir import Node
 from ..state import State
-from . import lifecycle, steplogs
+from . import lifecycle, slots, steplogs
 from . import steps as lean
 from .current import active_step_log
 from .reserve import next_reservation
@@ -169,7 +169,7 @@ async def run_step(where: str, retries: int, body: Callable[[], Any]) -> Any:
     On Postgres the step row is written by :mod:`engine.steps` (one statement before the
     body, one after); otherwise by ``DBOS.run_step_async``.
     """
-    body = steplogs.capturing(where, body)
+    body = steplogs.capturing(where, slots.observing(body))
     reservation = next_reservation(where)
     log = active_step_log()
     body = storable_errors(body)

@@ -35,6 +35,7 @@ from ..ir import (
     Fn,
     Gate,
     Join,
+    Limit,
     Loop,
     MapOver,
     Node,
@@ -50,7 +51,20 @@ from ..ir import (
 )
 from ..planner import Flow, Step
 from ..state import State
-from . import agent, basic, bestof, control, dispatch, flow, gates, lifecycle, patching, retry, versions
+from . import (
+    agent,
+    basic,
+    bestof,
+    control,
+    dispatch,
+    flow,
+    gates,
+    lifecycle,
+    limits,
+    patching,
+    retry,
+    versions,
+)
 from .context import Handler, Hook, RunContext, Table, finish, node_error, run_step
 from .current import current_app
 from .scope import DURAPIPE_WORKFLOWS, TASK_WORKFLOW, WORKFLOW_NAME, run_workflow_name
@@ -76,6 +90,7 @@ HANDLERS: dict[type[Node], Handler] = {
     Route: control.run_route,
     Race: control.run_race,
     Timeout: control.run_timeout,
+    Limit: limits.run_limit,
     MapOver: control.run_map,
     BestOf: bestof.run_best_of,
     Dispatch: dispatch.run_dispatch,

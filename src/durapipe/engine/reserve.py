@@ -23,7 +23,7 @@ from typing import Any
 from dbos import DBOS
 
 from ..errors import DurapipeError
-from ..ir import Agent, Fn, Node, Seq, Transform
+from ..ir import Agent, Fn, Limit, Node, Seq, Transform
 
 # The reservations the current branch (an asyncio task) still has to run, in order.
 _queue: ContextVar[list[Any] | None] = ContextVar("durapipe_reserved_steps", default=None)
@@ -45,6 +45,8 @@ def static_ops(node: Node) -> int | None:
         return 1
     if isinstance(node, Agent):
         return 1 if not node.tool_fns and node.output_model is None else None
+    if isinstance(node, Limit):  # waits for a slot, but starts no DBOS operation
+        return static_ops(node.body)
     if isinstance(node, Seq):
         total = 0
         for child in node.nodes:

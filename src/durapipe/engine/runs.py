@@ -13,6 +13,7 @@ import enum
 import re
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -215,6 +216,24 @@ class Pipeline:
         with SetWorkflowID(run_id or str(uuid.uuid4())), deadline:
             handle = DBOS.enqueue_workflow(queue, self._workflow, self.name, self.version, state)
         return RunHandle(self.app, handle.workflow_id)
+
+    def start_many(self, inputs: Iterable[Any], *, run_ids: Iterable[str | None] | None = None,
+                   timeout: float | None = None) -> list[RunHandle]:
+        """Start one run per inputs in one batch (see :meth:`App.batch`); one handle each.
+
+        ``run_ids`` gives each run its id (None: generated); a repeated id, or the id of a
+        run that exists already, gives that run's handle and starts nothing.
+        """
+        items = list(inputs)
+        ids = [None] * len(items) if run_ids is None else list(run_ids)
+        if len(ids) != len(items):
+            raise DurapipeError(
+                f"pipeline {self.name!r}.start_many: {len(items)} inputs but {len(ids)} run "
+                "ids; give one run id per input (None for a generated one)", pipeline=self.name)
+        batch = self.app.batch()
+        for state, run_id in zip(items, ids, strict=True):
+            batch.add(self, state, run_id=run_id, timeout=timeout)
+        return batch.start()
 
     async def run_async(self, inputs: Any = None, *, run_id: str | None = None,
                         timeout: float | None = None) -> RunResult:

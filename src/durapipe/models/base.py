@@ -14,7 +14,8 @@ each a JSON object in one provider-neutral form:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextvars
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -99,3 +100,23 @@ class StreamingModel(Model, Protocol):
     def stream(self, request: ModelRequest) -> AsyncIterator[ModelResponse]: ...
 
 
+
+
+_overload_listener: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
+    "durapipe_overload_listener", default=None)
+
+
+def report_overload(why: str) -> None:
+    """Called by a model client for each 429, 5xx or timeout it retries by itself, so the
+    adaptive limits around the call (``limit(..., adaptive=True)``) see it too."""
+    listener = _overload_listener.get()
+    if listener is not None:
+        listener(why)
+
+
+def listen_for_overloads(listener: Callable[[str], None] | None) -> contextvars.Token[Any]:
+    return _overload_listener.set(listener)
+
+
+def stop_listening(token: contextvars.Token[Any]) -> None:
+    _overload_listener.reset(token)

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..errors import ModelError
-from .base import ModelRequest, ModelResponse, ToolCall
+from .base import ModelRequest, ModelResponse, ToolCall, report_overload
 
 log = logging.getLogger("durapipe.models")
 
@@ -222,6 +222,7 @@ class GeminiModel:
                 why = type(exc).__name__
                 if attempt + 1 >= self.max_attempts:
                     raise self._gave_up(why) from None
+            report_overload(why)
             delay = min(self.max_delay, self.initial_delay * 2 ** attempt) * random.uniform(0.5, 1.0)
             log.info("model %s: %s, retry %d in %.2f s", self.name, why, attempt + 1, delay)
             await asyncio.sleep(delay)

@@ -14,7 +14,21 @@ from urllib.parse import urlencode
 
 from .._render import duration, one_line_gates, when
 from ..audit import NodeRecord, RunInfo, RunTree
-from ..ir import Dispatch, Fallback, Gate, Join, Loop, MapOver, Node, Parallel, Race, Route, Seq, Timeout
+from ..ir import (
+    Dispatch,
+    Fallback,
+    Gate,
+    Join,
+    Limit,
+    Loop,
+    MapOver,
+    Node,
+    Parallel,
+    Race,
+    Route,
+    Seq,
+    Timeout,
+)
 from ..planner import Flow, Step
 from ..runview import timeline
 from .queries import STATUSES, RunFilter
@@ -101,7 +115,7 @@ def diagram(node: Node, statuses: dict[str, str], path: str = "0") -> str:
         return diagram(node.node, statuses, f"{path}.0")
     inner = "".join(diagram(c, statuses, p) for p, c in kids)
     titles: dict[type, str] = {Parallel: "parallel", Race: "race: first success", Fallback: "fallback",
-                               Timeout: "timeout", MapOver: "map"}
+                               Timeout: "timeout", MapOver: "map", Limit: "limit"}
     if isinstance(node, Loop):
         return _group(path, f"loop ×{node.times}" if node.times else "loop until", "loop", inner, statuses)
     if isinstance(node, Flow):
