@@ -21,7 +21,7 @@ from .. import validate
 from ..audit import redact
 from ..errors import AppStateError, BuildError, DatabaseError, storable_text
 from ..ir import Dispatch, as_node
-from . import dispatch, executors, gates, lifecycle, outcomes, versions
+from . import dispatch, events, executors, gates, lifecycle, outcomes, versions
 from .current import set_current_app
 from .database import check_postgres, check_url, launch_error, resolve_url, sqlite_problem
 from .executors import ExecutorLock
@@ -83,8 +83,10 @@ class App:
         dbos_config: dict[str, Any] | None = None,
         tracing: Any = False,
         steps: str = "lean",
+        events: bool = True,
     ) -> None:
         self.name = name
+        self.events = bool(events)  # each run's event stream (engine/events.py)
         if steps not in ("lean", "dbos"):
             raise AppStateError(
                 f"App({name!r}, steps={steps!r}): steps must be 'lean' (durapipe writes each "
@@ -217,6 +219,7 @@ class App:
         self._executor_lock = ExecutorLock(self.database_url, self.dbos_name,
                                            self.running_executor_id)
         self._executor_lock.acquire()
+        events.start_log(url if self.events else None)  # before DBOS recovers any run
         DBOS(config=self.dbos_config())
         try:
             DBOS.listen_queues(self._queues_to_listen())
@@ -225,6 +228,7 @@ class App:
         except Exception as exc:
             set_current_app(None)
             DBOS.destroy()
+            events.stop_log()
             self._release_executor()
             error = launch_error(exc, url)
             if error is not None:
@@ -281,6 +285,7 @@ class App:
             )
         self._step_log = None
         DBOS.destroy()
+        events.stop_log()  # what the stopped runs emitted is written first
         set_current_app(None)
         self._release_executor()
 

@@ -23,7 +23,7 @@ from dbos import DBOS
 from ..errors import NodeFailed, StateError, storable_errors
 from ..ir import Fn, Node, Parallel, Seq, Sleep, Transform
 from ..state import State, check_updates
-from . import lifecycle, steplogs, taskgroup
+from . import events, lifecycle, steplogs, taskgroup
 from . import steps as lean
 from .children import await_child
 from .context import RunContext, no_retry_for_durapipe_errors, node_error, run_step, step_options
@@ -148,15 +148,19 @@ def _sync_run(ctx: RunContext, nodes: tuple[Node, ...], start: int) -> int:
 def _run_sync_nodes(nodes: tuple[Node, ...], path: str, first: int, state: State) -> State:
     updates: State = {}
     for i, child in enumerate(nodes, first):
-        if isinstance(child, Fn):
-            out = run_sync_fn(child, f"{path}.{i}", state)
-        else:
-            assert isinstance(child, Transform)
-            out = run_transform(child, f"{path}.{i}", state)
+        out = events.observe_sync(child, f"{path}.{i}", lambda c=child, i=i: _run_sync_node(
+            c, f"{path}.{i}", state))
         if out:
             state = {**state, **out}
             updates.update(out)
     return updates
+
+
+def _run_sync_node(child: Node, path: str, state: State) -> State:
+    if isinstance(child, Fn):
+        return run_sync_fn(child, path, state)
+    assert isinstance(child, Transform)
+    return run_transform(child, path, state)
 
 
 async def gather_branches(

@@ -24,7 +24,7 @@ from dbos._error import DBOSMaxStepRetriesExceeded
 from ..errors import DurapipeError, NodeFailed, error_text, from_portable, storable_errors
 from ..ir import Node
 from ..state import State
-from . import lifecycle, steplogs
+from . import events, lifecycle, steplogs
 from . import steps as lean
 from .current import active_step_log
 from .reserve import next_reservation
@@ -108,6 +108,11 @@ class RunContext:
             raise DurapipeError(
                 f"node {path}:{node.label}: node kind {node.kind!r} is not supported by this engine"
             )
+        if events.active() is not None:
+            return await events.observe(node, path, lambda: self._run(handler, node, path, state))
+        return await self._run(handler, node, path, state)
+
+    async def _run(self, handler: Handler, node: Node, path: str, state: State) -> State:
         if self.tracer is not None:
             return await self.tracer.node(self, node, path, state, handler)
         return await handler(self, node, path, state)

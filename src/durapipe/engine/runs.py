@@ -34,6 +34,7 @@ from ..errors import (
 from ..ir import Dispatch, Node
 from ..state import State, check_inputs
 from . import dispatch, lifecycle
+from .handlestream import StreamMixin
 from .interpreter import run_pipeline
 from .scope import WORKFLOW_NAME, belongs_to, check_run_id, refuse
 
@@ -313,7 +314,7 @@ def _raise_run_error(run_id: str, exc: BaseException, recorded: str | None = Non
     raise RunError(f"run {run_id!r} failed: {error_text(exc)}", run_id=run_id) from exc
 
 
-class RunHandle:
+class RunHandle(StreamMixin):
     """A run of a pipeline: its id, status, result and (with dispatch) progress."""
 
     def __init__(self, app: App, run_id: str, handle: Any = None, async_handle: Any = None) -> None:

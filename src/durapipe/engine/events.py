@@ -1,0 +1,365 @@
+"""A run's event stream: what the engine writes, and how.
+
+Every run appends ordered events to the table ``durapipe.events`` (``durapipe_events`` on
+SQLite): ``(run_id, seq, key, type, path, name, kind, data, at)``. ``seq`` is the offset, a
+per-run counter without gaps, assigned at insert under a per-run lock, so a reader that
+reads everything past its last offset never misses an event that commits later.
+
+Why a table of our own rather than ``DBOS.write_stream``: a write from the workflow is a
+DBOS operation with its own number, which would shift the number of every step after it
+(the engine reserves step numbers for parallel branches, and a deploy compares a run's
+recorded steps to the new code), and costs a round trip on the run's critical path. Here
+events are buffered and written by one thread per process in batches, off that path
+(``bench/bench_stream.py`` measures both).
+
+Exactly once from the workflow: an event the workflow writes has a ``key`` (``started:0.2``),
+unique per run; a replay after a crash emits it again and the insert skips it. Events from
+inside a step (token chunks, task progress, retries) have no key: at least once. An event
+may name a marker for when its key is already there (``on_repeat``): the first event of a
+run (``run_started``) turns into ``run_resumed`` when a restarted process replays it, and
+the first token chunk of a model call into ``model_restarted`` when the call runs again, so
+a reader sees the restart instead of a silent mix. A workflow waits for its events to be
+written before it returns, so a finished run's stream is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+log = logging.getLogger("durapipe")
+
+CHANNEL = "durapipe_events"
+
+PG_DDL = """
+CREATE SCHEMA IF NOT EXISTS durapipe;
+CREATE TABLE IF NOT EXISTS durapipe.events (
+    run_id text NOT NULL,
+    seq bigint NOT NULL,
+    key text,
+    type text NOT NULL,
+    path text,
+    name text,
+    kind text,
+    data jsonb NOT NULL DEFAULT '{}'::jsonb,
+    at double precision NOT NULL,
+    PRIMARY KEY (run_id, seq)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_key ON durapipe.events (run_id, key)
+    WHERE key IS NOT NULL;
+"""
+
+SQLITE_DDL = [
+    """CREATE TABLE IF NOT EXISTS durapipe_events (
+        run_id text NOT NULL, seq integer NOT NULL, key text, type text NOT NULL,
+        path text, name text, kind text, data text NOT NULL DEFAULT '{}',
+        at real NOT NULL, PRIMARY KEY (run_id, seq))""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS durapipe_events_key ON durapipe_events (run_id, key)",
+]
+
+
+def sa_url(url: str) -> str:
+    """A SQLAlchemy URL on psycopg 3 for a ``postgresql://`` URL; SQLite URLs as they are."""
+    return re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql+psycopg://", url)
+
+
+def table_name(postgres: bool) -> str:
+    return "durapipe.events" if postgres else "durapipe_events"
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An event waiting to be written."""
+
+    run_id: str
+    type: str
+    path: str | None
+    name: str | None
+    kind: str | None
+    data: dict[str, Any]
+    at: float
+    key: str | None = None
+    on_repeat: str | None = None
+
+
+class EventLog:
+    """Buffers a process's events and writes them in batches on one thread.
+
+    ``emit`` never blocks on the database; ``flush(run_id)`` waits until every event of the
+    run emitted so far is written (a workflow calls it before it returns).
+    """
+
+    def __init__(self, url: str) -> None:
+        self.postgres = not url.startswith("sqlite")
+        self.engine = sa.create_engine(sa_url(url), pool_size=2, max_overflow=2,
+                                       pool_pre_ping=False) if self.postgres \
+            else sa.create_engine(url)
+        self.table = table_name(self.postgres)
+        self._ready = False
+        self._buffer: list[Pending] = []
+        self._lock = threading.Condition()
+        self._emitted = 0
+        self._written = 0
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="durapipe-events", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _install(self) -> None:
+        with self.engine.begin() as con:
+            if self.postgres:
+                con.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('durapipe.events'))"))
+                con.exec_driver_sql(PG_DDL)
+            else:
+                for ddl in SQLITE_DDL:
+                    con.exec_driver_sql(ddl)
+        self._ready = True
+
+    def stop(self, wait: float = 5.0) -> None:
+        """Write what is buffered (up to ``wait`` seconds), then stop the writer thread."""
+        with self._lock:
+            target = self._emitted
+            self._lock.wait_for(lambda: self._written >= target or not self._thread.is_alive(),
+                                timeout=wait)
+            self._stopped = True
+            self._lock.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=wait)
+        self.engine.dispose()
+
+    def emit(self, event: Pending) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._buffer.append(event)
+            self._emitted += 1
+            self._lock.notify_all()
+
+    def wait_written(self, timeout: float = 30.0) -> None:
+        """Block until every event emitted so far is written (or ``timeout`` passes)."""
+        with self._lock:
+            target = self._emitted
+            self._lock.wait_for(lambda: self._written >= target or self._stopped, timeout=timeout)
+
+    async def flush(self, timeout: float = 30.0) -> None:
+        import asyncio
+
+        with self._lock:
+            if self._written >= self._emitted:
+                return
+        await asyncio.to_thread(self.wait_written, timeout)
+
+    # -- the writer thread ------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: bool(self._buffer) or self._stopped)
+                if self._stopped and not self._buffer:
+                    return
+                batch, self._buffer = self._buffer, []
+            delay = 0.05
+            while True:
+                try:
+                    self._write(batch)
+                    break
+                except Exception as exc:  # the database is away: keep the batch, retry
+                    if self._stopped:
+                        log.warning("durapipe: %d run events not written at stop: %s",
+                                    len(batch), exc)
+                        break
+                    log.warning("durapipe: writing run events failed, retrying: %s", exc)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+            with self._lock:
+                self._written += len(batch)
+                self._lock.notify_all()
+
+    def _write(self, batch: list[Pending]) -> None:
+        if not self._ready:
+            self._install()
+        by_run: dict[str, list[Pending]] = {}
+        for e in batch:
+            by_run.setdefault(e.run_id, []).append(e)
+        with self.engine.begin() as con:
+            for run_id in sorted(by_run):
+                self._append(con, run_id, by_run[run_id])
+
+    def _append(self, con: sa.Connection, run_id: str, events: list[Pending]) -> None:
+        t = self.table
+        if self.postgres:
+            con.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('durapipe.events'), "
+                                "hashtext(:run))"), {"run": run_id})
+        last = con.execute(sa.text(f"SELECT max(seq) FROM {t} WHERE run_id = :run"),
+                           {"run": run_id}).scalar()
+        keys = sorted({e.key for e in events if e.key is not None})
+        present: set[str] = set()
+        if keys:
+            q = sa.text(f"SELECT key FROM {t} WHERE run_id = :run AND key IN :keys").bindparams(
+                sa.bindparam("keys", expanding=True))
+            present = {r[0] for r in con.execute(q, {"run": run_id, "keys": keys})}
+        seq = -1 if last is None else int(last)
+        rows = []
+        for e in events:
+            key, kind_of = e.key, e.type
+            if key is not None and key in present:
+                if e.on_repeat is None:
+                    continue
+                key, kind_of = None, e.on_repeat
+            elif key is not None:
+                present.add(key)
+            seq += 1
+            rows.append({"run": run_id, "seq": seq, "key": key, "type": kind_of, "path": e.path,
+                         "name": e.name, "kind": e.kind, "data": json.dumps(e.data),
+                         "at": e.at})
+        if not rows:
+            return
+        cast = "CAST(:data AS jsonb)" if self.postgres else ":data"
+        con.execute(sa.text(
+            f"INSERT INTO {t} (run_id, seq, key, type, path, name, kind, data, at) "
+            f"VALUES (:run, :seq, :key, :type, :path, :name, :kind, {cast}, :at)"), rows)
+        if self.postgres:
+            con.execute(sa.text("SELECT pg_notify(:channel, :run)"),
+                        {"channel": CHANNEL, "run": run_id})
+
+
+# -- emitting ---------------------------------------------------------------------------
+
+_log: dict[str, EventLog] = {}
+# The run (root id) whose stream the code running here writes to; set by the workflows.
+_run: contextvars.ContextVar[str | None] = contextvars.ContextVar("durapipe_event_run",
+                                                                  default=None)
+
+
+def set_log(event_log: EventLog | None) -> None:
+    _log.clear()
+    if event_log is not None:
+        _log["log"] = event_log
+
+
+def start_log(url: str | None) -> None:
+    """Start this process's event writer for ``url`` (None: events off)."""
+    stop_log()
+    if url is not None:
+        event_log = EventLog(url)
+        event_log.start()
+        set_log(event_log)
+
+
+def stop_log() -> None:
+    event_log = _log.pop("log", None)
+    if event_log is not None:
+        event_log.stop()
+
+
+def active() -> EventLog | None:
+    return _log.get("log")
+
+
+def bind_run(run_id: str) -> contextvars.Token[str | None]:
+    return _run.set(run_id)
+
+
+def unbind_run(token: contextvars.Token[str | None]) -> None:
+    _run.reset(token)
+
+
+def current_run() -> str | None:
+    return _run.get()
+
+
+def emit(type: str, *, path: str | None = None, name: str | None = None,
+         kind: str | None = None, data: dict[str, Any] | None = None, key: str | None = None,
+         on_repeat: str | None = None, run_id: str | None = None) -> None:
+    """Append an event to the stream of the run running here; a no-op with events off."""
+    event_log = _log.get("log")
+    if event_log is None:
+        return
+    run = run_id or _run.get()
+    if run is None:
+        return
+    event_log.emit(Pending(run, type, path, name, kind, data or {}, time.time(), key, on_repeat))
+
+
+@contextlib.asynccontextmanager
+async def streaming(run_id: str, path: str, pipeline: str) -> AsyncIterator[None]:
+    """Bind a workflow's code to its run's stream; the run's own workflow (path ``0``)
+    writes ``run_started`` (``run_resumed`` when a restart replays it) and ``run_finished``.
+    The workflow's events are written before it returns."""
+    token = _run.set(run_id)
+    root = path == "0"
+    if root:
+        emit("run_started", path=path, name=pipeline, kind="run", key="run",
+             on_repeat="run_resumed")
+    try:
+        yield
+    except Exception as exc:
+        if root:
+            status = "CANCELLED" if "Cancel" in type(exc).__name__ else "ERROR"
+            emit("run_finished", path=path, name=pipeline, kind="run", key="run_end",
+                 data={"status": status, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+        await flush()
+        raise
+    else:
+        if root:
+            emit("run_finished", path=path, name=pipeline, kind="run", key="run_end",
+                 data={"status": "SUCCESS"})
+        await flush()
+    finally:
+        _run.reset(token)
+
+
+async def flush() -> None:
+    event_log = _log.get("log")
+    if event_log is not None:
+        await event_log.flush()
+
+
+async def observe(node: Any, path: str, run: Callable[[], Any]) -> Any:
+    """Run a node between its started and finished (or failed) events."""
+    label = node.label
+    emit("node_started", path=path, name=label, kind=node.kind, key=f"started:{path}")
+    began = time.perf_counter()
+    try:
+        out = await run()
+    except BaseException as exc:
+        emit("node_failed", path=path, name=label, kind=node.kind, key=f"ended:{path}",
+             data={"error": f"{type(exc).__name__}: {exc}"[:2000],
+                   "duration_ms": _ms(began)})
+        raise
+    emit("node_finished", path=path, name=label, kind=node.kind, key=f"ended:{path}",
+         data={"duration_ms": _ms(began)})
+    return out
+
+
+def observe_sync(node: Any, path: str, run: Callable[[], Any]) -> Any:
+    """:func:`observe` for a node run on a worker thread."""
+    if _log.get("log") is None:
+        return run()
+    label = node.label
+    emit("node_started", path=path, name=label, kind=node.kind, key=f"started:{path}")
+    began = time.perf_counter()
+    try:
+        out = run()
+    except BaseException as exc:
+        emit("node_failed", path=path, name=label, kind=node.kind, key=f"ended:{path}",
+             data={"error": f"{type(exc).__name__}: {exc}"[:2000],
+                   "duration_ms": _ms(began)})
+        raise
+    emit("node_finished", path=path, name=label, kind=node.kind, key=f"ended:{path}",
+         data={"duration_ms": _ms(began)})
+    return out
+
+
+def _ms(began: float) -> float:
+    return round((time.perf_counter() - began) * 1000, 3)
