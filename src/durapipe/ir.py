@@ -14,7 +14,7 @@ import inspect
 import json
 import string
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from .errors import BuildError
@@ -104,7 +104,8 @@ class Node:
         """The JSON shape: kind plus every field, children nested, functions by name."""
         out: dict[str, Any] = {"kind": self.kind}
         for f in fields(self):
-            out[f.name] = _shape_value(getattr(self, f.name))
+            if f.metadata.get("shape", True):  # how a node runs, not what it records
+                out[f.name] = _shape_value(getattr(self, f.name))
         return out
 
     def digest(self) -> str:
@@ -194,6 +195,7 @@ class Agent(Node):
     tool_fns: tuple[Callable[..., Any], ...] = ()
     output_model: type | None = None
     turn_limit: int = 10
+    tokens: bool = field(default=False, metadata={"shape": False})
 
     def __init__(self, name: str, model: Any = None) -> None:
         if not isinstance(name, str) or not name.strip():
@@ -206,6 +208,7 @@ class Agent(Node):
         object.__setattr__(self, "tool_fns", ())
         object.__setattr__(self, "output_model", None)
         object.__setattr__(self, "turn_limit", 10)
+        object.__setattr__(self, "tokens", False)
 
     @property
     def label(self) -> str:
@@ -253,6 +256,10 @@ class Agent(Node):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise BuildError(f"Agent {self.name!r}.max_turns({n!r}): the bound must be an int >= 1")
         return self._replace(turn_limit=n)  # type: ignore[no-any-return]
+
+    def stream_tokens(self, on: bool = True) -> Agent:
+        """Stream the model's text to the run's event stream as it arrives (token events)."""
+        return self._replace(tokens=bool(on))  # type: ignore[no-any-return]
 
     def output(self, schema: type) -> Agent:
         if not (isinstance(schema, type) and hasattr(schema, "model_validate")):

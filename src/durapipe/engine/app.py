@@ -84,9 +84,11 @@ class App:
         tracing: Any = False,
         steps: str = "lean",
         events: bool = True,
+        stream_tokens: bool = False,
     ) -> None:
         self.name = name
         self.events = bool(events)  # each run's event stream (engine/events.py)
+        self.stream_tokens = bool(stream_tokens)  # every agent as with .stream_tokens()
         if steps not in ("lean", "dbos"):
             raise AppStateError(
                 f"App({name!r}, steps={steps!r}): steps must be 'lean' (durapipe writes each "

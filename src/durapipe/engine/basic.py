@@ -60,7 +60,8 @@ def _sync_body(node: Fn, where: str, state: State) -> Callable[[], State]:
 def run_sync_fn(node: Fn, path: str, state: State) -> State:
     """A sync fn node as one DBOS step, called on a worker thread (see ``_sync_run``)."""
     where = f"{path}:{node.label}"
-    body = storable_errors(steplogs.capturing(where, _sync_body(node, where, state)))
+    body = storable_errors(events.attempts(where, steplogs.capturing(where, _sync_body(
+        node, where, state))))
     log = active_step_log()
     if not lifecycle.step_started():
         lifecycle.refuse_on_thread()  # the app is stopping: no new step starts

@@ -174,7 +174,7 @@ async def run_step(where: str, retries: int, body: Callable[[], Any]) -> Any:
     On Postgres the step row is written by :mod:`engine.steps` (one statement before the
     body, one after); otherwise by ``DBOS.run_step_async``.
     """
-    body = steplogs.capturing(where, body)
+    body = events.attempts(where, steplogs.capturing(where, body))
     reservation = next_reservation(where)
     log = active_step_log()
     body = storable_errors(body)

@@ -46,6 +46,7 @@ class EventType(str, enum.Enum):
     TASK_PROGRESS = "task_progress"
     TASK_JOINED = "task_joined"
     RETRY = "retry"
+    MODEL_STARTED = "model_started"
     TOKEN = "token"
     MODEL_RESTARTED = "model_restarted"
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import json
 import logging
 import re
@@ -359,6 +360,30 @@ def observe_sync(node: Any, path: str, run: Callable[[], Any]) -> Any:
     emit("node_finished", path=path, name=label, kind=node.kind, key=f"ended:{path}",
          data={"duration_ms": _ms(began)})
     return out
+
+
+def attempts(where: str, body: Callable[[], Any]) -> Callable[[], Any]:
+    """``body`` that writes a ``retry`` event each time it runs again (a step's retry)."""
+    if _log.get("log") is None:
+        return body
+    count = [0]
+    path, _, name = where.partition(":")
+
+    def again() -> None:
+        count[0] += 1
+        if count[0] > 1:
+            emit("retry", path=path, name=name, kind="step", data={"attempt": count[0]})
+
+    if inspect.iscoroutinefunction(body):
+        async def run_async() -> Any:
+            again()
+            return await body()
+        return run_async
+
+    def run() -> Any:
+        again()
+        return body()
+    return run
 
 
 def _ms(began: float) -> float:
