@@ -12,6 +12,7 @@
 from .builder import dispatch, fn, gate, join, map_over, patched, race, route, sleep, transform, until
 from .engine import App, Pipeline, RunHandle, RunResult, RunStatus
 from .engine.dispatch import progress
+from .engine.eventread import Event, EventType
 from .engine.gates import PendingGate
 from .errors import (
     BuildError,
@@ -33,7 +34,7 @@ from .models import FakeModel
 from .planner import Flow, Plan, Step
 
 __all__ = [
-    "Agent", "App", "BuildError", "DurapipeError", "FakeModel", "Flow", "GateRejected",
+    "Agent", "App", "BuildError", "DurapipeError", "Event", "EventType", "FakeModel", "Flow", "GateRejected",
     "ModelError", "Node", "NodeFailed", "NodeTimeout", "PendingGate", "Pipeline", "Plan",
     "PlanError", "RunCancelled", "RunError", "RunHandle", "RunResult", "RunStatus", "RunTimeout",
     "StateError", "Step", "UnknownGate", "UnknownRun", "dispatch", "fn", "gate", "join", "map_over",

@@ -14,6 +14,7 @@ branch order.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -149,8 +150,8 @@ def _sync_run(ctx: RunContext, nodes: tuple[Node, ...], start: int) -> int:
 def _run_sync_nodes(nodes: tuple[Node, ...], path: str, first: int, state: State) -> State:
     updates: State = {}
     for i, child in enumerate(nodes, first):
-        out = events.observe_sync(child, f"{path}.{i}", lambda c=child, i=i: _run_sync_node(
-            c, f"{path}.{i}", state))
+        out = events.observe_sync(child, f"{path}.{i}", functools.partial(
+            _run_sync_node, child, f"{path}.{i}", state))
         if out:
             state = {**state, **out}
             updates.update(out)

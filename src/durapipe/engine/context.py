@@ -109,7 +109,9 @@ class RunContext:
                 f"node {path}:{node.label}: node kind {node.kind!r} is not supported by this engine"
             )
         if events.active() is not None:
-            return await events.observe(node, path, lambda: self._run(handler, node, path, state))
+            out: State = await events.observe(node, path, lambda: self._run(handler, node, path,
+                                                                             state))
+            return out
         return await self._run(handler, node, path, state)
 
     async def _run(self, handler: Handler, node: Node, path: str, state: State) -> State:

@@ -112,7 +112,7 @@ class EventReader:
                 url = self.url.replace("postgresql+psycopg://", "postgresql://")
                 self._pg = psycopg.connect(url, autocommit=True)
             try:
-                return self._pg.execute(sql, params).fetchall()  # type: ignore[arg-type]
+                return self._pg.execute(sql, params).fetchall()
             except psycopg.errors.UndefinedTable:
                 return []
         if self._lite is None:

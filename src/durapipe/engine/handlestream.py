@@ -11,7 +11,7 @@ Works for any run of the app: started here, by another process, or before a rest
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .eventread import Event, EventReader
@@ -27,7 +27,7 @@ class StreamMixin:
     app: App
     run_id: str
 
-    def status(self) -> RunStatus: ...
+    status: Callable[[], RunStatus]
 
     def _reader(self) -> EventReader:
         schema = str(self.app.dbos_config().get("dbos_system_schema") or "dbos")

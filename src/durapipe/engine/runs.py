@@ -34,6 +34,7 @@ from ..errors import (
 from ..ir import Dispatch, Node
 from ..state import State, check_inputs
 from . import dispatch, lifecycle
+from .ask import AskMixin
 from .handlestream import StreamMixin
 from .interpreter import run_pipeline
 from .scope import WORKFLOW_NAME, belongs_to, check_run_id, refuse
@@ -87,7 +88,7 @@ class Registered:
             raise BuildError(f"pipeline {self.name!r} has no node at path {path!r}") from None
 
 
-class Pipeline:
+class Pipeline(AskMixin):
     """A pipeline registered in an App. Start runs with :meth:`run` or :meth:`start`."""
 
     def __init__(self, app: App, registered: Registered) -> None:
