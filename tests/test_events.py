@@ -1,0 +1,132 @@
+"""A run's event stream: order and completeness against the step rows, resuming at an
+offset, async reading, token streaming, ask/stream, and streaming off."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from dbutil import sql, wait_for
+from durapipe import Agent, App, Event, EventType, dispatch, fn, gate, join, map_over
+from durapipe.models import FakeModel
+
+ENDS = (EventType.NODE_FINISHED, EventType.NODE_FAILED)
+
+
+async def left(state: dict[str, Any]) -> dict[str, Any]:
+    await asyncio.sleep(0.2)
+    return {"left": 1}
+
+
+async def right(state: dict[str, Any]) -> dict[str, Any]:
+    await asyncio.sleep(0.2)
+    return {"right": 1}
+
+
+def prep(state: dict[str, Any]) -> dict[str, Any]:
+    return {"items": [1, 2, 3]}
+
+
+def double(state: dict[str, Any]) -> dict[str, Any]:
+    return {"y": state["item"] * 2}
+
+
+def full_pipeline() -> Any:
+    return (fn(prep) >> (fn(left) | fn(right)) >> dispatch(Agent("bg"), names=["bg"])
+            >> gate("ok", "Ship?") >> map_over("items", fn(double), "doubled") >> join("bg")
+            >> Agent("writer").writes("text"))
+
+
+def approve_when_waiting(app: App, run_id: str) -> threading.Thread:
+    def answer() -> None:
+        wait_for(lambda: bool(app.pending(run_id)), what="the gate")
+        app.approve(run_id, "ok", by="alice")
+    t = threading.Thread(target=answer)
+    t.start()
+    return t
+
+
+def check_history(events: list[Event]) -> None:
+    """Offsets without gaps; each node started once, before it ended once; one run."""
+    assert [e.offset for e in events] == list(range(len(events)))
+    assert events[0].type is EventType.RUN_STARTED
+    assert events[-1].type is EventType.RUN_FINISHED
+    keyed = Counter((e.type, e.path) for e in events if e.type is not EventType.TOKEN)
+    assert all(n == 1 for (t, _), n in keyed.items() if t is not EventType.RETRY), keyed
+    started = {e.path: e.offset for e in events if e.type is EventType.NODE_STARTED}
+    ended = {e.path: e.offset for e in events if e.type in ENDS}
+    assert started.keys() == ended.keys()
+    assert all(started[p] < ended[p] for p in started)
+
+
+def test_stream_is_ordered_complete_and_resumable(
+        make_app: Callable[..., App], database_url: str) -> None:
+    app = make_app("events-app", model=FakeModel({"bg": "bg done", "writer": "the post"}))
+    pipeline = app.pipeline("full", full_pipeline())
+    with app:
+        handle = pipeline.start({}, run_id="ev-1")
+        t = approve_when_waiting(app, "ev-1")
+        first: list[Event] = []
+        for event in handle.stream(timeout=30):  # a reader that disconnects after 6 events
+            first.append(event)
+            if len(first) == 6:
+                break
+        rest = list(handle.stream(from_offset=first[-1].offset + 1, timeout=30))
+        t.join()
+        assert handle.result().state["text"] == "the post"
+        events = list(app.get_run("ev-1").stream())  # after the end: the same history
+
+        async def read_async() -> list[Event]:
+            return [e async for e in handle.stream_async(from_offset=3)]
+        tail = asyncio.run(read_async())
+    assert first + rest == events and tail == events[3:]
+    check_history(events)
+    assert events[-1].data["status"] == "SUCCESS"
+    types = [e.type for e in events]
+    for kind in (EventType.TASK_DISPATCHED, EventType.TASK_JOINED, EventType.GATE_WAITING,
+                 EventType.GATE_ANSWERED):
+        assert types.count(kind) == 1, kind
+    answered = next(e for e in events if e.type is EventType.GATE_ANSWERED)
+    assert answered.data["by"] == "alice" and answered.data["status"] == "approved"
+    at = {(e.type, e.path): e.offset for e in events}
+    # the parallel branches interleave: both started before either finished
+    assert max(at[EventType.NODE_STARTED, "0.1.0"], at[EventType.NODE_STARTED, "0.1.1"]) < min(
+        at[EventType.NODE_FINISHED, "0.1.0"], at[EventType.NODE_FINISHED, "0.1.1"])
+    # every map item is a node of its own
+    assert {e.path for e in events if e.name == "double"} == {"0.4.0#0", "0.4.0#1", "0.4.0#2"}
+    # every recorded step belongs to a node the stream shows start and finish
+    rows = sql(database_url, "SELECT function_name FROM dbos.operation_outputs "
+                             "WHERE function_name LIKE '0%:%'")
+    finished = {e.path for e in events if e.type is EventType.NODE_FINISHED}
+    assert rows and {name.split(":")[0] for (name,) in rows} <= finished
+
+
+def test_tokens_stream_and_ask(make_app: Callable[..., App]) -> None:
+    text = "durable tokens arrive one word at a time"
+    app = make_app("events-tokens", model=FakeModel({"outline": "o", "writer": text}))
+    pipeline = app.pipeline("post", Agent("outline").instruct("{prompt}").writes("outline")
+                            >> Agent("writer").instruct("{outline}").writes("post")
+                            .stream_tokens())
+    with app:
+        assert pipeline.ask("Write about durability") == text
+        chunks = list(pipeline.stream("Write about durability", run_id="ev-3"))
+        events = list(app.get_run("ev-3").stream())
+    assert "".join(chunks) == text and len(chunks) == len(text.split())
+    tokens = [e for e in events if e.type is EventType.TOKEN]
+    assert "".join(e.data["text"] for e in tokens) == text
+    assert {e.name for e in tokens} == {"writer"}  # outline does not stream
+    started = next(e for e in events if e.type is EventType.MODEL_STARTED)
+    finished = next(e for e in events if e.type is EventType.NODE_FINISHED and e.name == "writer")
+    assert started.offset < tokens[0].offset < tokens[-1].offset < finished.offset
+    check_history(events)
+
+
+def test_streaming_off_writes_nothing(make_app: Callable[..., App], database_url: str) -> None:
+    app = make_app("events-off", events=False, model=FakeModel({"writer": "w"}))
+    pipeline = app.pipeline("p", fn(prep) >> Agent("writer"))
+    with app:
+        assert pipeline.ask("hi") == "w"
+    assert sql(database_url, "SELECT to_regclass('durapipe.events')") == [(None,)]
