@@ -9,9 +9,12 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from fastapi.testclient import TestClient
+
 from dbutil import sql, wait_for
 from durapipe import Agent, App, Event, EventType, dispatch, fn, gate, join, map_over
 from durapipe.models import FakeModel
+from durapipe.web.app import create_console
 
 ENDS = (EventType.NODE_FINISHED, EventType.NODE_FAILED)
 
@@ -114,6 +117,9 @@ def test_tokens_stream_and_ask(make_app: Callable[..., App]) -> None:
         assert pipeline.ask("Write about durability") == text
         chunks = list(pipeline.stream("Write about durability", run_id="ev-3"))
         events = list(app.get_run("ev-3").stream())
+        with TestClient(create_console(app)) as console:  # the run page's live updates
+            res = console.get("/runs/ev-3/events", headers={"Last-Event-ID": "1"})
+            assert console.get("/runs/nope/events").status_code == 404
     assert "".join(chunks) == text and len(chunks) == len(text.split())
     tokens = [e for e in events if e.type is EventType.TOKEN]
     assert "".join(e.data["text"] for e in tokens) == text
@@ -122,6 +128,8 @@ def test_tokens_stream_and_ask(make_app: Callable[..., App]) -> None:
     finished = next(e for e in events if e.type is EventType.NODE_FINISHED and e.name == "writer")
     assert started.offset < tokens[0].offset < tokens[-1].offset < finished.offset
     check_history(events)
+    ids = [int(line[4:]) for line in res.text.splitlines() if line.startswith("id: ")]
+    assert ids == [e.offset for e in events[2:] if e.type is not EventType.TOKEN]
 
 
 def test_streaming_off_writes_nothing(make_app: Callable[..., App], database_url: str) -> None:

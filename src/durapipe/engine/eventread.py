@@ -13,11 +13,12 @@ again at ``last.offset + 1`` and gets exactly the rest. On Postgres it wakes on
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -179,3 +180,23 @@ class EventReader:
             if timeout is not None and time.monotonic() - last_seen > timeout:
                 raise TimeoutError(f"run {run_id!r}: no event within {timeout} s")
             self._wait(idle)
+
+
+async def follow_async(url: str, run_id: str, from_offset: int = 0, *, schema: str = "dbos",
+                       timeout: float | None = None) -> AsyncIterator[Event]:
+    """:meth:`EventReader.follow` as an async iterator; each read runs on a worker thread,
+    and closing the iterator (a client gone) closes the reader's connection."""
+    reader = EventReader(url, schema)
+    events = reader.follow(run_id, from_offset, timeout=timeout)
+    done = object()
+
+    def step() -> Any:
+        return next(events, done)
+    try:
+        while True:
+            event = await asyncio.to_thread(step)
+            if event is done:
+                return
+            yield event
+    finally:
+        await asyncio.to_thread(reader.close)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .eventread import Event, EventReader
+from .eventread import Event, EventReader, follow_async
 
 if TYPE_CHECKING:
     from .app import App
@@ -47,17 +47,7 @@ class StreamMixin:
                            timeout: float | None = None) -> AsyncIterator[Event]:
         """:meth:`stream` as an async iterator: ``async for event in handle.stream_async():``."""
         await asyncio.to_thread(self.status)
-        reader = self._reader()
-        events = reader.follow(self.run_id, from_offset, timeout=timeout)
-        done = object()
-
-        def step() -> Any:
-            return next(events, done)
-        try:
-            while True:
-                event = await asyncio.to_thread(step)
-                if event is done:
-                    return
-                yield event
-        finally:
-            await asyncio.to_thread(reader.close)
+        schema = str(self.app.dbos_config().get("dbos_system_schema") or "dbos")
+        async for event in follow_async(self.app.database_url, self.run_id, from_offset,
+                                        schema=schema, timeout=timeout):
+            yield event
