@@ -29,7 +29,6 @@ import contextvars
 import inspect
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -58,6 +57,34 @@ CREATE TABLE IF NOT EXISTS durapipe.events (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS events_key ON durapipe.events (run_id, key)
     WHERE key IS NOT NULL;
+-- One call appends a batch: {run id: [event, ...]}. Per run, under its lock: the next
+-- offsets; an event whose key is there already is skipped, or becomes its on_repeat marker.
+CREATE OR REPLACE FUNCTION durapipe.append_events(batch jsonb) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    run text; last bigint; e jsonb; k text; t text;
+BEGIN
+    FOR run IN SELECT jsonb_object_keys(batch) ORDER BY 1 LOOP
+        PERFORM pg_advisory_xact_lock(hashtext('durapipe.events'), hashtext(run));
+        SELECT coalesce(max(seq), -1) INTO last FROM durapipe.events WHERE run_id = run;
+        FOR e IN SELECT value FROM jsonb_array_elements(batch -> run) LOOP
+            k := e ->> 'key';
+            t := e ->> 'type';
+            IF k IS NOT NULL AND EXISTS (
+                    SELECT 1 FROM durapipe.events WHERE run_id = run AND key = k) THEN
+                CONTINUE WHEN e ->> 'on_repeat' IS NULL;
+                k := NULL;
+                t := e ->> 'on_repeat';
+            END IF;
+            last := last + 1;
+            INSERT INTO durapipe.events (run_id, seq, key, type, path, name, kind, data, at)
+            VALUES (run, last, k, t, e ->> 'path', e ->> 'name', e ->> 'kind',
+                    coalesce(e -> 'data', '{}'::jsonb), (e ->> 'at')::double precision);
+        END LOOP;
+        PERFORM pg_notify('durapipe_events', run);
+    END LOOP;
+END
+$fn$;
 """
 
 SQLITE_DDL = [
@@ -67,11 +94,6 @@ SQLITE_DDL = [
         at real NOT NULL, PRIMARY KEY (run_id, seq))""",
     "CREATE UNIQUE INDEX IF NOT EXISTS durapipe_events_key ON durapipe_events (run_id, key)",
 ]
-
-
-def sa_url(url: str) -> str:
-    """A SQLAlchemy URL on psycopg 3 for a ``postgresql://`` URL; SQLite URLs as they are."""
-    return re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql+psycopg://", url)
 
 
 def table_name(postgres: bool) -> str:
@@ -102,10 +124,11 @@ class EventLog:
 
     def __init__(self, url: str) -> None:
         self.postgres = not url.startswith("sqlite")
-        self.engine = sa.create_engine(sa_url(url), pool_size=2, max_overflow=2,
-                                       pool_pre_ping=False) if self.postgres \
-            else sa.create_engine(url)
+        # Postgres: the writer thread's own psycopg connection; SQLite: through SQLAlchemy.
+        self.engine = None if self.postgres else sa.create_engine(url)
         self.table = table_name(self.postgres)
+        self.url = url
+        self._pg: Any = None  # the writer thread's own connection (Postgres)
         self._ready = False
         self._buffer: list[Pending] = []
         self._lock = threading.Condition()
@@ -118,13 +141,16 @@ class EventLog:
         self._thread.start()
 
     def _install(self) -> None:
-        with self.engine.begin() as con:
-            if self.postgres:
-                con.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('durapipe.events'))"))
-                con.exec_driver_sql(PG_DDL)
-            else:
+        if self.postgres:
+            con = self._pg_connection()
+            with con.transaction():
+                con.execute("SELECT pg_advisory_xact_lock(hashtext('durapipe.events'))")
+                con.execute(PG_DDL)
+        else:
+            assert self.engine is not None
+            with self.engine.begin() as lite:
                 for ddl in SQLITE_DDL:
-                    con.exec_driver_sql(ddl)
+                    lite.exec_driver_sql(ddl)
         self._ready = True
 
     def stop(self, wait: float = 5.0) -> None:
@@ -137,7 +163,10 @@ class EventLog:
             self._lock.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=wait)
-        self.engine.dispose()
+        if self._pg is not None:
+            self._pg.close()
+        if self.engine is not None:
+            self.engine.dispose()
 
     def emit(self, event: Pending) -> None:
         with self._lock:
@@ -192,15 +221,29 @@ class EventLog:
         by_run: dict[str, list[Pending]] = {}
         for e in batch:
             by_run.setdefault(e.run_id, []).append(e)
+        if self.postgres:  # one statement, one round trip (autocommit)
+            payload = {run: [{"type": e.type, "path": e.path, "name": e.name, "kind": e.kind,
+                              "data": e.data, "at": e.at, "key": e.key,
+                              "on_repeat": e.on_repeat} for e in evs]
+                       for run, evs in by_run.items()}
+            self._pg_connection().execute("SELECT durapipe.append_events(%s::jsonb)",
+                                          (json.dumps(payload),))
+            return
+        assert self.engine is not None
         with self.engine.begin() as con:
             for run_id in sorted(by_run):
                 self._append(con, run_id, by_run[run_id])
 
+    def _pg_connection(self) -> Any:
+        con = self._pg
+        if con is None or con.closed or con.broken:
+            import psycopg
+
+            con = self._pg = psycopg.connect(self.url, autocommit=True)
+        return con
+
     def _append(self, con: sa.Connection, run_id: str, events: list[Pending]) -> None:
-        t = self.table
-        if self.postgres:
-            con.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext('durapipe.events'), "
-                                "hashtext(:run))"), {"run": run_id})
+        t = self.table  # SQLite: one writer at a time, so max(seq) + 1 is free
         last = con.execute(sa.text(f"SELECT max(seq) FROM {t} WHERE run_id = :run"),
                            {"run": run_id}).scalar()
         keys = sorted({e.key for e in events if e.key is not None})
@@ -225,13 +268,9 @@ class EventLog:
                          "at": e.at})
         if not rows:
             return
-        cast = "CAST(:data AS jsonb)" if self.postgres else ":data"
         con.execute(sa.text(
             f"INSERT INTO {t} (run_id, seq, key, type, path, name, kind, data, at) "
-            f"VALUES (:run, :seq, :key, :type, :path, :name, :kind, {cast}, :at)"), rows)
-        if self.postgres:
-            con.execute(sa.text("SELECT pg_notify(:channel, :run)"),
-                        {"channel": CHANNEL, "run": run_id})
+            "VALUES (:run, :seq, :key, :type, :path, :name, :kind, :data, :at)"), rows)
 
 
 # -- emitting ---------------------------------------------------------------------------
