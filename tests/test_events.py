@@ -9,12 +9,16 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
+from google import genai
+from google.genai import types
 
 from dbutil import sql, wait_for
-from durapipe import Agent, App, Event, EventType, dispatch, fn, gate, join, map_over
-from durapipe.models import FakeModel
+from durapipe import Agent, App, DurapipeError, Event, EventType, dispatch, fn, gate, join, map_over
+from durapipe.models import FakeModel, GeminiModel
 from durapipe.web.app import create_console
+from fake_gemini import FakeGemini, Stream, text_reply
 
 ENDS = (EventType.NODE_FINISHED, EventType.NODE_FAILED)
 
@@ -107,26 +111,40 @@ def test_stream_is_ordered_complete_and_resumable(
     assert rows and {name.split(":")[0] for (name,) in rows} <= finished
 
 
-def test_tokens_stream_and_ask(make_app: Callable[..., App]) -> None:
+def test_tokens_stream_from_fakes_and_gemini_and_ask(make_app: Callable[..., App]) -> None:
     text = "durable tokens arrive one word at a time"
-    app = make_app("events-tokens", model=FakeModel({"outline": "o", "writer": text}))
-    pipeline = app.pipeline("post", Agent("outline").instruct("{prompt}").writes("outline")
-                            >> Agent("writer").instruct("{outline}").writes("post")
+    server = FakeGemini().start()
+    gemini = GeminiModel("gemini-2.5-flash", genai.Client(
+        api_key="k", http_options=types.HttpOptions(base_url=server.url)))
+    chunks_of = ["Hello ", "durable ", "world."]
+    for _ in range(2):  # one streamed answer for ask(), one for stream()
+        server.reply(Stream([text_reply(c, finish=None) for c in chunks_of[:-1]]
+                            + [text_reply(chunks_of[-1])]))
+    app = make_app("events-tokens")
+    pipeline = app.pipeline("post", Agent("outline", FakeModel({"outline": "o"}))
+                            .instruct("{prompt}").writes("outline")
+                            >> Agent("writer", FakeModel({"writer": text})).instruct("{outline}")
+                            .writes("post").stream_tokens()
+                            >> Agent("polish", gemini).instruct("{post}").writes("final")
                             .stream_tokens())
-    with app:
-        assert pipeline.ask("Write about durability") == text
-        chunks = list(pipeline.stream("Write about durability", run_id="ev-3"))
-        events = list(app.get_run("ev-3").stream())
-        with TestClient(create_console(app)) as console:  # the run page's live updates
-            res = console.get("/runs/ev-3/events", headers={"Last-Event-ID": "1"})
-            assert console.get("/runs/nope/events").status_code == 404
-    assert "".join(chunks) == text and len(chunks) == len(text.split())
+    try:
+        with app:
+            assert pipeline.ask("Write about durability") == "Hello durable world."
+            chunks = list(pipeline.stream("Write about durability", run_id="ev-3"))
+            events = list(app.get_run("ev-3").stream())
+            with TestClient(create_console(app)) as console:  # the run page's live updates
+                res = console.get("/runs/ev-3/events", headers={"Last-Event-ID": "1"})
+                assert console.get("/runs/nope/events").status_code == 404
+    finally:
+        server.stop()
+    assert "".join(chunks) == text + "Hello durable world."
     tokens = [e for e in events if e.type is EventType.TOKEN]
-    assert "".join(e.data["text"] for e in tokens) == text
-    assert {e.name for e in tokens} == {"writer"}  # outline does not stream
+    assert "".join(e.data["text"] for e in tokens if e.name == "writer") == text
+    assert [e.data["text"] for e in tokens if e.name == "polish"] == chunks_of  # as Gemini sent
+    assert {e.name for e in tokens} == {"writer", "polish"}  # outline does not stream
     started = next(e for e in events if e.type is EventType.MODEL_STARTED)
     finished = next(e for e in events if e.type is EventType.NODE_FINISHED and e.name == "writer")
-    assert started.offset < tokens[0].offset < tokens[-1].offset < finished.offset
+    assert started.offset < tokens[0].offset < tokens[len(text.split()) - 1].offset < finished.offset
     check_history(events)
     ids = [int(line[4:]) for line in res.text.splitlines() if line.startswith("id: ")]
     assert ids == [e.offset for e in events[2:] if e.type is not EventType.TOKEN]
@@ -138,3 +156,21 @@ def test_streaming_off_writes_nothing(make_app: Callable[..., App], database_url
     with app:
         assert pipeline.ask("hi") == "w"
     assert sql(database_url, "SELECT to_regclass('durapipe.events')") == [(None,)]
+
+
+def test_sqlite_stream_and_clear_errors(tmp_path: Any) -> None:
+    app = App("events-lite", f"sqlite:///{tmp_path}/lite.sqlite")
+    agentless = app.pipeline("plain", fn(prep))
+    pipeline = app.pipeline("p", Agent("writer", FakeModel({"writer": "hi there"}))
+                            .instruct("{prompt}").stream_tokens())
+    with app:
+        assert "".join(pipeline.stream("x", run_id="lite-1")) == "hi there"
+        events = list(app.get_run("lite-1").stream())
+        check_history(events)
+        assert list(app.get_run("lite-1").stream(from_offset=len(events) - 1)) == events[-1:]
+        with pytest.raises(DurapipeError, match="from_offset=-1 must be an int >= 0"):
+            list(app.get_run("lite-1").stream(from_offset=-1))
+        with pytest.raises(DurapipeError, match="the prompt must be a string"):
+            pipeline.ask(42)  # type: ignore[arg-type]
+        with pytest.raises(DurapipeError, match="has no Agent"):
+            agentless.ask("x")
