@@ -208,7 +208,6 @@ class Agent(Node):
         object.__setattr__(self, "tool_fns", ())
         object.__setattr__(self, "output_model", None)
         object.__setattr__(self, "turn_limit", 10)
-        object.__setattr__(self, "tokens", False)
 
     @property
     def label(self) -> str:

@@ -66,6 +66,10 @@ class App:
     and guarantees as ``DBOS.run_step`` (see :mod:`durapipe.engine.steps`);
     ``steps="dbos"`` goes through ``DBOS.run_step`` itself. SQLite always uses DBOS's path.
 
+    ``events=True`` (the default) writes each run's event stream (``handle.stream()``, see
+    :mod:`durapipe.engine.events`); ``stream_tokens=True`` streams every agent's model text
+    to it, as ``Agent(...).stream_tokens()`` does for one agent.
+
     ``executor_id`` names this process in the runs it records (default: DBOS's ``local``,
     or env ``DBOS__VMID``); a launch recovers the unfinished runs of its executor id, so give
     each process of a deployment its own. A clean stop (``with app:`` exit,

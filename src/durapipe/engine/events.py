@@ -40,6 +40,8 @@ import sqlalchemy as sa
 log = logging.getLogger("durapipe")
 
 CHANNEL = "durapipe_events"
+# How long the writer lets events gather into one batch, unless a workflow waits for them.
+COALESCE = 0.005
 
 PG_DDL = """
 CREATE SCHEMA IF NOT EXISTS durapipe;
@@ -135,6 +137,7 @@ class EventLog:
         self._emitted = 0
         self._written = 0
         self._stopped = False
+        self._urgent = False  # someone waits for what is buffered: write it now
         self._thread = threading.Thread(target=self._loop, name="durapipe-events", daemon=True)
 
     def start(self) -> None:
@@ -157,6 +160,8 @@ class EventLog:
         """Write what is buffered (up to ``wait`` seconds), then stop the writer thread."""
         with self._lock:
             target = self._emitted
+            self._urgent = True
+            self._lock.notify_all()
             self._lock.wait_for(lambda: self._written >= target or not self._thread.is_alive(),
                                 timeout=wait)
             self._stopped = True
@@ -174,12 +179,15 @@ class EventLog:
                 return
             self._buffer.append(event)
             self._emitted += 1
-            self._lock.notify_all()
+            if len(self._buffer) == 1:  # the writer waits for a first event only
+                self._lock.notify_all()
 
     def wait_written(self, timeout: float = 30.0) -> None:
         """Block until every event emitted so far is written (or ``timeout`` passes)."""
         with self._lock:
             target = self._emitted
+            self._urgent = True
+            self._lock.notify_all()
             self._lock.wait_for(lambda: self._written >= target or self._stopped, timeout=timeout)
 
     async def flush(self, timeout: float = 30.0) -> None:
@@ -197,6 +205,9 @@ class EventLog:
                 self._lock.wait_for(lambda: bool(self._buffer) or self._stopped)
                 if self._stopped and not self._buffer:
                     return
+                if not (self._urgent or self._stopped):  # let a few more events join the batch
+                    self._lock.wait_for(lambda: self._urgent or self._stopped, timeout=COALESCE)
+                self._urgent = False
                 batch, self._buffer = self._buffer, []
             delay = 0.05
             while True:
