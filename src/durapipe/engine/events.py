@@ -24,6 +24,7 @@ written before it returns, so a finished run's stream is complete.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import inspect
@@ -36,6 +37,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+
+from ..errors import storable_text
 
 log = logging.getLogger("durapipe")
 
@@ -138,6 +141,7 @@ class EventLog:
         self._written = 0
         self._stopped = False
         self._urgent = False  # someone waits for what is buffered: write it now
+        self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._thread = threading.Thread(target=self._loop, name="durapipe-events", daemon=True)
 
     def start(self) -> None:
@@ -165,6 +169,7 @@ class EventLog:
             self._lock.wait_for(lambda: self._written >= target or not self._thread.is_alive(),
                                 timeout=wait)
             self._stopped = True
+            self._wake()
             self._lock.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=wait)
@@ -191,12 +196,29 @@ class EventLog:
             self._lock.wait_for(lambda: self._written >= target or self._stopped, timeout=timeout)
 
     async def flush(self, timeout: float = 30.0) -> None:
-        import asyncio
-
+        """:meth:`wait_written` for a coroutine: the writer wakes it, no thread waits."""
+        loop = asyncio.get_running_loop()
         with self._lock:
-            if self._written >= self._emitted:
+            if self._written >= self._emitted or self._stopped:
                 return
-        await asyncio.to_thread(self.wait_written, timeout)
+            done: asyncio.Future[None] = loop.create_future()
+            self._waiters.append((self._emitted, loop, done))
+            self._urgent = True
+            self._lock.notify_all()
+        try:
+            await asyncio.wait_for(done, timeout)
+        except asyncio.TimeoutError:
+            log.warning("durapipe: run events not written within %s s; going on", timeout)
+
+    def _wake(self) -> None:
+        """Resolve the flushes whose events are written (called holding the lock)."""
+        keep = []
+        for target, loop, done in self._waiters:
+            if self._written >= target or self._stopped:
+                loop.call_soon_threadsafe(_resolve, done)
+            else:
+                keep.append((target, loop, done))
+        self._waiters = keep
 
     # -- the writer thread ------------------------------------------------------------
     def _loop(self) -> None:
@@ -214,8 +236,11 @@ class EventLog:
                 try:
                     self._write(batch)
                     break
-                except Exception as exc:  # the database is away: keep the batch, retry
-                    if self._stopped:
+                except Exception as exc:
+                    if not _retriable(exc):  # a value the database refuses: never retried
+                        self._one_by_one(batch, exc)
+                        break
+                    if self._stopped:  # the database is away: keep the batch, retry
                         log.warning("durapipe: %d run events not written at stop: %s",
                                     len(batch), exc)
                         break
@@ -224,7 +249,20 @@ class EventLog:
                     delay = min(delay * 2, 2.0)
             with self._lock:
                 self._written += len(batch)
+                self._wake()
                 self._lock.notify_all()
+
+    def _one_by_one(self, batch: list[Pending], exc: Exception) -> None:
+        """Write a refused batch event by event, so only the refused ones are lost."""
+        for event in batch if len(batch) > 1 else ():
+            try:
+                self._write([event])
+            except Exception as one:
+                log.warning("durapipe: run event %s %s of run %s not written: %s", event.type,
+                            event.path, event.run_id, one)
+        if len(batch) == 1:
+            log.warning("durapipe: run event %s %s of run %s not written: %s", batch[0].type,
+                        batch[0].path, batch[0].run_id, exc)
 
     def _write(self, batch: list[Pending]) -> None:
         if not self._ready:
@@ -282,6 +320,19 @@ class EventLog:
         con.execute(sa.text(
             f"INSERT INTO {t} (run_id, seq, key, type, path, name, kind, data, at) "
             "VALUES (:run, :seq, :key, :type, :path, :name, :kind, :data, :at)"), rows)
+
+
+def _resolve(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
+def _retriable(exc: Exception) -> bool:
+    """A lost or busy database (worth another try), not a statement it refuses."""
+    import psycopg
+
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError,
+                            sa.exc.OperationalError, sa.exc.InterfaceError, OSError))
 
 
 # -- emitting ---------------------------------------------------------------------------
@@ -358,7 +409,7 @@ async def streaming(run_id: str, path: str, pipeline: str) -> AsyncIterator[None
         if root:
             status = "CANCELLED" if "Cancel" in type(exc).__name__ else "ERROR"
             emit("run_finished", path=path, name=pipeline, kind="run", key="run_end",
-                 data={"status": status, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+                 data={"status": status, "error": _text(exc)})
         await flush()
         raise
     else:
@@ -385,7 +436,7 @@ async def observe(node: Any, path: str, run: Callable[[], Any]) -> Any:
         out = await run()
     except BaseException as exc:
         emit("node_failed", path=path, name=label, kind=node.kind, key=f"ended:{path}",
-             data={"error": f"{type(exc).__name__}: {exc}"[:2000],
+             data={"error": _text(exc),
                    "duration_ms": _ms(began)})
         raise
     emit("node_finished", path=path, name=label, kind=node.kind, key=f"ended:{path}",
@@ -404,7 +455,7 @@ def observe_sync(node: Any, path: str, run: Callable[[], Any]) -> Any:
         out = run()
     except BaseException as exc:
         emit("node_failed", path=path, name=label, kind=node.kind, key=f"ended:{path}",
-             data={"error": f"{type(exc).__name__}: {exc}"[:2000],
+             data={"error": _text(exc),
                    "duration_ms": _ms(began)})
         raise
     emit("node_finished", path=path, name=label, kind=node.kind, key=f"ended:{path}",
@@ -434,6 +485,10 @@ def attempts(where: str, body: Callable[[], Any]) -> Callable[[], Any]:
         again()
         return body()
     return run
+
+
+def _text(exc: BaseException) -> str:
+    return storable_text(f"{type(exc).__name__}: {exc}"[:2000])
 
 
 def _ms(began: float) -> float:
