@@ -178,3 +178,26 @@ def test_sqlite_stream_and_clear_errors(tmp_path: Any) -> None:
             pipeline.ask(42)  # type: ignore[arg-type]
         with pytest.raises(DurapipeError, match="has no Agent"):
             agentless.ask("x")
+
+
+def test_a_resumed_run_streams_on_past_its_first_end(make_app: Callable[..., App],
+                                                     database_url: str) -> None:
+    from durapipe.engine.admin import Admin
+
+    app = make_app("events-resume")
+    pipeline = app.pipeline("p", fn(prep) >> gate("ok", "Ship?"))
+    with app:
+        handle = pipeline.start({}, run_id="ev-r")
+        wait_for(lambda: bool(app.pending("ev-r")), what="the gate")
+        handle.cancel()
+        with Admin(database_url) as admin:
+            admin.resume("ev-r")
+        t = approve_when_waiting(app, "ev-r")
+        events = list(handle.stream(timeout=30))  # from 0, across the first end
+        t.join()
+        assert app.get_run("ev-r").result(timeout=30).run_id == "ev-r"
+    types = [e.type for e in events]
+    assert types.count(EventType.RUN_RESUMED) == 1
+    assert events[-1].type is EventType.RUN_FINISHED and events[-1].data["status"] == "SUCCESS"
+    assert types.index(EventType.RUN_RESUMED) < types.index(EventType.GATE_ANSWERED)
+    assert [e.offset for e in events] == list(range(len(events)))

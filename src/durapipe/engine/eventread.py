@@ -4,8 +4,9 @@
 >>> for event in reader.follow("post-42", from_offset=0):   # until the run ends
 ...     print(event.offset, event.type, event.path, event.name)
 
-``follow`` yields events in offset order until the run's ``run_finished`` event (or, for a
-run that ended without writing one, its terminal status); a reader that stops can start
+``follow`` yields events in offset order until the run's ``run_finished`` event once its
+end is recorded (a run resumed after it goes on), or, for a run that ended without
+writing one, its terminal status; a reader that stops can start
 again at ``last.offset + 1`` and gets exactly the rest. On Postgres it wakes on
 ``NOTIFY durapipe_events`` (the writer notifies on commit), and polls every
 ``idle`` seconds besides; on SQLite it polls.
@@ -150,6 +151,18 @@ class EventReader:
         for _ in self._pg.notifies(timeout=idle, stop_after=1):
             pass
 
+    def _ended(self, run_id: str, offset: int, patience: float = 2.0) -> bool:
+        """After a ``run_finished``: True once the run's end is recorded; False when events
+        follow it (the run was resumed, e.g. ``durapipe resume`` after an error)."""
+        give_up = time.monotonic() + patience
+        while time.monotonic() < give_up:
+            if self.read(run_id, offset, limit=1):
+                return False
+            if self.status(run_id) in TERMINAL:
+                return not self.read(run_id, offset, limit=1)
+            time.sleep(0.01)
+        return False  # resumed and quiet (e.g. at a gate): follow on
+
     def follow(self, run_id: str, from_offset: int = 0, *, idle: float = 0.5,
                timeout: float | None = None) -> Iterator[Event]:
         """Yield the run's events from ``from_offset`` until the run ends.
@@ -166,7 +179,7 @@ class EventReader:
             for event in batch:
                 offset = event.offset + 1
                 yield event
-                if event.ends_run:
+                if event.ends_run and self._ended(run_id, offset):
                     return
             if batch:
                 last_seen = time.monotonic()

@@ -369,13 +369,13 @@ async def streaming(run_id: str, path: str, pipeline: str) -> AsyncIterator[None
         if root:
             status = "CANCELLED" if "Cancel" in type(exc).__name__ else "ERROR"
             emit("run_finished", path=path, name=pipeline, kind="run", key="run_end",
-                 data={"status": status, "error": _text(exc)})
+                 on_repeat="run_finished", data={"status": status, "error": _text(exc)})
         await flush()
         raise
     else:
         if root:
             emit("run_finished", path=path, name=pipeline, kind="run", key="run_end",
-                 data={"status": "SUCCESS"})
+                 on_repeat="run_finished", data={"status": "SUCCESS"})
         await flush()
     finally:
         _run.reset(token)
