@@ -175,7 +175,8 @@ class EventLog:
         keep = []
         for target, loop, done in self._waiters:
             if self._written >= target or self._stopped:
-                loop.call_soon_threadsafe(_resolve, done)
+                with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_resolve, done)
             else:
                 keep.append((target, loop, done))
         self._waiters = keep
