@@ -67,14 +67,14 @@ def test_service_lists_and_approves_gates_with_the_token(database_url: str) -> N
     app: App = gates_app.app
     app.database_url = database_url
     service = load_service()
-    with TestClient(service.create_service(app, token="s3cret")) as http:
+    with TestClient(service.create_service(app, tokens={"s3cret": "alice"})) as http:
         assert http.post("/runs", json={"pipeline": "review", "inputs": {"title": "T"},
                                         "run_id": "g2"}).status_code == 202
         wait_for(lambda: [g["gate"] for g in http.get("/gates").json()] == ["legal"], what="gate listed")
         url = "/runs/g2/gates/legal/approve"
-        assert http.post(url, json={"by": "alice"}).status_code == 401
-        res = http.post(url, json={"by": "alice"}, headers={"Authorization": "Bearer s3cret"})
-        assert res.status_code == 200, res.text
+        assert http.post(url, json={}).status_code == 401
+        res = http.post(url, json={}, headers={"Authorization": "Bearer s3cret"})
+        assert res.status_code == 200 and res.json()["by"] == "alice", res.text
         wait_for(lambda: http.get("/runs/g2").json()["status"] == "SUCCESS", what="run finished")
         assert http.get("/gates").json() == []
 

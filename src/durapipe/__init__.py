@@ -27,6 +27,7 @@ from .builder import (
 )
 from .engine import App, Pipeline, RunHandle, RunResult, RunStatus
 from .engine.dispatch import progress
+from .engine.eventread import Event, EventType
 from .engine.gates import PendingGate
 from .errors import (
     BuildError,
@@ -49,7 +50,7 @@ from .planner import Flow, Plan, Step
 from .retry import Retry
 
 __all__ = [
-    "Agent", "App", "BuildError", "DurapipeError", "FakeModel", "Flow", "GateRejected",
+    "Agent", "App", "BuildError", "DurapipeError", "Event", "EventType", "FakeModel", "Flow", "GateRejected",
     "ModelError", "Node", "NodeFailed", "NodeTimeout", "PendingGate", "Pipeline", "Plan",
     "PlanError", "Retry", "RunCancelled", "RunError", "RunHandle", "RunResult", "RunStatus",
     "RunTimeout", "StateError", "Step", "UnknownGate", "UnknownRun", "best_of", "dispatch", "fn",

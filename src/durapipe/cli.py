@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import _cli_views, _render, audit
+from . import _cli_follow, _cli_views, _render, audit
 from ._cli_common import (
     AppModule,
     AsJson,
@@ -43,6 +42,7 @@ from ._cli_common import (
 )
 from .engine.admin import Admin, database_url_or_env, parse_since
 from .engine.app import App
+from .engine.eventread import EventReader
 from .engine.runs import RunHandle, RunStatus
 from .engine.scope import belongs_to, refuse
 from .errors import DurapipeError, OperatorError, UnknownRun
@@ -112,6 +112,26 @@ def _launch(app: App) -> None:
                             f"{audit.first_line(exc)}") from None
 
 
+_trees: dict[str, Any] = {}
+Tokens = Annotated[bool, typer.Option("--tokens", help="Print each event as a line and the "
+                                                        "model's text as it streams.")]
+
+
+def _ended(admin: Admin, run_id: str) -> Any:
+    """The run's tree once its end is recorded (just after its last event)."""
+    while (tree := admin.tree(run_id)).run.status in ("PENDING", "ENQUEUED", "DELAYED"):
+        time.sleep(0.05)
+    return tree
+
+
+def _live(admin: Admin, node: Node, run_id: str, fresh: bool) -> Any:
+    """The live table of a run; its tree is read again only when a node ended."""
+    if fresh or run_id not in _trees:
+        _trees[run_id] = admin.tree(run_id)
+    tree = _trees[run_id]
+    return _render.live_table(node, tree, tree.run.status)
+
+
 # -- commands ----------------------------------------------------------------------------
 
 @cli.command()
@@ -124,8 +144,9 @@ def run(
     executor_id: Annotated[str | None, typer.Option("--executor-id")] = None,
     database_url: DbUrl = None,
     as_json: AsJson = False,
+    tokens: Tokens = False,
 ) -> None:
-    """Run a pipeline to the end with a live view of its nodes.
+    """Run a pipeline to the end with a live view of its nodes, read from its event stream.
 
     Ctrl-C detaches: the run stays PENDING and the line printed says how to resume or
     follow it; a second Ctrl-C exits at once. The process records its runs under an
@@ -136,26 +157,20 @@ def run(
     app, pipeline = load_target(target)
     state = parse_inputs(input or [], input_file)
     _prepare(app, database_url, executor_id or f"run-{uuid.uuid4().hex[:8]}")
+    app.stream_tokens = app.stream_tokens or tokens  # the agents run here stream their text
     _launch(app)
     handle = None
     try:
         handle = _existing(app, run_id) or pipeline.start(state, run_id=run_id)
-        with Admin(app.database_url) as admin:
-            if as_json:
-                while not handle.status().finished:
-                    time.sleep(0.1)
-            else:
-                with Live(_render.live_table(pipeline.node, None, "PENDING"), console=err,
-                          refresh_per_second=8) as live:
-                    while True:
-                        status = handle.status()
-                        live.update(_render.live_table(pipeline.node, admin.tree(handle.run_id),
-                                                       status.value))
-                        if status.finished:
-                            break
-                        time.sleep(0.2)
+        with Admin(app.database_url) as admin, EventReader(app.database_url) as reader:
+            if not as_json:
+                node, run = pipeline.node, handle.run_id
+                _cli_follow.follow(reader, run, err, tokens=tokens, view=lambda flight, fresh:
+                                   _cli_follow.grouped(_live(admin, node, run, fresh), flight))
                 if not err.is_terminal:
                     err.print()
+            while not handle.status().finished:  # its end is recorded just after its last event
+                time.sleep(0.05)
             tree = admin.tree(handle.run_id)
     except KeyboardInterrupt:
         _detach(app, target, handle.run_id if handle is not None else None)
@@ -234,22 +249,32 @@ def show(
     app_module: Annotated[str | None, typer.Option(
         "--app", help="Module defining the App: adds every node of the pipeline, the one in flight "
                       "shown running and those not reached pending")] = None,
+    tokens: Tokens = False,
 ) -> None:
-    """Show a run as a tree: nodes, child workflows, tasks, gates, timings, tokens, errors."""
+    """Show a run as a tree: nodes, child workflows, tasks, gates, timings, tokens, errors.
+
+    ``--follow`` reads the run's event stream until it ends: the nodes in flight show
+    while they run; ``--tokens`` prints each event as a line and the model's text as it
+    arrives.
+    """
     node = _pipeline_node(app_module, database_url, run_id) if app_module else None
     with Admin(database_url) as admin:
         tree = admin.tree(run_id)
-        if follow and not as_json:
-            with Live(_show_view(node, tree, ops), console=out, refresh_per_second=4) as live:
-                while tree.run.status in ("PENDING", "ENQUEUED", "DELAYED"):
-                    time.sleep(0.5)
-                    tree = admin.tree(run_id)
-                    live.update(_show_view(node, tree, ops))
-            return
-        if follow:
-            while tree.run.status in ("PENDING", "ENQUEUED", "DELAYED"):
-                time.sleep(0.5)
-                tree = admin.tree(run_id)
+        if follow and tree.run.status in ("PENDING", "ENQUEUED", "DELAYED"):
+            with EventReader(admin.url) as reader:
+                if not as_json:
+                    def view(flight: Any, fresh: bool) -> Any:
+                        if fresh:
+                            _trees[run_id] = admin.tree(run_id)
+                        return _cli_follow.grouped(
+                            _show_view(node, _trees.get(run_id, tree), ops), flight)
+                    _cli_follow.follow(reader, run_id, out, tokens=tokens, view=view)
+                else:
+                    for _ in reader.follow(run_id):
+                        pass
+            tree = _ended(admin, run_id)
+            if not as_json and not tokens:
+                return
     if as_json:
         print_json(tree.to_json())
     else:

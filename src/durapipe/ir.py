@@ -116,6 +116,8 @@ class Node:
         out: dict[str, Any] = {"kind": self.kind}
         for f in fields(self):
             value = getattr(self, f.name)
+            if not f.metadata.get("shape", True):  # how a node runs, not what it records
+                continue
             if f.metadata.get("option") and value == f.default:
                 continue
             out[f.name] = _shape_value(value)
@@ -212,6 +214,7 @@ class Agent(Node):
     output_model: type | None = None
     turn_limit: int = 10
     retry_policy: Retry | None = field(default=None, metadata=OPTION)
+    tokens: bool = field(default=False, metadata={"shape": False})
 
     def __init__(self, name: str, model: Any = None) -> None:
         if not isinstance(name, str) or not name.strip():
@@ -278,6 +281,10 @@ class Agent(Node):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise BuildError(f"Agent {self.name!r}.max_turns({n!r}): the bound must be an int >= 1")
         return self._replace(turn_limit=n)  # type: ignore[no-any-return]
+
+    def stream_tokens(self, on: bool = True) -> Agent:
+        """Stream the model's text to the run's event stream as it arrives (token events)."""
+        return self._replace(tokens=bool(on))  # type: ignore[no-any-return]
 
     def output(self, schema: type) -> Agent:
         if not (isinstance(schema, type) and hasattr(schema, "model_validate")):

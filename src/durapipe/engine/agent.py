@@ -34,6 +34,7 @@ from ..ir import Agent
 from ..models import ModelRequest, ModelResponse, StreamingModel, ToolCall, resolve_model
 from ..models.tools import Tool, make_tools
 from ..state import State, check_updates, render
+from . import events
 from .context import RunContext, node_error, run_step
 
 OUTPUT_RETRIES = 2
@@ -73,13 +74,25 @@ async def _publish_partial(where: str, text: str) -> None:
 
 # -- steps --------------------------------------------------------------------------------
 
-async def _call_model(model_ref: Any, request: ModelRequest, where: str, turn: int) -> dict[str, Any]:
+async def _call_model(model_ref: Any, request: ModelRequest, where: str, turn: int,
+                      tokens: bool = False) -> dict[str, Any]:
     model = resolve_model(model_ref, request.agent)  # looked up inside the step
     started = time.perf_counter()
     response: ModelResponse | None = None
-    if _partial_sink.get() is not None and isinstance(model, StreamingModel):
+    tokens = tokens and events.active() is not None
+    if (tokens or _partial_sink.get() is not None) and isinstance(model, StreamingModel):
+        path, _, name = where.partition(":")
+        if tokens:  # a second run of this call (crash, retry) is marked model_restarted
+            events.emit("model_started", path=path, name=name, kind="model",
+                        key=f"model:{where}", on_repeat="model_restarted",
+                        data={"agent": request.agent, "turn": turn})
+        sent = 0
         async for snapshot in model.stream(request):
             response = snapshot
+            if tokens and len(snapshot.text) > sent:
+                events.emit("token", path=path, name=name, kind="model",
+                            data={"text": snapshot.text[sent:], "agent": request.agent})
+                sent = len(snapshot.text)
             await _publish_partial(where, snapshot.text)
         if response is None:
             raise ModelError(f"agent {where}: the model streamed no answer", node=where)
@@ -153,6 +166,7 @@ async def run_agent(ctx: RunContext, node: Agent, path: str, state: State) -> St
     schema = output_model.model_json_schema() if output_model is not None else None  # type: ignore[attr-defined]
     messages: list[dict[str, Any]] = []
     invalid = 0
+    tokens = node.tokens or bool(getattr(ctx.app, "stream_tokens", False))
     for turn in range(node.turn_limit):
         step = where if turn == 0 else f"{where}#model{turn}"
         request = ModelRequest(
@@ -163,7 +177,7 @@ async def run_agent(ctx: RunContext, node: Agent, path: str, state: State) -> St
 
         async def ask(request: ModelRequest = request, step: str = step,
                       turn: int = turn) -> dict[str, Any]:
-            return await _call_model(model_ref, request, step, turn)
+            return await _call_model(model_ref, request, step, turn, tokens)
 
         response = ModelResponse.from_json(await run_step(step, node.max_retries, ask))
         if ctx.tracer is not None:

@@ -21,7 +21,7 @@ from .. import validate
 from ..audit import redact
 from ..errors import AppStateError, BuildError, DatabaseError, storable_text
 from ..ir import Dispatch, as_node
-from . import dispatch, executors, gates, lifecycle, outcomes, slots, slots_pg, versions
+from . import dispatch, events, executors, gates, lifecycle, outcomes, slots, slots_pg, versions
 from .batch import Batch
 from .current import set_current_app
 from .database import check_postgres, check_url, launch_error, resolve_url, sqlite_problem
@@ -67,6 +67,10 @@ class App:
     and guarantees as ``DBOS.run_step`` (see :mod:`durapipe.engine.steps`);
     ``steps="dbos"`` goes through ``DBOS.run_step`` itself. SQLite always uses DBOS's path.
 
+    ``events=True`` (the default) writes each run's event stream (``handle.stream()``, see
+    :mod:`durapipe.engine.events`); ``stream_tokens=True`` streams every agent's model text
+    to it, as ``Agent(...).stream_tokens()`` does for one agent.
+
     ``executor_id`` names this process in the runs it records (default: DBOS's ``local``,
     or env ``DBOS__VMID``); a launch recovers the unfinished runs of its executor id, so give
     each process of a deployment its own. A clean stop (``with app:`` exit,
@@ -84,8 +88,12 @@ class App:
         dbos_config: dict[str, Any] | None = None,
         tracing: Any = False,
         steps: str = "lean",
+        events: bool = True,
+        stream_tokens: bool = False,
     ) -> None:
         self.name = name
+        self.events = bool(events)  # each run's event stream (engine/events.py)
+        self.stream_tokens = bool(stream_tokens)  # every agent as with .stream_tokens()
         if steps not in ("lean", "dbos"):
             raise AppStateError(
                 f"App({name!r}, steps={steps!r}): steps must be 'lean' (durapipe writes each "
@@ -222,6 +230,7 @@ class App:
         self._executor_lock = ExecutorLock(self.database_url, self.dbos_name,
                                            self.running_executor_id)
         self._executor_lock.acquire()
+        events.start_log(url if self.events else None)  # before DBOS recovers any run
         DBOS(config=self.dbos_config())
         try:
             DBOS.listen_queues(self._queues_to_listen())
@@ -230,6 +239,7 @@ class App:
         except Exception as exc:
             set_current_app(None)
             DBOS.destroy()
+            events.stop_log()
             self._release_executor()
             error = launch_error(exc, url)
             if error is not None:
@@ -289,6 +299,7 @@ class App:
         self._step_log = None
         self.limiter.close()
         DBOS.destroy()
+        events.stop_log()  # what the stopped runs emitted is written first
         set_current_app(None)
         self._release_executor()
 

@@ -14,6 +14,7 @@ branch order.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,7 +24,7 @@ from dbos import DBOS
 from ..errors import DurapipeError, NodeFailed, StateError, error_text, storable_errors
 from ..ir import Fn, Node, Parallel, Seq, Sleep, Transform
 from ..state import State, check_updates
-from . import lifecycle, slots, steplogs, taskgroup
+from . import events, lifecycle, slots, steplogs, taskgroup
 from . import steps as lean
 from .children import await_child
 from .context import RunContext, no_retry_for_durapipe_errors, node_error, run_step, step_options
@@ -60,7 +61,8 @@ def _sync_body(node: Fn, where: str, state: State) -> Callable[[], State]:
 def run_sync_fn(node: Fn, path: str, state: State) -> State:
     """A sync fn node as one DBOS step, called on a worker thread (see ``_sync_run``)."""
     where = f"{path}:{node.label}"
-    body = storable_errors(steplogs.capturing(where, slots.observing(_sync_body(node, where, state))))
+    body = storable_errors(events.attempts(where, steplogs.capturing(where, slots.observing(
+        _sync_body(node, where, state)))))
     log = active_step_log()
     if not lifecycle.step_started():
         lifecycle.refuse_on_thread()  # the app is stopping: no new step starts
@@ -149,15 +151,19 @@ def _sync_run(ctx: RunContext, nodes: tuple[Node, ...], start: int) -> int:
 def _run_sync_nodes(nodes: tuple[Node, ...], path: str, first: int, state: State) -> State:
     updates: State = {}
     for i, child in enumerate(nodes, first):
-        if isinstance(child, Fn):
-            out = run_sync_fn(child, f"{path}.{i}", state)
-        else:
-            assert isinstance(child, Transform)
-            out = run_transform(child, f"{path}.{i}", state)
+        out = events.observe_sync(child, f"{path}.{i}", functools.partial(
+            _run_sync_node, child, f"{path}.{i}", state))
         if out:
             state = {**state, **out}
             updates.update(out)
     return updates
+
+
+def _run_sync_node(child: Node, path: str, state: State) -> State:
+    if isinstance(child, Fn):
+        return run_sync_fn(child, path, state)
+    assert isinstance(child, Transform)
+    return run_transform(child, path, state)
 
 
 async def gather_branches(

@@ -24,7 +24,7 @@ from dbos._error import DBOSMaxStepRetriesExceeded
 from ..errors import DurapipeError, NodeFailed, error_text, from_portable, storable_errors
 from ..ir import Node
 from ..state import State
-from . import lifecycle, slots, steplogs
+from . import events, lifecycle, slots, steplogs
 from . import steps as lean
 from .current import active_step_log
 from .reserve import next_reservation
@@ -108,6 +108,13 @@ class RunContext:
             raise DurapipeError(
                 f"node {path}:{node.label}: node kind {node.kind!r} is not supported by this engine"
             )
+        if events.active() is not None:
+            out: State = await events.observe(node, path, lambda: self._run(handler, node, path,
+                                                                             state))
+            return out
+        return await self._run(handler, node, path, state)
+
+    async def _run(self, handler: Handler, node: Node, path: str, state: State) -> State:
         if self.tracer is not None:
             return await self.tracer.node(self, node, path, state, handler)
         return await handler(self, node, path, state)
@@ -169,7 +176,7 @@ async def run_step(where: str, retries: int, body: Callable[[], Any]) -> Any:
     On Postgres the step row is written by :mod:`engine.steps` (one statement before the
     body, one after); otherwise by ``DBOS.run_step_async``.
     """
-    body = steplogs.capturing(where, slots.observing(body))
+    body = events.attempts(where, steplogs.capturing(where, slots.observing(body)))
     reservation = next_reservation(where)
     log = active_step_log()
     body = storable_errors(body)

@@ -42,7 +42,7 @@ from dbos._error import DBOSAwaitedWorkflowCancelledError, DBOSWorkflowCancelled
 from ..errors import DurapipeError, NodeFailed, RunError, error_text, from_portable
 from ..ir import Dispatch, Join
 from ..state import State, check_updates
-from . import lifecycle
+from . import events, lifecycle
 from .children import await_child
 from .context import RunContext, run_step
 from .scope import TASK_WORKFLOW
@@ -168,6 +168,7 @@ def progress(value: Any) -> None:
     # runs on the workflow's loop, so the (short) event write is made directly.
     _dbos_set_event(_get_dbos_instance(), snapshot_step_context(), PROGRESS_EVENT, value,
                     serialization_type=WorkflowSerializationFormat.DEFAULT)
+    _progress_event(value)
 
 
 async def progress_async(value: Any) -> None:
@@ -176,6 +177,15 @@ async def progress_async(value: Any) -> None:
     if get_local_dbos_context() is None:
         raise DurapipeError("durapipe.progress_async() was called outside a running pipeline")
     await DBOS.set_event_async(PROGRESS_EVENT, value)
+    _progress_event(value)
+
+
+def _progress_event(value: Any) -> None:
+    """The progress value on the run's stream too (at least once: it comes from a step)."""
+    workflow = DBOS.workflow_id or ""
+    path, _, name = workflow.rpartition("/")[2].partition(":")
+    events.emit("task_progress", path=path or None, name=name or None, kind="task",
+                data={"value": value})
 
 
 async def read_progress(child_id: str) -> Any:
@@ -276,6 +286,9 @@ async def run_dispatch(ctx: RunContext, node: Dispatch, path: str, state: State)
                     task.handle = await DBOS.enqueue_workflow_async(qname, ctx.table.task, *args)
         if not node.detach:  # a detached task is never joined, not even at the run's end
             ctx.tasks[name] = task
+        events.emit("task_dispatched", path=tpath, name=name, kind="task",
+                    key=f"dispatched:{tpath}",
+                    data={"workflow_id": task.child_id, "detached": node.detach})
     if not node.progress_key:
         return {}
     return {node.progress_key: None if len(node.names) == 1 else dict.fromkeys(node.names)}
@@ -311,6 +324,10 @@ async def join_tasks(
     failure: BaseException | None = None
     for i, (task, result) in enumerate(zip(tasks, results, strict=True)):
         del ctx.tasks[task.name]
+        fate = ("timed_out" if i in timed_out else "failed" if isinstance(result, BaseException)
+                else status)
+        events.emit("task_joined", path=task.path, name=task.name, kind="task",
+                    key=f"joined:{task.path}", data={"status": fate, "join": path})
         if i in timed_out:
             await _record_fate(task, "timed_out")
         elif isinstance(result, (DBOSAwaitedWorkflowCancelledError, DBOSWorkflowCancelledError)):

@@ -42,6 +42,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from ..errors import ApprovalRefused, GateRejected, NodeFailed, NodeTimeout, UnknownGate, error_text
 from ..ir import Gate
 from ..state import State, render
+from . import events
 from .context import RunContext, run_step
 from .scope import (
     DURAPIPE_WORKFLOWS,
@@ -98,6 +99,8 @@ async def run_gate(ctx: RunContext, node: Gate, path: str, state: State) -> Stat
             raise NodeFailed(f"gate {where}: when() raised {error_text(exc)}", node=where,
                              cause=error_text(exc)) from exc
         if not wanted:
+            events.emit("node_skipped", path=path, name=node.name, kind="gate",
+                        key=f"skipped:{path}", data={"reason": "when() is false"})
             return {}
     await ctx.settle()  # an earlier pass's decision is written before this pass announces
     message = render(node.message, state, f"gate {where}")
@@ -107,6 +110,9 @@ async def run_gate(ctx: RunContext, node: Gate, path: str, state: State) -> Stat
             "approvers": list(node.approvers) if node.approvers is not None else None,
             "requested_at": requested_at}
     await DBOS.set_event_async(key, {**base, "status": "waiting"})
+    events.emit("gate_waiting", path=path, name=node.name, kind="gate", key=f"waiting:{path}",
+                data={"message": message, "approvers": base["approvers"],
+                      "requested_at": requested_at})
 
     deadline = requested_at + node.timeout_seconds * 1000 if node.timeout_seconds else None
     wait = node.timeout_seconds or FOREVER_SECONDS
@@ -131,6 +137,8 @@ async def run_gate(ctx: RunContext, node: Gate, path: str, state: State) -> Stat
         ctx.defer(lambda: asyncio.to_thread(
             dbos_set_event, _get_dbos_instance(), op, key, record,
             serialization_type=WorkflowSerializationFormat.DEFAULT))
+    events.emit("gate_answered", path=path, name=node.name, kind="gate", key=f"answered:{path}",
+                data={"status": status, "by": by, "comment": comment, "at": at})
     if msg is None and node.on_timeout == "fail":
         raise NodeTimeout(f"gate {where} got no answer within {node.timeout_seconds:g} s",
                           node=where, gate=node.name, seconds=node.timeout_seconds)

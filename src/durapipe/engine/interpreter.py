@@ -57,6 +57,7 @@ from . import (
     bestof,
     control,
     dispatch,
+    events,
     flow,
     gates,
     lifecycle,
@@ -155,25 +156,26 @@ async def _run_pipeline(
 ) -> State:
     run_id = DBOS.workflow_id or ""
     with lifecycle.running(run_id):  # also while it waits for a worker with its shape
-        app, registered = await open_pipeline(pipeline, version, path, root or run_id)
-        ctx = RunContext(app=app, pipeline=registered, root=root or run_id, table=TABLE,
-                         tracer=app.tracing, recorded=version)
-        node = registered.node_at(path)
+        async with events.streaming(root or run_id, path, pipeline):
+            app, registered = await open_pipeline(pipeline, version, path, root or run_id)
+            ctx = RunContext(app=app, pipeline=registered, root=root or run_id, table=TABLE,
+                             tracer=app.tracing, recorded=version)
+            node = registered.node_at(path)
 
-        async def body() -> State:
-            try:
-                updates = await finish(ctx, path, state, await ctx.execute(node, path, state))
-            except BaseException:
-                await ctx.settle(raise_errors=False)
-                raise
-            await ctx.settle()
-            if path == "0":
-                return {**state, **updates}
-            return updates
+            async def body() -> State:
+                try:
+                    updates = await finish(ctx, path, state, await ctx.execute(node, path, state))
+                except BaseException:
+                    await ctx.settle(raise_errors=False)
+                    raise
+                await ctx.settle()
+                if path == "0":
+                    return {**state, **updates}
+                return updates
 
-        if ctx.tracer is not None:
-            return await ctx.tracer.workflow(ctx, path, body)
-        return await body()
+            if ctx.tracer is not None:
+                return await ctx.tracer.workflow(ctx, path, body)
+            return await body()
 
 
 @DBOS.workflow(name=TASK_WORKFLOW)
@@ -188,12 +190,13 @@ async def run_task(
     returns has seen its tasks' callbacks done.
     """
     with lifecycle.running(DBOS.workflow_id or ""):  # also while it waits for its shape
-        app, registered = await open_pipeline(pipeline, version, path, root)
-        ctx = RunContext(app=app, pipeline=registered, root=root, table=TABLE,
-                         tracer=app.tracing, recorded=version)
-        if ctx.tracer is not None:
-            return await ctx.tracer.workflow(ctx, path, lambda: _run_task(ctx, state, path, name))
-        return await _run_task(ctx, state, path, name)
+        async with events.streaming(root, path, pipeline):
+            app, registered = await open_pipeline(pipeline, version, path, root)
+            ctx = RunContext(app=app, pipeline=registered, root=root, table=TABLE,
+                             tracer=app.tracing, recorded=version)
+            if ctx.tracer is not None:
+                return await ctx.tracer.workflow(ctx, path, lambda: _run_task(ctx, state, path, name))
+            return await _run_task(ctx, state, path, name)
 
 
 async def _run_task(ctx: RunContext, state: State, path: str, name: str) -> State:

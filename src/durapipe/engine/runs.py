@@ -35,6 +35,8 @@ from ..errors import (
 from ..ir import Dispatch, Node
 from ..state import State, check_inputs
 from . import dispatch, lifecycle
+from .ask import AskMixin
+from .handlestream import StreamMixin
 from .interpreter import run_workflow
 from .scope import belongs_to, check_run_id, is_run_workflow, refuse
 
@@ -87,7 +89,7 @@ class Registered:
             raise BuildError(f"pipeline {self.name!r} has no node at path {path!r}") from None
 
 
-class Pipeline:
+class Pipeline(AskMixin):
     """A pipeline registered in an App. Start runs with :meth:`run` or :meth:`start`."""
 
     def __init__(self, app: App, registered: Registered) -> None:
@@ -334,7 +336,7 @@ def _raise_run_error(run_id: str, exc: BaseException, recorded: str | None = Non
     raise RunError(f"run {run_id!r} failed: {error_text(exc)}", run_id=run_id) from exc
 
 
-class RunHandle:
+class RunHandle(StreamMixin):
     """A run of a pipeline: its id, status, result and (with dispatch) progress."""
 
     def __init__(self, app: App, run_id: str, handle: Any = None, async_handle: Any = None) -> None:

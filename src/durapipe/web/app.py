@@ -25,14 +25,15 @@ from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit
 
-from fastapi import Depends, FastAPI, Form, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi import Depends, FastAPI, Form, Header, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ..audit import RunTree
 from ..engine.admin import Admin, parse_since
 from ..engine.app import App
+from ..engine.eventread import EventType, follow_async
 from ..engine.scope import belongs_to
 from ..errors import ApprovalRefused, DurapipeError, OperatorError, UnknownGate, UnknownRun
 from ..runview import node_statuses
@@ -223,6 +224,21 @@ def create_console(app: App, *, token: str | None = None,
     @api.get("/runs/{run_id}/live", response_class=HTMLResponse)
     def run_live(run_id: str) -> HTMLResponse:
         return HTMLResponse(live_html(run_id)[0])
+
+    @api.get("/runs/{run_id}/events")
+    def run_events(run_id: str, from_offset: int = 0,
+                   last_event_id: str | None = Header(default=None)) -> StreamingResponse:
+        """The run's event stream (SSE, no token chunks): the run page redraws on each."""
+        check_owned(run_id)
+        given = last_event_id or ""
+        start = int(given) + 1 if given.isdigit() else max(0, from_offset)
+
+        async def body() -> AsyncIterator[bytes]:
+            async for ev in follow_async(admin().url, run_id, start):
+                if ev.type is not EventType.TOKEN:
+                    yield f"id: {ev.offset}\nevent: {ev.type.value}\ndata: {{}}\n\n".encode()
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
 
     @api.get("/api/runs/{run_id}")
     def run_json(run_id: str) -> dict[str, Any]:

@@ -254,7 +254,8 @@ def run_page(tree: RunTree, live: str, inputs: Any, paths: list[str]) -> str:
                        "resume run</button></form>")
     active = 1 if r.status in ACTIVE else 0
     return (f"<h1>Run {rid}</h1><div class=\"actions\">{''.join(actions)}</div>"
-            f'<div id="live" data-live-src="/runs/{rid}/live" data-live-active="{active}">{live}</div>'
+            f'<div id="live" data-live-src="/runs/{rid}/live" data-events-src="/runs/{rid}/events" '
+            f'data-live-active="{active}">{live}</div>'
             f"<h2>Inputs</h2>{_json(inputs)}"
             + (f"<h2>State</h2>{_json(tree.output, 20000)}" if tree.output is not None else ""))
 

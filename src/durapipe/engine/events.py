@@ -1,0 +1,456 @@
+"""A run's event stream: what the engine writes, and how.
+
+Every run appends ordered events to the table ``durapipe.events`` (``durapipe_events`` on
+SQLite): ``(run_id, seq, key, type, path, name, kind, data, at)``. ``seq`` is the offset, a
+per-run counter without gaps, assigned at insert under a per-run lock, so a reader that
+reads everything past its last offset never misses an event that commits later.
+
+Why a table of our own rather than ``DBOS.write_stream``: a write from the workflow is a
+DBOS operation with its own number, which would shift the number of every step after it
+(the engine reserves step numbers for parallel branches, and a deploy compares a run's
+recorded steps to the new code), and costs a round trip on the run's critical path. Here
+events are buffered and written by one thread per process in batches, off that path
+(``bench/bench_stream.py`` measures both).
+
+Exactly once from the workflow: an event the workflow writes has a ``key`` (``started:0.2``),
+unique per run; a replay after a crash emits it again and the insert skips it. Events from
+inside a step (token chunks, task progress, retries) have no key: at least once. An event
+may name a marker for when its key is already there (``on_repeat``): the first event of a
+run (``run_started``) turns into ``run_resumed`` when a restarted process replays it, and
+the first token chunk of a model call into ``model_restarted`` when the call runs again, so
+a reader sees the restart instead of a silent mix. A workflow waits for its events to be
+written before it returns, so a finished run's stream is complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import inspect
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import sqlalchemy as sa
+
+from ..errors import storable_text
+
+log = logging.getLogger("durapipe")
+
+CHANNEL = "durapipe_events"
+# How long the writer lets events gather into one batch, unless a workflow waits for them.
+COALESCE = 0.005
+
+def pg_ddl() -> str:
+    """The Postgres table ``durapipe.events`` and its append function (``sql/events.sql``)."""
+    return resources.files("durapipe").joinpath("sql/events.sql").read_text(encoding="utf-8")
+
+
+SQLITE_DDL = [
+    """CREATE TABLE IF NOT EXISTS durapipe_events (
+        run_id text NOT NULL, seq integer NOT NULL, key text, type text NOT NULL,
+        path text, name text, kind text, data text NOT NULL DEFAULT '{}',
+        at real NOT NULL, PRIMARY KEY (run_id, seq))""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS durapipe_events_key ON durapipe_events (run_id, key)",
+]
+
+
+def table_name(postgres: bool) -> str:
+    return "durapipe.events" if postgres else "durapipe_events"
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An event waiting to be written."""
+
+    run_id: str
+    type: str
+    path: str | None
+    name: str | None
+    kind: str | None
+    data: dict[str, Any]
+    at: float
+    key: str | None = None
+    on_repeat: str | None = None
+
+
+class EventLog:
+    """Buffers a process's events and writes them in batches on one thread.
+
+    ``emit`` never blocks on the database; ``flush(run_id)`` waits until every event of the
+    run emitted so far is written (a workflow calls it before it returns).
+    """
+
+    def __init__(self, url: str) -> None:
+        self.postgres = not url.startswith("sqlite")
+        # Postgres: the writer thread's own psycopg connection; SQLite: through SQLAlchemy.
+        self.engine = None if self.postgres else sa.create_engine(url)
+        self.table = table_name(self.postgres)
+        self.url = url
+        self._pg: Any = None  # the writer thread's own connection (Postgres)
+        self._ready = False
+        self._buffer: list[Pending] = []
+        self._lock = threading.Condition()
+        self._emitted = 0
+        self._written = 0
+        self._stopped = False
+        self._urgent = False  # someone waits for what is buffered: write it now
+        self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self._thread = threading.Thread(target=self._loop, name="durapipe-events", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _install(self) -> None:
+        if self.postgres:
+            con = self._pg_connection()
+            with con.transaction():
+                con.execute("SELECT pg_advisory_xact_lock(hashtext('durapipe.events'))")
+                con.execute(pg_ddl())
+        else:
+            assert self.engine is not None
+            with self.engine.begin() as lite:
+                for ddl in SQLITE_DDL:
+                    lite.exec_driver_sql(ddl)
+        self._ready = True
+
+    def stop(self, wait: float = 5.0) -> None:
+        """Write what is buffered (up to ``wait`` seconds), then stop the writer thread."""
+        with self._lock:
+            target = self._emitted
+            self._urgent = True
+            self._lock.notify_all()
+            self._lock.wait_for(lambda: self._written >= target or not self._thread.is_alive(),
+                                timeout=wait)
+            self._stopped = True
+            self._wake()
+            self._lock.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=wait)
+        if self._pg is not None:
+            self._pg.close()
+        if self.engine is not None:
+            self.engine.dispose()
+
+    def emit(self, event: Pending) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._buffer.append(event)
+            self._emitted += 1
+            if len(self._buffer) == 1:  # the writer waits for a first event only
+                self._lock.notify_all()
+
+    def wait_written(self, timeout: float = 30.0) -> None:
+        """Block until every event emitted so far is written (or ``timeout`` passes)."""
+        with self._lock:
+            target = self._emitted
+            self._urgent = True
+            self._lock.notify_all()
+            self._lock.wait_for(lambda: self._written >= target or self._stopped, timeout=timeout)
+
+    async def flush(self, timeout: float = 30.0) -> None:
+        """:meth:`wait_written` for a coroutine: the writer wakes it, no thread waits."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._written >= self._emitted or self._stopped:
+                return
+            done: asyncio.Future[None] = loop.create_future()
+            self._waiters.append((self._emitted, loop, done))
+            self._urgent = True
+            self._lock.notify_all()
+        try:
+            await asyncio.wait_for(done, timeout)
+        except asyncio.TimeoutError:
+            log.warning("durapipe: run events not written within %s s; going on", timeout)
+
+    def _wake(self) -> None:
+        """Resolve the flushes whose events are written (called holding the lock)."""
+        keep = []
+        for target, loop, done in self._waiters:
+            if self._written >= target or self._stopped:
+                with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_resolve, done)
+            else:
+                keep.append((target, loop, done))
+        self._waiters = keep
+
+    # -- the writer thread ------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: bool(self._buffer) or self._stopped)
+                if self._stopped and not self._buffer:
+                    return
+                if not (self._urgent or self._stopped):  # let a few more events join the batch
+                    self._lock.wait_for(lambda: self._urgent or self._stopped, timeout=COALESCE)
+                self._urgent = False
+                batch, self._buffer = self._buffer, []
+            delay = 0.05
+            while True:
+                try:
+                    self._write(batch)
+                    break
+                except Exception as exc:
+                    if not _retriable(exc):  # a value the database refuses: never retried
+                        self._one_by_one(batch, exc)
+                        break
+                    if self._stopped:  # the database is away: keep the batch, retry
+                        log.warning("durapipe: %d run events not written at stop: %s",
+                                    len(batch), exc)
+                        break
+                    log.warning("durapipe: writing run events failed, retrying: %s", exc)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+            with self._lock:
+                self._written += len(batch)
+                self._wake()
+                self._lock.notify_all()
+
+    def _one_by_one(self, batch: list[Pending], exc: Exception) -> None:
+        """Write a refused batch event by event, so only the refused ones are lost."""
+        for event in batch if len(batch) > 1 else ():
+            try:
+                self._write([event])
+            except Exception as one:
+                log.warning("durapipe: run event %s %s of run %s not written: %s", event.type,
+                            event.path, event.run_id, one)
+        if len(batch) == 1:
+            log.warning("durapipe: run event %s %s of run %s not written: %s", batch[0].type,
+                        batch[0].path, batch[0].run_id, exc)
+
+    def _write(self, batch: list[Pending]) -> None:
+        if not self._ready:
+            self._install()
+        by_run: dict[str, list[Pending]] = {}
+        for e in batch:
+            by_run.setdefault(e.run_id, []).append(e)
+        if self.postgres:  # one statement, one round trip (autocommit)
+            payload = {run: [{"type": e.type, "path": e.path, "name": e.name, "kind": e.kind,
+                              "data": e.data, "at": e.at, "key": e.key,
+                              "on_repeat": e.on_repeat} for e in evs]
+                       for run, evs in by_run.items()}
+            self._pg_connection().execute("SELECT durapipe.append_events(%s::jsonb)",
+                                          (json.dumps(payload),))
+            return
+        assert self.engine is not None
+        with self.engine.begin() as con:
+            for run_id in sorted(by_run):
+                self._append(con, run_id, by_run[run_id])
+
+    def _pg_connection(self) -> Any:
+        con = self._pg
+        if con is None or con.closed or con.broken:
+            import psycopg
+
+            con = self._pg = psycopg.connect(self.url, autocommit=True)
+        return con
+
+    def _append(self, con: sa.Connection, run_id: str, events: list[Pending]) -> None:
+        t = self.table  # SQLite: one writer at a time, so max(seq) + 1 is free
+        last = con.execute(sa.text(f"SELECT max(seq) FROM {t} WHERE run_id = :run"),
+                           {"run": run_id}).scalar()
+        keys = sorted({e.key for e in events if e.key is not None})
+        present: set[str] = set()
+        if keys:
+            q = sa.text(f"SELECT key FROM {t} WHERE run_id = :run AND key IN :keys").bindparams(
+                sa.bindparam("keys", expanding=True))
+            present = {r[0] for r in con.execute(q, {"run": run_id, "keys": keys})}
+        seq = -1 if last is None else int(last)
+        rows = []
+        for e in events:
+            key, kind_of = e.key, e.type
+            if key is not None and key in present:
+                if e.on_repeat is None:
+                    continue
+                key, kind_of = None, e.on_repeat
+            elif key is not None:
+                present.add(key)
+            seq += 1
+            rows.append({"run": run_id, "seq": seq, "key": key, "type": kind_of, "path": e.path,
+                         "name": e.name, "kind": e.kind, "data": json.dumps(e.data),
+                         "at": e.at})
+        if not rows:
+            return
+        con.execute(sa.text(
+            f"INSERT INTO {t} (run_id, seq, key, type, path, name, kind, data, at) "
+            "VALUES (:run, :seq, :key, :type, :path, :name, :kind, :data, :at)"), rows)
+
+
+def _resolve(done: asyncio.Future[None]) -> None:
+    if not done.done():
+        done.set_result(None)
+
+
+def _retriable(exc: Exception) -> bool:
+    """A lost or busy database (worth another try), not a statement it refuses."""
+    import psycopg
+
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError,
+                            sa.exc.OperationalError, sa.exc.InterfaceError, OSError))
+
+
+# -- emitting ---------------------------------------------------------------------------
+
+_log: dict[str, EventLog] = {}
+# The run (root id) whose stream the code running here writes to; set by the workflows.
+_run: contextvars.ContextVar[str | None] = contextvars.ContextVar("durapipe_event_run",
+                                                                  default=None)
+
+
+def set_log(event_log: EventLog | None) -> None:
+    _log.clear()
+    if event_log is not None:
+        _log["log"] = event_log
+
+
+def start_log(url: str | None) -> None:
+    """Start this process's event writer for ``url`` (None: events off)."""
+    stop_log()
+    if url is not None:
+        event_log = EventLog(url)
+        event_log.start()
+        set_log(event_log)
+
+
+def stop_log() -> None:
+    event_log = _log.pop("log", None)
+    if event_log is not None:
+        event_log.stop()
+
+
+def active() -> EventLog | None:
+    return _log.get("log")
+
+
+def bind_run(run_id: str) -> contextvars.Token[str | None]:
+    return _run.set(run_id)
+
+
+def unbind_run(token: contextvars.Token[str | None]) -> None:
+    _run.reset(token)
+
+
+def current_run() -> str | None:
+    return _run.get()
+
+
+def emit(type: str, *, path: str | None = None, name: str | None = None,
+         kind: str | None = None, data: dict[str, Any] | None = None, key: str | None = None,
+         on_repeat: str | None = None, run_id: str | None = None) -> None:
+    """Append an event to the stream of the run running here; a no-op with events off."""
+    event_log = _log.get("log")
+    if event_log is None:
+        return
+    run = run_id or _run.get()
+    if run is None:
+        return
+    event_log.emit(Pending(run, type, path, name, kind, data or {}, time.time(), key, on_repeat))
+
+
+@contextlib.asynccontextmanager
+async def streaming(run_id: str, path: str, pipeline: str) -> AsyncIterator[None]:
+    """Bind a workflow's code to its run's stream; the run's own workflow (path ``0``)
+    writes ``run_started`` (``run_resumed`` when a restart replays it) and ``run_finished``.
+    The workflow's events are written before it returns."""
+    token = _run.set(run_id)
+    root = path == "0"
+    if root:
+        emit("run_started", path=path, name=pipeline, kind="run", key="run",
+             on_repeat="run_resumed")
+    try:
+        yield
+    except Exception as exc:
+        if root:
+            status = "CANCELLED" if "Cancel" in type(exc).__name__ else "ERROR"
+            emit("run_finished", path=path, name=pipeline, kind="run", key="run_end",
+                 on_repeat="run_finished", data={"status": status, "error": _text(exc)})
+        await flush()
+        raise
+    else:
+        if root:
+            emit("run_finished", path=path, name=pipeline, kind="run", key="run_end",
+                 on_repeat="run_finished", data={"status": "SUCCESS"})
+        await flush()
+    finally:
+        _run.reset(token)
+
+
+async def flush() -> None:
+    event_log = _log.get("log")
+    if event_log is not None:
+        await event_log.flush()
+
+
+async def observe(node: Any, path: str, run: Callable[[], Any]) -> Any:
+    """Run a node between its started and finished (or failed) events."""
+    label = node.label
+    emit("node_started", path=path, name=label, kind=node.kind, key=f"started:{path}")
+    began = time.perf_counter()
+    try:
+        out = await run()
+    except BaseException as exc:
+        emit("node_failed", path=path, name=label, kind=node.kind, key=f"ended:{path}",
+             data={"error": _text(exc),
+                   "duration_ms": _ms(began)})
+        raise
+    emit("node_finished", path=path, name=label, kind=node.kind, key=f"ended:{path}",
+         data={"duration_ms": _ms(began)})
+    return out
+
+
+def observe_sync(node: Any, path: str, run: Callable[[], Any]) -> Any:
+    """:func:`observe` for a node run on a worker thread."""
+    if _log.get("log") is None:
+        return run()
+    label = node.label
+    emit("node_started", path=path, name=label, kind=node.kind, key=f"started:{path}")
+    began = time.perf_counter()
+    try:
+        out = run()
+    except BaseException as exc:
+        emit("node_failed", path=path, name=label, kind=node.kind, key=f"ended:{path}",
+             data={"error": _text(exc),
+                   "duration_ms": _ms(began)})
+        raise
+    emit("node_finished", path=path, name=label, kind=node.kind, key=f"ended:{path}",
+         data={"duration_ms": _ms(began)})
+    return out
+
+
+def attempts(where: str, body: Callable[[], Any]) -> Callable[[], Any]:
+    """``body`` that writes a ``retry`` event each time it runs again (a step's retry)."""
+    if _log.get("log") is None:
+        return body
+    count = [0]
+    path, _, name = where.partition(":")
+
+    def again() -> None:
+        count[0] += 1
+        if count[0] > 1:
+            emit("retry", path=path, name=name, kind="step", data={"attempt": count[0]})
+
+    if inspect.iscoroutinefunction(body):
+        async def run_async() -> Any:
+            again()
+            return await body()
+        return run_async
+
+    def run() -> Any:
+        again()
+        return body()
+    return run
+
+
+def _text(exc: BaseException) -> str:
+    return storable_text(f"{type(exc).__name__}: {exc}"[:2000])
+
+
+def _ms(began: float) -> float:
+    return round((time.perf_counter() - began) * 1000, 3)
