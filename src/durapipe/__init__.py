@@ -14,6 +14,7 @@ from .engine import App, Pipeline, RunHandle, RunResult, RunStatus
 from .engine.dispatch import progress
 from .engine.gates import PendingGate
 from .errors import (
+    BudgetExceeded,
     BuildError,
     DurapipeError,
     GateRejected,
@@ -33,7 +34,7 @@ from .models import FakeModel
 from .planner import Flow, Plan, Step
 
 __all__ = [
-    "Agent", "App", "BuildError", "DurapipeError", "FakeModel", "Flow", "GateRejected",
+    "Agent", "App", "BudgetExceeded", "BuildError", "DurapipeError", "FakeModel", "Flow", "GateRejected",
     "ModelError", "Node", "NodeFailed", "NodeTimeout", "PendingGate", "Pipeline", "Plan",
     "PlanError", "RunCancelled", "RunError", "RunHandle", "RunResult", "RunStatus", "RunTimeout",
     "StateError", "Step", "UnknownGate", "UnknownRun", "dispatch", "fn", "gate", "join", "map_over",

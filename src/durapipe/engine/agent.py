@@ -34,6 +34,7 @@ from ..ir import Agent
 from ..models import ModelRequest, ModelResponse, StreamingModel, ToolCall, resolve_model
 from ..models.tools import Tool, make_tools
 from ..state import State, check_updates, render
+from . import budget
 from .context import RunContext, node_error, run_step
 
 OUTPUT_RETRIES = 2
@@ -163,7 +164,8 @@ async def run_agent(ctx: RunContext, node: Agent, path: str, state: State) -> St
 
         async def ask(request: ModelRequest = request, step: str = step,
                       turn: int = turn) -> dict[str, Any]:
-            return await _call_model(model_ref, request, step, turn)
+            await budget.check(ctx.app, ctx.root, step)  # inside the step: replays never re-check
+            return budget.priced(ctx.app, await _call_model(model_ref, request, step, turn))
 
         response = ModelResponse.from_json(await run_step(step, node.max_retries, ask))
         if ctx.tracer is not None:

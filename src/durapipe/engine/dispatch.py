@@ -41,7 +41,7 @@ from dbos._dbos import _get_dbos_instance
 from ..errors import DurapipeError, NodeFailed, RunError, error_text, from_portable
 from ..ir import Dispatch, Join
 from ..state import State, check_updates
-from . import lifecycle
+from . import admission, lifecycle
 from .children import await_child
 from .context import RunContext, run_step
 from .scope import TASK_WORKFLOW
@@ -242,7 +242,10 @@ async def run_dispatch(ctx: RunContext, node: Dispatch, path: str, state: State)
                 task.handle = await DBOS.start_workflow_async(ctx.table.task, *args)
             else:
                 qname, partitioned = queue
-                with SetEnqueueOptions(queue_partition_key=f"{ctx.root}/{path}" if partitioned else None):
+                # On a per-tenant queue a task is in its run's tenant's partition.
+                part = (admission.task_partition(ctx.app, qname, ctx.root) or f"{ctx.root}/{path}"
+                        if partitioned else None)
+                with SetEnqueueOptions(queue_partition_key=part):
                     task.handle = await DBOS.enqueue_workflow_async(qname, ctx.table.task, *args)
         ctx.tasks[name] = task
     if not node.progress_key:

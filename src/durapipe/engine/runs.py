@@ -33,7 +33,7 @@ from ..errors import (
 )
 from ..ir import Dispatch, Node
 from ..state import State, check_inputs
-from . import dispatch, lifecycle
+from . import admission, dispatch, lifecycle
 from .interpreter import run_pipeline
 from .scope import WORKFLOW_NAME, belongs_to, check_run_id, refuse
 
@@ -137,32 +137,54 @@ class Pipeline:
                 run_id=run_id,
             )
 
+    def _admission(self, what: str, opts: dict[str, Any]) -> admission.Admission:
+        return admission.Admission.of(f"pipeline {self.name!r}.{what}", self.name,
+                                      default_max_tokens=self.app.max_tokens, **opts)
+
     def start(self, inputs: Any = None, *, run_id: str | None = None,
-              timeout: float | None = None) -> RunHandle:
+              timeout: float | None = None, tenant: str | None = None,
+              priority: int | None = None, dedup_key: str | None = None,
+              delay: float | None = None, max_tokens: int | None = None) -> RunHandle:
         """Start a run and return at once. Starting an existing ``run_id`` returns that run.
 
         ``timeout`` (seconds) is a durable deadline for the whole run, kept across
         restarts: past it the run is cancelled, with its child workflows and background
         tasks, and its result raises :class:`~durapipe.errors.RunTimeout`.
+        ``tenant`` is recorded on the run; ``priority`` (lowest first) and ``delay``
+        (seconds, durable) place it on the app's start queue; while a run started with
+        ``dedup_key`` is unfinished, another start with that key returns it; ``max_tokens``
+        is the run's token budget (see :mod:`durapipe.engine.admission`).
         """
         self.app._require_launched(f"pipeline {self.name!r}.start")
         run_id = self._run_id(run_id, "start")
         state = self._inputs(inputs)
         deadline = self._deadline(timeout)
+        adm = self._admission("start", dict(tenant=tenant, priority=priority, dedup_key=dedup_key,
+                                            delay=delay, max_tokens=max_tokens))
         if run_id is not None:
             self._check_existing(run_id, DBOS.get_workflow_status(run_id))
         workflow_id = run_id or str(uuid.uuid4())
-        submit = _loop_submit()
-        if submit is None:
-            with SetWorkflowID(workflow_id), deadline:
-                handle = DBOS.start_workflow(run_pipeline, self.name, self.version, state)
-            return RunHandle(self.app, handle.workflow_id, handle)
+        with admission.dedup_lock(self.app, adm):
+            found = admission.active_run(self.app, adm)
+            if found is not None:
+                return RunHandle(self.app, found)
+            if adm.queued:
+                with SetWorkflowID(workflow_id), deadline, adm.options(queued=True):
+                    handle = DBOS.enqueue_workflow(admission.start_queue(self.app.dbos_name),
+                                                   run_pipeline, self.name, self.version, state)
+                return RunHandle(self.app, handle.workflow_id)
+            submit = _loop_submit()
+            if submit is None:
+                with SetWorkflowID(workflow_id), deadline, adm.options():
+                    handle = DBOS.start_workflow(run_pipeline, self.name, self.version, state)
+                return RunHandle(self.app, handle.workflow_id, handle)
 
-        async def start() -> _Started:
-            with SetWorkflowID(workflow_id), deadline:
-                started = await DBOS.start_workflow_async(run_pipeline, self.name, self.version, state)
-            return _Started(started.workflow_id, _future_of(getattr(started, "task", None)))
-        return RunHandle(self.app, workflow_id, submit(start()))
+            async def start() -> _Started:
+                with SetWorkflowID(workflow_id), deadline, adm.options():
+                    started = await DBOS.start_workflow_async(run_pipeline, self.name,
+                                                              self.version, state)
+                return _Started(started.workflow_id, _future_of(getattr(started, "task", None)))
+            return RunHandle(self.app, workflow_id, submit(start()))
 
     def _deadline(self, timeout: float | None) -> Any:
         if timeout is None:
@@ -175,29 +197,67 @@ class Pipeline:
         return SetWorkflowTimeout(float(timeout))
 
     async def start_async(self, inputs: Any = None, *, run_id: str | None = None,
-                          timeout: float | None = None) -> RunHandle:
+                          timeout: float | None = None, tenant: str | None = None,
+                          priority: int | None = None, dedup_key: str | None = None,
+                          delay: float | None = None, max_tokens: int | None = None) -> RunHandle:
         self.app._require_launched(f"pipeline {self.name!r}.start_async")
         run_id = self._run_id(run_id, "start_async")
         state = self._inputs(inputs)
         deadline = self._deadline(timeout)
+        adm = self._admission("start_async", dict(
+            tenant=tenant, priority=priority, dedup_key=dedup_key, delay=delay,
+            max_tokens=max_tokens))
         if run_id is not None:
             self._check_existing(run_id, await DBOS.get_workflow_status_async(run_id))
-        with SetWorkflowID(run_id or str(uuid.uuid4())), deadline:
-            handle = await DBOS.start_workflow_async(run_pipeline, self.name, self.version, state)
+        lock = admission.dedup_lock(self.app, adm)
+        await asyncio.to_thread(lock.__enter__)
+        try:
+            found = await asyncio.to_thread(admission.active_run, self.app, adm)
+            if found is not None:
+                return RunHandle(self.app, found)
+            with SetWorkflowID(run_id or str(uuid.uuid4())), deadline, adm.options(queued=adm.queued):
+                if adm.queued:
+                    handle = await DBOS.enqueue_workflow_async(
+                        admission.start_queue(self.app.dbos_name), run_pipeline, self.name,
+                        self.version, state)
+                    return RunHandle(self.app, handle.workflow_id)
+                handle = await DBOS.start_workflow_async(run_pipeline, self.name, self.version, state)
+        finally:
+            await asyncio.to_thread(lock.__exit__, None, None, None)
         return RunHandle(self.app, handle.workflow_id, async_handle=handle)
 
     def run(self, inputs: Any = None, *, run_id: str | None = None,
-            timeout: float | None = None) -> RunResult:
+            timeout: float | None = None, **admit: Any) -> RunResult:
         """Run to the end and return the result; a failed run raises its error.
 
         ``timeout`` is the run's durable deadline (see :meth:`start`): past it the run is
-        cancelled and this raises ``RunTimeout`` (a ``TimeoutError``).
+        cancelled and this raises ``RunTimeout`` (a ``TimeoutError``). ``admit`` takes the
+        other options of :meth:`start` (tenant, priority, dedup_key, delay, max_tokens).
         """
-        return self.start(inputs, run_id=run_id, timeout=timeout).result(timeout=_wait_for(timeout))
+        return self.start(inputs, run_id=run_id, timeout=timeout, **admit).result(
+            timeout=_wait_for(timeout))
+
+    def schedule(self, cron: str, inputs: Any = None, *, name: str | None = None,
+                 backfill: bool = True) -> str:
+        """Start a run of this pipeline with ``inputs`` at every tick of ``cron`` (5 fields,
+        or 6 with seconds first; UTC) and return the schedule's name (default: the
+        pipeline's). The schedule lives in the database: it survives restarts, fires once
+        per tick across all workers, and (``backfill=True``) catches up on the ticks missed
+        while no worker ran. Declare it before or after launch; declaring it again with
+        the same definition keeps it (and its paused state). ``durapipe schedules`` lists,
+        pauses and resumes schedules. Runs get the id ``<schedule>@<tick time>``.
+        """
+        return self.app.schedule(self.name, cron, inputs, name=name, backfill=backfill)
 
     def enqueue(self, inputs: Any = None, *, queue: str, run_id: str | None = None,
-                timeout: float | None = None) -> RunHandle:
-        """Place a run on a queue declared with :meth:`App.queue`; any worker may run it."""
+                timeout: float | None = None, tenant: str | None = None,
+                priority: int | None = None, dedup_key: str | None = None,
+                delay: float | None = None, max_tokens: int | None = None) -> RunHandle:
+        """Place a run on a queue declared with :meth:`App.queue`; any worker may run it.
+
+        The options are those of :meth:`start`; on a queue with ``per_tenant`` limits,
+        ``tenant`` is required and caps the tenant's runs in flight.
+        """
         self.app._require_launched(f"pipeline {self.name!r}.enqueue")
         if queue not in self.app._queues:
             raise AppStateError(
@@ -208,15 +268,22 @@ class Pipeline:
         run_id = self._run_id(run_id, "enqueue")
         state = self._inputs(inputs)
         deadline = self._deadline(timeout)  # counted from when a worker dequeues the run
+        adm = self._admission("enqueue", dict(tenant=tenant, priority=priority, dedup_key=dedup_key,
+                                              delay=delay, max_tokens=max_tokens))
         if run_id is not None:
             self._check_existing(run_id, DBOS.get_workflow_status(run_id))
-        with SetWorkflowID(run_id or str(uuid.uuid4())), deadline:
-            handle = DBOS.enqueue_workflow(queue, run_pipeline, self.name, self.version, state)
+        with admission.dedup_lock(self.app, adm):
+            found = admission.active_run(self.app, adm)
+            if found is not None:
+                return RunHandle(self.app, found)
+            with SetWorkflowID(run_id or str(uuid.uuid4())), deadline, \
+                    adm.options(self.app._queues[queue], queued=True):
+                handle = DBOS.enqueue_workflow(queue, run_pipeline, self.name, self.version, state)
         return RunHandle(self.app, handle.workflow_id)
 
     async def run_async(self, inputs: Any = None, *, run_id: str | None = None,
-                        timeout: float | None = None) -> RunResult:
-        handle = await self.start_async(inputs, run_id=run_id, timeout=timeout)
+                        timeout: float | None = None, **admit: Any) -> RunResult:
+        handle = await self.start_async(inputs, run_id=run_id, timeout=timeout, **admit)
         return await handle.result_async(timeout=_wait_for(timeout))
 
 
