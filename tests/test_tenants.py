@@ -1,4 +1,5 @@
-"""Tenants across two worker processes, and a cron schedule across a SIGKILL and restart.
+"""Tenants across two worker processes, a cron schedule across a SIGKILL and restart, and a
+delayed start across a restart.
 
 A big tenant's backlog does not hold up a small tenant, and no tenant ever has more runs
 in flight than its limit (timestamps written by the steps themselves); the schedule fires
@@ -13,10 +14,12 @@ import sys
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dbutil import lines, sql, wait_for, wait_for_idle_database
+from durapipe import App, fn
 from ops import tenants_app
 
 TESTS = Path(__file__).parent
@@ -126,3 +129,26 @@ def test_schedule_fires_every_tick_once_across_a_restart(database_url: str, tmp_
     assert len(ticks) >= 7
     # Each run's step ran once (a run in flight at the kill may have run it twice).
     assert len(ticks) <= len(lines(log)) <= len(ticks) + 1
+
+
+def stamp(state: dict[str, object]) -> dict[str, object]:
+    return {"at": time.time()}
+
+
+def test_delayed_start_survives_a_restart(database_url: str) -> None:
+    def build() -> tuple[App, Any]:
+        app = App("delay-app", database_url)
+        return app, app.pipeline("p", fn(stamp, name="stamp"))
+
+    app, p = build()
+    with app:
+        started = time.time()
+        handle = p.start(delay=1.5, tenant="acme")
+        assert handle.status().value == "DELAYED"
+    # The process that started it is gone; a new one runs it when the delay is up.
+    app, p = build()
+    with app:
+        result = app.get_run(handle.run_id).result(timeout=30)
+    assert result.state["at"] >= started + 1.5
+    assert sql(database_url, "SELECT attributes->>'durapipe.tenant' FROM dbos.workflow_status "
+                             "WHERE workflow_uuid = %s", handle.run_id) == [("acme",)]

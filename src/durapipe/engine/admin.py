@@ -23,6 +23,7 @@ from dbos._utils import INTERNAL_QUEUE_NAME
 from ..audit import NodeRecord, RunInfo, RunTree, first_line, model_usage, path_key, redact, split_step_name
 from ..errors import OperatorError, UnknownRun, error_text, from_portable
 from . import executors
+from .admission import TENANT
 from .database import normalize_url
 from .dispatch import fate_key, task_status
 from .scope import DURAPIPE_WORKFLOWS, TASK_WORKFLOW, WORKFLOW_NAME, check_name, check_run_id
@@ -115,11 +116,15 @@ class Admin:
             created_ms=st.created_at, duration_ms=duration, error=_err(st.error),
             executor_id=st.executor_id, queue=st.queue_name, app=st.application_name,
             app_version=st.app_version, forked_from=st.forked_from,
+            tenant=(st.attributes or {}).get(TENANT) if isinstance(st.attributes, dict) else None,
         )
 
     def list_runs(self, *, pipeline: str | None = None, status: str | None = None,
-                  since: datetime | None = None, limit: int = 50) -> list[RunInfo]:
+                  since: datetime | None = None, limit: int = 50,
+                  tenant: str | None = None) -> list[RunInfo]:
         """Newest first; filters are passed to DBOS as parameters, never pasted into SQL."""
+        # DBOS filters attributes on Postgres (a GIN index); on SQLite they are read here.
+        attrs = {TENANT: tenant} if tenant is not None and not self.url.startswith("sqlite") else None
         out: list[RunInfo] = []
         offset = 0
         page = max(limit, 100)
@@ -127,11 +132,12 @@ class Admin:
             rows = self.client.list_workflows(
                 name=WORKFLOW_NAME, has_parent=False, status=status.upper() if status else None,
                 start_time=since.isoformat() if since else None, sort_desc=True,
-                limit=page, offset=offset, load_output=True,
+                limit=page, offset=offset, load_output=True, attributes=attrs,
             )
             for st in rows:
                 info = self._info(st)
-                if pipeline is None or info.pipeline == pipeline:
+                if (pipeline is None or info.pipeline == pipeline) and (
+                        tenant is None or info.tenant == tenant):
                     out.append(info)
             if len(rows) < page:
                 break

@@ -23,7 +23,8 @@ STATUSES = ("PENDING", "ENQUEUED", "DELAYED", "SUCCESS", "ERROR", "CANCELLED",
 
 PAGE_SQL = """
 SELECT s.workflow_uuid, s.status, s.created_at, s.completed_at, s.executor_id,
-       s.application_version, s.forked_from, wi.inputs, wo.error
+       s.application_version, s.forked_from, wi.inputs, wo.error,
+       s.attributes->>'durapipe.tenant' 
 FROM dbos.workflow_status s
 -- OFFSET 0 keeps the input lookup per run: the filters on inputs never drive the plan,
 -- the created_at index does (a JSON filter's selectivity is a guess the planner gets wrong).
@@ -41,6 +42,7 @@ WHERE s.name = %(name)s AND s.parent_workflow_id IS NULL
   AND (%(pipeline)s::text IS NULL
        OR (wi.inputs::jsonb #>> '{positionalArgs,0}') = %(pipeline)s::text)
   AND (%(text)s::text IS NULL OR wi.inputs ILIKE %(text)s::text ESCAPE '\\')
+  AND (%(tenant)s::text IS NULL OR s.attributes @> jsonb_build_object('durapipe.tenant', %(tenant)s::text))
 ORDER BY s.created_at DESC, s.workflow_uuid DESC
 LIMIT %(limit)s
 """
@@ -59,6 +61,7 @@ class RunFilter:
     until: datetime | None = None
     text: str | None = None
     cursor: str | None = None
+    tenant: str | None = None
 
     def params(self, limit: int) -> dict[str, Any]:
         c_at: int | None = None
@@ -76,7 +79,7 @@ class RunFilter:
             "since": int(self.since.timestamp() * 1000) if self.since else None,
             "until": int(self.until.timestamp() * 1000) if self.until else None,
             "c_at": c_at, "c_id": c_id, "pipeline": self.pipeline or None, "text": text,
-            "limit": limit,
+            "limit": limit, "tenant": self.tenant or None,
         }
 
 
@@ -93,7 +96,7 @@ def _error(raw: str | None) -> str | None:
 
 
 def _row(row: tuple[Any, ...]) -> RunInfo:
-    wid, status, created, completed, executor, version, forked, inputs, error = row
+    wid, status, created, completed, executor, version, forked, inputs, error, tenant = row
     pipeline = None
     try:
         args = json.loads(inputs).get("positionalArgs") if inputs else None
@@ -104,7 +107,7 @@ def _row(row: tuple[Any, ...]) -> RunInfo:
     duration = (completed - created) if completed and created and not active else None
     return RunInfo(run_id=wid, pipeline=pipeline, status=status, created_ms=created,
                    duration_ms=duration, error=_error(error), executor_id=executor, queue=None,
-                   app=None, app_version=version, forked_from=forked)
+                   app=None, app_version=version, forked_from=forked, tenant=tenant)
 
 
 def list_page(admin: Admin, flt: RunFilter, limit: int = 50) -> tuple[list[RunInfo], str | None]:
@@ -112,7 +115,8 @@ def list_page(admin: Admin, flt: RunFilter, limit: int = 50) -> tuple[list[RunIn
     if flt.status and flt.status.upper() not in STATUSES:
         raise OperatorError(f"status {flt.status!r}: use one of {', '.join(STATUSES)}")
     if not admin.url.startswith(("postgresql://", "postgres://")):
-        rows = admin.list_runs(pipeline=flt.pipeline, status=flt.status, since=flt.since, limit=limit)
+        rows = admin.list_runs(pipeline=flt.pipeline, status=flt.status, since=flt.since, limit=limit,
+                               tenant=flt.tenant)
         return [r for r in rows if r.app is not None and r.app == flt.app], None
     import psycopg
 
