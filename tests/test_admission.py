@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from dbutil import scratch_database, sql
-from durapipe import Agent, App, BudgetExceeded, DurapipeError, Pipeline, fn, map_over
+from durapipe import Agent, App, BudgetExceeded, DurapipeError, Pipeline, dispatch, fn, join, map_over
 from durapipe.audit import install_views
 from durapipe.cli import cli
 from durapipe.engine.budget import usage
@@ -36,6 +36,16 @@ def record(state: dict[str, Any]) -> dict[str, Any]:
         time.sleep(0.5)  # holds the queue's one slot while the others are enqueued
     ORDER.append(state["name"])
     return {"at": time.time()}
+
+
+SPANS: list[tuple[float, float]] = []
+
+
+def task_work(state: dict[str, Any]) -> dict[str, Any]:
+    start = time.time()
+    time.sleep(0.2)
+    SPANS.append((start, time.time()))
+    return {}
 
 
 def wait(state: dict[str, Any]) -> dict[str, Any]:
@@ -55,6 +65,9 @@ class Shared:
         self.wait = self.app.pipeline("wait", fn(wait, name="wait"))
         agent = Agent("w").instruct("Write about {item}.").writes("text")
         self.agents = self.app.pipeline("agents", map_over("items", agent, "texts", concurrency=1))
+        self.tasks = self.app.pipeline("tasks", dispatch(
+            *[fn(task_work, name=f"job{i}") for i in range(4)], names=[f"job{i}" for i in range(4)],
+            queue="t") >> join())
         self.record.schedule("0 0 1 1 *", {"name": "new year"}, name="yearly")
 
 
@@ -92,6 +105,20 @@ def test_per_tenant_rate_limits_each_tenant_alone(shared: Shared) -> None:
         assert at[2] - at[0] >= 0.9, (t, at)
     # The tenants do not share the limit: both first pairs started right away.
     assert abs(sorted(starts["x"])[1] - sorted(starts["y"])[1]) < 0.9
+
+
+def test_background_tasks_count_against_their_runs_tenant(shared: Shared) -> None:
+    SPANS.clear()
+    run = shared.tasks.run({}, tenant="acme")
+    assert len(SPANS) == 4
+    edges = sorted([(a, 1) for a, _ in SPANS] + [(b, -1) for _, b in SPANS])
+    now = peak = 0
+    for _, d in edges:
+        now += d
+        peak = max(peak, now)
+    assert peak == 2  # the queue's per_tenant=2, for tasks as for runs
+    assert sql(shared.url, "SELECT DISTINCT queue_partition_key FROM dbos.workflow_status "
+                           "WHERE parent_workflow_id = %s", run.run_id) == [("acme",)]
 
 
 def test_concurrent_starts_with_one_dedup_key_give_one_run(shared: Shared) -> None:
@@ -139,15 +166,15 @@ def test_budget_stops_a_map_of_agents_at_the_item_past_it(shared: Shared) -> Non
 
 
 def test_tenant_in_the_cli_views_and_console(shared: Shared) -> None:
-    for t in ("acme", "acme", "globex"):
+    for t in ("initech", "initech", "globex"):
         shared.record.run({"name": t}, tenant=t)
     url = shared.url
-    res = CliRunner().invoke(cli, ["runs", "--tenant", "acme", "--json", "--database-url", url])
+    res = CliRunner().invoke(cli, ["runs", "--tenant", "initech", "--json", "--database-url", url])
     assert res.exit_code == 0, res.output
     listed = json.loads(res.output)
-    assert len(listed) == 2 and {r["tenant"] for r in listed} == {"acme"}
-    assert sql(url, "SELECT tenant, count(*) FROM durapipe.runs WHERE tenant IN ('acme', 'globex') "
-                    "GROUP BY tenant ORDER BY tenant") == [("acme", 2), ("globex", 1)]
+    assert len(listed) == 2 and {r["tenant"] for r in listed} == {"initech"}
+    assert sql(url, "SELECT tenant, count(*) FROM durapipe.runs WHERE tenant IN ('initech', 'globex') "
+                    "GROUP BY tenant ORDER BY tenant") == [("globex", 1), ("initech", 2)]
     with TestClient(create_console(shared.app)) as client:
         page = client.get("/", params={"tenant": "globex"}).text
     assert page.count('href="/runs/') == 1 and "globex" in page

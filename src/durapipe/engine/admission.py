@@ -28,6 +28,7 @@ What each option becomes in DBOS 3.4:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import zlib
@@ -164,18 +165,22 @@ _engines_lock = threading.Lock()
 _local_locks: dict[str, threading.Lock] = {}
 
 
-def system_engine(url: str) -> sa.Engine:
-    """A small engine on the app's system database, for durapipe's own reads and locks."""
+def system_engine(app: App) -> sa.Engine:
+    """An engine on the app's system database, for durapipe's own reads and locks: DBOS's
+    own pool where durapipe writes step rows itself (a DBOS release it is tested with, see
+    ``steps.TESTED_DBOS``), else one of its own on the URL, opening a connection per use."""
+    log = app.step_log()
+    if log is not None:
+        return log.engine
+    url = app.database_url
     with _engines_lock:
         engine = _engines.get(url)
         if engine is None:
-            if url.startswith("sqlite"):
-                engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-            else:
-                engine = sa.create_engine(url.replace("postgres://", "postgresql+psycopg://", 1)
-                                          .replace("postgresql://", "postgresql+psycopg://", 1),
-                                          pool_size=2, max_overflow=4, pool_pre_ping=True)
-            _engines[url] = engine
+            if not url.startswith("sqlite"):
+                url = url.replace("postgres://", "postgresql://", 1).replace(
+                    "postgresql://", "postgresql+psycopg://", 1)
+            engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+            _engines[app.database_url] = engine
         return engine
 
 
@@ -196,7 +201,7 @@ def dedup_lock(app: App, adm: Admission) -> Iterator[None]:
     # two unrelated starts, it never merges them: the run is found by its attribute).
     k1, k2 = zlib.crc32(key.encode()), zlib.adler32(key.encode())
     k1, k2 = k1 - 2**32 if k1 >= 2**31 else k1, k2 - 2**32 if k2 >= 2**31 else k2
-    with system_engine(app.database_url).connect() as con:
+    with system_engine(app).connect() as con:
         con.execute(sa.text("SELECT pg_advisory_lock(:a, :b)"), {"a": k1, "b": k2})
         con.commit()
         try:
@@ -227,13 +232,17 @@ def active_run(app: App, adm: Admission) -> str | None:
 _attrs_cache: dict[str, dict[str, Any]] = {}
 
 
+def cached_attributes(run_id: str) -> dict[str, Any] | None:
+    return _attrs_cache.get(run_id)
+
+
 def run_attributes(app: App, run_id: str) -> dict[str, Any]:
     """The attributes a run was started with (fixed at its start, so cached)."""
     found = _attrs_cache.get(run_id)
     if found is not None:
         return found
     schema = "" if app.database_url.startswith("sqlite") else f"{_schema(app)}."
-    with system_engine(app.database_url).connect() as con:
+    with system_engine(app).connect() as con:
         raw = con.execute(sa.text(f"SELECT attributes FROM {schema}workflow_status "
                                   "WHERE workflow_uuid = :id"), {"id": run_id}).scalar()
     if isinstance(raw, str):
@@ -251,11 +260,14 @@ def _schema(app: App) -> str:
     return str(app.dbos_config().get("dbos_system_schema") or "dbos")
 
 
-def task_partition(app: App, queue: str, root: str) -> str | None:
+async def task_partition(app: App, queue: str, root: str) -> str | None:
     """The partition of a background task on ``queue``: its run's tenant when the queue is
     one of the app's per-tenant queues and the run has a tenant, else None."""
     spec = app._queues.get(queue)
     if spec is None or not spec.per_tenant_limits:
         return None
-    tenant = run_attributes(app, root).get(TENANT)
+    attrs = cached_attributes(root)
+    if attrs is None:
+        attrs = await asyncio.to_thread(run_attributes, app, root)
+    tenant = attrs.get(TENANT)
     return tenant if isinstance(tenant, str) else None

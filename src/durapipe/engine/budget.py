@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from ..errors import AppStateError, BudgetExceeded
-from .admission import MAX_TOKENS, run_attributes, system_engine
+from .admission import MAX_TOKENS, cached_attributes, run_attributes, system_engine
 
 if TYPE_CHECKING:
     from .app import App
@@ -72,7 +72,7 @@ def usage(app: App, root: str) -> int:
     workflow under it."""
     schema = "" if app.database_url.startswith("sqlite") else \
         f"{app.dbos_config().get('dbos_system_schema') or 'dbos'}."
-    with system_engine(app.database_url).connect() as con:
+    with system_engine(app).connect() as con:
         rows = con.execute(sa.text(_USAGE_SQL.format(schema=schema)), {"root": root}).all()
     total = 0
     for (raw,) in rows:
@@ -87,7 +87,9 @@ def usage(app: App, root: str) -> int:
 
 async def check(app: App, root: str, where: str) -> None:
     """Raise BudgetExceeded when run ``root`` has used its token budget (inside the step)."""
-    attrs = run_attributes(app, root)
+    attrs = cached_attributes(root)
+    if attrs is None:  # read once per run and process, off the event loop
+        attrs = await asyncio.to_thread(run_attributes, app, root)
     limit = attrs.get(MAX_TOKENS)
     if not isinstance(limit, int):
         return

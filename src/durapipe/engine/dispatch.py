@@ -243,8 +243,8 @@ async def run_dispatch(ctx: RunContext, node: Dispatch, path: str, state: State)
             else:
                 qname, partitioned = queue
                 # On a per-tenant queue a task is in its run's tenant's partition.
-                part = (admission.task_partition(ctx.app, qname, ctx.root) or f"{ctx.root}/{path}"
-                        if partitioned else None)
+                part = ((await admission.task_partition(ctx.app, qname, ctx.root)
+                         or f"{ctx.root}/{path}") if partitioned else None)
                 with SetEnqueueOptions(queue_partition_key=part):
                     task.handle = await DBOS.enqueue_workflow_async(qname, ctx.table.task, *args)
         ctx.tasks[name] = task
