@@ -8,6 +8,7 @@ One app (one database, one launch) serves them all, to keep the suite short.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -136,6 +137,8 @@ def test_concurrent_starts_with_one_dedup_key_give_one_run(shared: Shared) -> No
     for t in threads:
         t.join()
     assert len(ids) == 8 and len(set(ids)) == 1
+    found = asyncio.run(shared.wait.start_async({"i": 8}, dedup_key="order-42"))
+    assert found.run_id == ids[0]
     other = shared.wait.start({"i": 99}, dedup_key="order-43")  # another key: its own run
     assert other.run_id != ids[0]
     GATE.set()

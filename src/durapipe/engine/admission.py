@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -209,6 +209,17 @@ def dedup_lock(app: App, adm: Admission) -> Iterator[None]:
         finally:
             con.execute(sa.text("SELECT pg_advisory_unlock(:a, :b)"), {"a": k1, "b": k2})
             con.commit()
+
+
+@contextlib.asynccontextmanager
+async def dedup_lock_async(app: App, adm: Admission) -> AsyncIterator[None]:
+    """:func:`dedup_lock` for async code: the lock is taken and released off the loop."""
+    lock = dedup_lock(app, adm)
+    await asyncio.to_thread(lock.__enter__)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(lock.__exit__, None, None, None)
 
 
 def active_run(app: App, adm: Admission) -> str | None:

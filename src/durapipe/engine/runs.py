@@ -150,10 +150,9 @@ class Pipeline:
         ``timeout`` (seconds) is a durable deadline for the whole run, kept across
         restarts: past it the run is cancelled, with its child workflows and background
         tasks, and its result raises :class:`~durapipe.errors.RunTimeout`.
-        ``tenant`` is recorded on the run; ``priority`` (lowest first) and ``delay``
-        (seconds, durable) place it on the app's start queue; while a run started with
-        ``dedup_key`` is unfinished, another start with that key returns it; ``max_tokens``
-        is the run's token budget (see :mod:`durapipe.engine.admission`).
+        ``tenant``, ``priority`` (lowest first), ``dedup_key`` (an unfinished run started
+        with it is returned instead), ``delay`` (seconds) and ``max_tokens`` (the run's
+        token budget): see :mod:`durapipe.engine.admission`.
         """
         self.app._require_launched(f"pipeline {self.name!r}.start")
         run_id = self._run_id(run_id, "start")
@@ -209,9 +208,7 @@ class Pipeline:
             max_tokens=max_tokens))
         if run_id is not None:
             self._check_existing(run_id, await DBOS.get_workflow_status_async(run_id))
-        lock = admission.dedup_lock(self.app, adm)
-        await asyncio.to_thread(lock.__enter__)
-        try:
+        async with admission.dedup_lock_async(self.app, adm):
             found = await asyncio.to_thread(admission.active_run, self.app, adm)
             if found is not None:
                 return RunHandle(self.app, found)
@@ -222,8 +219,6 @@ class Pipeline:
                         self.version, state)
                     return RunHandle(self.app, handle.workflow_id)
                 handle = await DBOS.start_workflow_async(run_pipeline, self.name, self.version, state)
-        finally:
-            await asyncio.to_thread(lock.__exit__, None, None, None)
         return RunHandle(self.app, handle.workflow_id, async_handle=handle)
 
     def run(self, inputs: Any = None, *, run_id: str | None = None,
@@ -231,22 +226,17 @@ class Pipeline:
         """Run to the end and return the result; a failed run raises its error.
 
         ``timeout`` is the run's durable deadline (see :meth:`start`): past it the run is
-        cancelled and this raises ``RunTimeout`` (a ``TimeoutError``). ``admit`` takes the
-        other options of :meth:`start` (tenant, priority, dedup_key, delay, max_tokens).
+        cancelled and this raises ``RunTimeout`` (a ``TimeoutError``); ``admit``: the
+        other options of :meth:`start`.
         """
         return self.start(inputs, run_id=run_id, timeout=timeout, **admit).result(
             timeout=_wait_for(timeout))
 
     def schedule(self, cron: str, inputs: Any = None, *, name: str | None = None,
                  backfill: bool = True) -> str:
-        """Start a run of this pipeline with ``inputs`` at every tick of ``cron`` (5 fields,
-        or 6 with seconds first; UTC) and return the schedule's name (default: the
-        pipeline's). The schedule lives in the database: it survives restarts, fires once
-        per tick across all workers, and (``backfill=True``) catches up on the ticks missed
-        while no worker ran. Declare it before or after launch; declaring it again with
-        the same definition keeps it (and its paused state). ``durapipe schedules`` lists,
-        pauses and resumes schedules. Runs get the id ``<schedule>@<tick time>``.
-        """
+        """Start a run with ``inputs`` at every tick of ``cron`` (UTC; 6 fields: seconds
+        first); return the schedule's name. Durable, once per tick across workers, missed
+        ticks fired at the next launch with ``backfill`` (see :mod:`.schedules`)."""
         return self.app.schedule(self.name, cron, inputs, name=name, backfill=backfill)
 
     def enqueue(self, inputs: Any = None, *, queue: str, run_id: str | None = None,
@@ -254,10 +244,7 @@ class Pipeline:
                 priority: int | None = None, dedup_key: str | None = None,
                 delay: float | None = None, max_tokens: int | None = None) -> RunHandle:
         """Place a run on a queue declared with :meth:`App.queue`; any worker may run it.
-
-        The options are those of :meth:`start`; on a queue with ``per_tenant`` limits,
-        ``tenant`` is required and caps the tenant's runs in flight.
-        """
+        Options as for :meth:`start`; a queue with ``per_tenant`` limits needs ``tenant``."""
         self.app._require_launched(f"pipeline {self.name!r}.enqueue")
         if queue not in self.app._queues:
             raise AppStateError(
