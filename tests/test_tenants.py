@@ -105,17 +105,17 @@ def test_schedule_fires_every_tick_once_across_a_restart(database_url: str, tmp_
     env = {"TICK_LOG": str(log)}
     first = worker(database_url, "sched-1", env)
     try:
-        wait_for(lambda: len(lines(log)) >= 3, timeout=60, what="three ticks")
+        wait_for(lambda: len(lines(log)) >= 2, timeout=60, what="two ticks")
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
     wait_for_idle_database(database_url)
     killed_at = time.time()
-    time.sleep(2.5)  # ticks missed while no worker runs: the next launch fires them
+    time.sleep(2.0)  # ticks missed while no worker runs: the next launch fires them
     second = worker(database_url, "sched-1", env)
     try:
         wait_for(lambda: bool(_ticks(database_url)) and _ticks(database_url)[-1].timestamp()
-                 > killed_at + 4, timeout=60, what="ticks after the restart")
+                 > killed_at + 3, timeout=60, what="ticks after the restart")
         wait_for(lambda: sql(database_url, "SELECT count(*) FROM dbos.workflow_status WHERE "
                              "name = 'durapipe.run' AND status <> 'SUCCESS'") == [(0,)],
                  timeout=30, what="every tick's run to finish")
@@ -126,7 +126,7 @@ def test_schedule_fires_every_tick_once_across_a_restart(database_url: str, tmp_
     # One run per tick, every second from the first tick to the last: none lost while the
     # process was dead, none twice.
     assert ticks == [ticks[0] + timedelta(seconds=i) for i in range(len(ticks))]
-    assert len(ticks) >= 7
+    assert len(ticks) >= 5
     # Each run's step ran once (a run in flight at the kill may have run it twice).
     assert len(ticks) <= len(lines(log)) <= len(ticks) + 1
 

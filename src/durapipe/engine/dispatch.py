@@ -232,6 +232,8 @@ async def run_dispatch(ctx: RunContext, node: Dispatch, path: str, state: State)
                 "inside the loop body)", node=path, task=name,
             )
     queue = await _queue_for(ctx, node)
+    # On a per-tenant queue (App.queue(per_tenant=)) a task is in its run's tenant's partition.
+    tenant = await admission.task_partition(ctx.app, queue[0], ctx.root) if queue else None
     for i, name in enumerate(node.names):
         tpath = f"{path}.{i}"
         task = Task(name, tpath, f"{ctx.root}/{tpath}:{name}", node, parent_path(path))
@@ -242,9 +244,7 @@ async def run_dispatch(ctx: RunContext, node: Dispatch, path: str, state: State)
                 task.handle = await DBOS.start_workflow_async(ctx.table.task, *args)
             else:
                 qname, partitioned = queue
-                # On a per-tenant queue a task is in its run's tenant's partition.
-                part = ((await admission.task_partition(ctx.app, qname, ctx.root)
-                         or f"{ctx.root}/{path}") if partitioned else None)
+                part = (tenant or f"{ctx.root}/{path}") if partitioned else None
                 with SetEnqueueOptions(queue_partition_key=part):
                     task.handle = await DBOS.enqueue_workflow_async(qname, ctx.table.task, *args)
         ctx.tasks[name] = task
