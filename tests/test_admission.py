@@ -162,6 +162,12 @@ def test_budget_stops_a_map_of_agents_at_the_item_past_it(shared: Shared) -> Non
     assert "agent 0.0#4:w" in str(err)  # the fifth item (0-based #4) of the map at 0
     assert f"used {per_call * 4} tokens" in str(err)
     assert usage(shared.app, handle.run_id) == per_call * 4  # four model calls made, no more
+    shared.app.max_tokens = per_call + 1  # the app's default budget, for runs without one
+    try:
+        with pytest.raises(BudgetExceeded, match=r"agent 0\.0#2:w"):
+            shared.agents.run({"items": list("abc")})
+    finally:
+        shared.app.max_tokens = None
     costs = sql(shared.url, "SELECT input_tokens, output_tokens, cost FROM durapipe.llm_calls "
                             "WHERE run_id = %s", handle.run_id)
     assert len(costs) == 4
