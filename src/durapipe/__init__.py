@@ -30,6 +30,7 @@ from .engine.dispatch import progress
 from .engine.eventread import Event, EventType
 from .engine.gates import PendingGate
 from .errors import (
+    BudgetExceeded,
     BuildError,
     DurapipeError,
     GateRejected,
@@ -50,7 +51,8 @@ from .planner import Flow, Plan, Step
 from .retry import Retry
 
 __all__ = [
-    "Agent", "App", "BuildError", "DurapipeError", "Event", "EventType", "FakeModel", "Flow", "GateRejected",
+    "Agent", "App", "BudgetExceeded", "BuildError", "DurapipeError", "Event", "EventType", "FakeModel", "Flow",
+    "GateRejected",
     "ModelError", "Node", "NodeFailed", "NodeTimeout", "PendingGate", "Pipeline", "Plan",
     "PlanError", "Retry", "RunCancelled", "RunError", "RunHandle", "RunResult", "RunStatus",
     "RunTimeout", "StateError", "Step", "UnknownGate", "UnknownRun", "best_of", "dispatch", "fn",

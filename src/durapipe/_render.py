@@ -64,10 +64,13 @@ def status_text(status: str) -> Text:
 
 def runs_table(runs: list[RunInfo]) -> Table:
     table = Table(title=f"{len(runs)} run(s)")
-    for col in ("run", "pipeline", "status", "created (UTC)", "duration", "executor", "error"):
+    tenants = any(r.tenant for r in runs)  # a tenant column only where runs have tenants
+    for col in ("run", "pipeline", *(("tenant",) if tenants else ()), "status", "created (UTC)",
+                "duration", "executor", "error"):
         table.add_column(col, overflow="fold")
     for r in runs:
-        table.add_row(literal(r.run_id), literal(r.pipeline or "-"), status_text(r.status),
+        table.add_row(literal(r.run_id), literal(r.pipeline or "-"),
+                      *((literal(r.tenant or "-"),) if tenants else ()), status_text(r.status),
                       when(r.created_ms), duration(r.duration_ms), literal(r.executor_id or "-"),
                       literal((r.error or "")[:80]))
     return table

@@ -90,6 +90,7 @@ class RunInfo:
     app: str | None
     app_version: str | None
     forked_from: str | None = None
+    tenant: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -27,7 +27,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from . import _cli_follow, _cli_views, _render, audit
+from . import _cli_follow, _cli_schedules, _cli_views, _render, audit
 from ._cli_common import (
     AppModule,
     AsJson,
@@ -52,6 +52,7 @@ cli = typer.Typer(name="durapipe", help="Run and operate durapipe pipelines.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 cli.add_typer(_cli_views.sql_cli, name="sql")
 cli.add_typer(_cli_views.versions_cli, name="versions")
+cli.add_typer(_cli_schedules.schedules_cli, name="schedules")
 
 
 def _print_version(value: bool) -> None:
@@ -223,6 +224,7 @@ def runs(
     status: Annotated[str | None, typer.Option("--status", "-s", help="SUCCESS, ERROR, PENDING, ...")] = None,
     since: Annotated[str | None, typer.Option("--since", help="30m, 2h, 7d or an ISO date")] = None,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1)] = 20,
+    tenant: Annotated[str | None, typer.Option("--tenant", "-t", help="Only this tenant's runs")] = None,
     database_url: DbUrl = None,
     as_json: AsJson = False,
 ) -> None:
@@ -231,7 +233,8 @@ def runs(
         raise OperatorError(f"--status {status!r}: use one of {', '.join(RunStatus.__members__)}")
     with Admin(database_url) as admin:
         rows = admin.list_runs(pipeline=pipeline, status=status,
-                               since=parse_since(since) if since else None, limit=limit)
+                               since=parse_since(since) if since else None, limit=limit,
+                               tenant=tenant)
     if as_json:
         print_json([r.to_json() for r in rows])
     else:

@@ -12,6 +12,7 @@
     │   │   └── RunTimeout        a run ran past its deadline (``start(..., timeout=)``)
     │   ├── GateRejected          a human said no at a gate
     │   ├── RunCancelled          the run was cancelled
+    │   ├── BudgetExceeded        a model call past the run's token budget (``max_tokens``)
     │   └── PipelineChanged       why a run recorded by another shape waits for a worker with it
     ├── UnknownRun                no run with that id in this app
     ├── UnknownGate               the run is not waiting at that gate
@@ -91,6 +92,11 @@ class GateRejected(RunError):
 
 class RunCancelled(RunError):
     """The run was cancelled."""
+
+
+class BudgetExceeded(RunError):
+    """A run used its token budget (``start(..., max_tokens=)``): the model call at ``node``
+    was not made. ``used`` and ``max_tokens`` hold the recorded usage and the budget."""
 
 
 class PipelineChanged(RunError):

@@ -23,6 +23,7 @@ from dbos._utils import INTERNAL_QUEUE_NAME
 from ..audit import NodeRecord, RunInfo, RunTree, first_line, model_usage, path_key, redact, split_step_name
 from ..errors import OperatorError, UnknownRun, error_text, from_portable
 from . import executors, runlist
+from .admission import TENANT
 from .database import normalize_url
 from .dispatch import DETACHED_ATTRIBUTE, fate_key, find_task_in, task_query, task_status
 from .scope import (
@@ -124,17 +125,21 @@ class Admin:
             created_ms=st.created_at, duration_ms=duration, error=_err(st.error),
             executor_id=st.executor_id, queue=st.queue_name, app=st.application_name,
             app_version=st.app_version, forked_from=st.forked_from,
+            tenant=(st.attributes or {}).get(TENANT) if isinstance(st.attributes, dict) else None,
         )
 
     def list_runs(self, *, pipeline: str | None = None, status: str | None = None,
-                  since: datetime | None = None, limit: int = 50) -> list[RunInfo]:
+                  since: datetime | None = None, limit: int = 50,
+                  tenant: str | None = None) -> list[RunInfo]:
         """Newest first. On Postgres one indexed query (:mod:`.runlist`); elsewhere through
         DBOS's API by workflow name (``durapipe.run:<pipeline>``). Filters are parameters,
         never pasted into SQL."""
         found = runlist.page(self.url, runlist.RunQuery(pipeline=pipeline, status=status,
-                                                        since=since), limit)
+                                                        since=since, tenant=tenant), limit)
         if found is not None:
             return found[0]
+        # DBOS filters attributes on Postgres (a GIN index); on SQLite they are read here.
+        attrs = {TENANT: tenant} if tenant is not None and not self.url.startswith("sqlite") else None
         out: list[RunInfo] = []
         # Runs recorded before runs were named by pipeline are all "durapipe.run".
         names = [run_workflow_name(pipeline), WORKFLOW_NAME] if pipeline is not None else None
@@ -144,11 +149,12 @@ class Admin:
             rows = self.client.list_workflows(
                 name=names, has_parent=False, status=status.upper() if status else None,
                 start_time=since.isoformat() if since else None, sort_desc=True,
-                limit=size, offset=offset, load_output=True,
+                limit=size, offset=offset, load_output=True, attributes=attrs,
             )
             for st in rows:
                 info = self._info(st)
-                if is_run_workflow(st.name) and (pipeline is None or info.pipeline == pipeline):
+                if is_run_workflow(st.name) and (pipeline is None or info.pipeline == pipeline) and (
+                        tenant is None or info.tenant == tenant):
                     out.append(info)
             if len(rows) < size:
                 break

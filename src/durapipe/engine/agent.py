@@ -34,7 +34,7 @@ from ..ir import Agent
 from ..models import ModelRequest, ModelResponse, StreamingModel, ToolCall, resolve_model
 from ..models.tools import Tool, make_tools
 from ..state import State, check_updates, render
-from . import events
+from . import budget, events
 from .context import RunContext, node_error, run_step
 
 OUTPUT_RETRIES = 2
@@ -177,7 +177,8 @@ async def run_agent(ctx: RunContext, node: Agent, path: str, state: State) -> St
 
         async def ask(request: ModelRequest = request, step: str = step,
                       turn: int = turn) -> dict[str, Any]:
-            return await _call_model(model_ref, request, step, turn, tokens)
+            await budget.check(ctx.app, ctx.root, step)  # inside the step: replays never re-check
+            return budget.priced(ctx.app, await _call_model(model_ref, request, step, turn, tokens))
 
         response = ModelResponse.from_json(await run_step(step, node.max_retries, ask))
         if ctx.tracer is not None:

@@ -21,7 +21,20 @@ from .. import validate
 from ..audit import redact
 from ..errors import AppStateError, BuildError, DatabaseError, storable_text
 from ..ir import Dispatch, as_node
-from . import dispatch, events, executors, gates, lifecycle, outcomes, slots, slots_pg, versions
+from . import (
+    budget,
+    dispatch,
+    events,
+    executors,
+    gates,
+    lifecycle,
+    outcomes,
+    schedules,
+    slots,
+    slots_pg,
+    versions,
+)
+from .admission import start_queue
 from .batch import Batch
 from .current import set_current_app
 from .database import check_postgres, check_url, launch_error, resolve_url, sqlite_problem
@@ -75,6 +88,10 @@ class App:
     or env ``DBOS__VMID``); a launch recovers the unfinished runs of its executor id, so give
     each process of a deployment its own. A clean stop (``with app:`` exit,
     :meth:`shutdown`) leaves unfinished runs PENDING for the next launch with that id.
+
+    ``max_tokens`` is the default token budget of every run (``start(..., max_tokens=)``
+    overrides it; see :mod:`durapipe.engine.budget`); ``prices`` maps a model name to its
+    ``(input, output)`` price per million tokens, recorded as ``cost`` on each model call.
     """
 
     def __init__(
@@ -90,6 +107,8 @@ class App:
         steps: str = "lean",
         events: bool = True,
         stream_tokens: bool = False,
+        max_tokens: int | None = None,
+        prices: dict[str, tuple[float, float]] | None = None,
     ) -> None:
         self.name = name
         self.events = bool(events)  # each run's event stream (engine/events.py)
@@ -119,6 +138,7 @@ class App:
         # A long-lived process takes over, at launch, runs left waiting for its shape.
         self.take_over_waiting = True
         self.tracing = Tracing(None if tracing is True else tracing) if tracing else None
+        self.max_tokens, self.prices = budget.check_options(name, max_tokens, prices)
 
     # -- registry -----------------------------------------------------------------------
     def pipeline(self, name: str, node: Any, inputs: list[str] | None = None) -> Pipeline:
@@ -251,7 +271,9 @@ class App:
                         "a typo, fix the URL (runs recorded there are not in the database meant)",
                         self.name, redact(url))
         self._launched = True
-        register_queues(self._queues)
+        register_queues({**self._queues, start_queue(self.dbos_name): QueueSpec(
+            start_queue(self.dbos_name))})
+        schedules.apply_declared(self)
         self.limiter = slots_pg.new_limiter(self.name, self._limits, url, str(
             self.dbos_config().get("dbos_system_schema") or "dbos"))
         self.step_log()  # looked up once here rather than by the first step, on the loop
@@ -267,7 +289,8 @@ class App:
             used = (dispatch.queue_name(self.dbos_name, node) for reg in self._pipelines.values()
                     for _, node in reg.node.walk() if isinstance(node, Dispatch))
             base = list(dict.fromkeys([*self._queues, *(q for q in used if q is not None)]))
-        return base + [versions.shape_queue(self.dbos_name, reg.version)
+        return base + [start_queue(self.dbos_name)] + [
+                       versions.shape_queue(self.dbos_name, reg.version)
                        for reg in self._pipelines.values()]
 
     @property
@@ -412,17 +435,27 @@ class App:
     # -- operations ---------------------------------------------------------------------
     def queue(self, name: str, *, concurrency: int | None = None,
               worker_concurrency: int | None = None, limit: int | None = None,
-              period: float | None = None, polling_interval: float = 0.2) -> str:
+              period: float | None = None, polling_interval: float = 0.2,
+              per_tenant: int | None = None,
+              per_tenant_rate: tuple[int, float] | None = None) -> str:
         """Declare a DBOS queue for runs (before launch); ``Pipeline.enqueue(..., queue=name)``.
 
         ``concurrency`` bounds running runs across all workers, ``worker_concurrency`` per
-        process; ``limit`` runs may start per ``period`` seconds.
+        process; ``limit`` runs may start per ``period`` seconds. ``per_tenant=n`` keeps
+        each tenant (``enqueue(..., tenant=)``) to n runs or background tasks in flight,
+        ``per_tenant_rate=(count, seconds)`` to count starts per window, so one tenant's
+        backlog never holds up another's runs (see :mod:`durapipe.engine.admission`).
         """
         if self._launched:
             raise AppStateError(f"app {self.name!r}: declare queue {name!r} before launch", app=self.name)
         self._queues[name] = QueueSpec(name, concurrency, worker_concurrency, limit, period,
-                                       polling_interval)
+                                       polling_interval, per_tenant, per_tenant_rate)
         return name
+
+    def schedule(self, pipeline: str, cron: str, inputs: Any = None, *, name: str | None = None,
+                 backfill: bool = True) -> str:
+        """Run ``pipeline`` on a cron schedule; see :meth:`Pipeline.schedule`."""
+        return schedules.declare(self, pipeline, cron, inputs, name, backfill)
 
     def recover(self, executor_ids: list[str], *, force: bool = False) -> list[str]:
         """Hand the unfinished runs of dead executors to the live workers; return their ids.

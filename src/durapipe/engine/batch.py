@@ -31,7 +31,6 @@ from dbos import DBOS, SetWorkflowID
 
 from ..errors import DurapipeError
 from ..state import State
-from .interpreter import run_pipeline
 from .runs import Pipeline, RunHandle, _future_of, _loop_submit, _Started
 
 if TYPE_CHECKING:
@@ -118,7 +117,7 @@ class Batch:
         else:
             for item in new:
                 with SetWorkflowID(item.run_id), item.deadline:
-                    h = DBOS.start_workflow(run_pipeline, item.pipeline.name,
+                    h = DBOS.start_workflow(item.pipeline._workflow, item.pipeline.name,
                                             item.pipeline.version, item.state)
                 started[item.run_id] = _Started(h.workflow_id, None)
         self.handles = self._handles(started)
@@ -137,7 +136,7 @@ class Batch:
 async def _start_all(items: list[_Item]) -> dict[str, _Started]:
     async def one(item: _Item) -> _Started:
         with SetWorkflowID(item.run_id), item.deadline:
-            h = await DBOS.start_workflow_async(run_pipeline, item.pipeline.name,
+            h = await DBOS.start_workflow_async(item.pipeline._workflow, item.pipeline.name,
                                                 item.pipeline.version, item.state)
         return _Started(h.workflow_id, _future_of(getattr(h, "task", None)))
 

@@ -42,7 +42,7 @@ from dbos._error import DBOSAwaitedWorkflowCancelledError, DBOSWorkflowCancelled
 from ..errors import DurapipeError, NodeFailed, RunError, error_text, from_portable
 from ..ir import Dispatch, Join
 from ..state import State, check_updates
-from . import events, lifecycle
+from . import admission, events, lifecycle
 from .children import await_child
 from .context import RunContext, run_step
 from .scope import TASK_WORKFLOW
@@ -271,6 +271,8 @@ async def run_dispatch(ctx: RunContext, node: Dispatch, path: str, state: State)
                 "inside the loop body)", node=path, task=name,
             )
     queue = await _queue_for(ctx, node)
+    # On a per-tenant queue (App.queue(per_tenant=)) a task is in its run's tenant's partition.
+    tenant = await admission.task_partition(ctx.app, queue[0], ctx.root) if queue else None
     for i, name in enumerate(node.names):
         tpath = f"{path}.{i}"
         task = Task(name, tpath, f"{ctx.root}/{tpath}:{name}", node, parent_path(path))
@@ -282,7 +284,8 @@ async def run_dispatch(ctx: RunContext, node: Dispatch, path: str, state: State)
                 task.handle = await DBOS.start_workflow_async(ctx.table.task, *args)
             else:
                 qname, partitioned = queue
-                with SetEnqueueOptions(queue_partition_key=f"{ctx.root}/{path}" if partitioned else None):
+                part = (tenant or f"{ctx.root}/{path}") if partitioned else None
+                with SetEnqueueOptions(queue_partition_key=part):
                     task.handle = await DBOS.enqueue_workflow_async(qname, ctx.table.task, *args)
         if not node.detach:  # a detached task is never joined, not even at the run's end
             ctx.tasks[name] = task

@@ -20,7 +20,8 @@ from ..errors import OperatorError
 
 PAGE_SQL = """
 SELECT k.workflow_id, s.status, s.created_at, s.completed_at, s.executor_id,
-       s.application_version, s.forked_from, k.pipeline, wo.error, s.queue_name, k.app
+       s.application_version, s.forked_from, k.pipeline, wo.error, s.queue_name, k.app,
+       s.attributes->>'durapipe.tenant'
 FROM durapipe.run_keys k
 JOIN dbos.workflow_status s ON s.workflow_uuid = k.workflow_id
 LEFT JOIN dbos.workflow_output wo ON wo.workflow_uuid = k.workflow_id
@@ -28,6 +29,8 @@ WHERE k.parent_workflow_id IS NULL
   AND (%(app)s::text IS NULL OR k.app = %(app)s::text)
   AND (%(pipeline)s::text IS NULL OR k.pipeline = %(pipeline)s::text)
   AND (%(status)s::text IS NULL OR s.status = %(status)s::text)
+  AND (%(tenant)s::text IS NULL
+       OR s.attributes @> jsonb_build_object('durapipe.tenant', %(tenant)s::text))
   AND (%(since)s::bigint IS NULL OR k.created >= to_timestamp(%(since)s::bigint / 1000.0))
   AND (%(until)s::bigint IS NULL OR k.created < to_timestamp(%(until)s::bigint / 1000.0))
   AND (%(c_at)s::bigint IS NULL OR k.created <= to_timestamp(%(c_at)s::bigint / 1000.0))
@@ -44,7 +47,8 @@ LIMIT %(limit)s
 @dataclass(frozen=True)
 class RunQuery:
     """Which runs, newest first: every field optional; ``cursor`` is ``<created_ms>:<run id>``
-    of the last run of the previous page; ``text`` is found in the run's inputs."""
+    of the last run of the previous page; ``text`` is found in the run's inputs; ``tenant``
+    is the one a run was started for."""
 
     app: str | None = None
     pipeline: str | None = None
@@ -53,6 +57,7 @@ class RunQuery:
     until: datetime | None = None
     text: str | None = None
     cursor: str | None = None
+    tenant: str | None = None
 
     def params(self, limit: int) -> dict[str, Any]:
         c_at: int | None = None
@@ -70,7 +75,7 @@ class RunQuery:
             "since": int(self.since.timestamp() * 1000) if self.since else None,
             "until": int(self.until.timestamp() * 1000) if self.until else None,
             "c_at": c_at, "c_id": c_id, "pipeline": self.pipeline or None, "text": text,
-            "limit": limit,
+            "limit": limit, "tenant": self.tenant or None,
         }
 
 
@@ -90,12 +95,13 @@ def error_line(raw: str | None) -> str | None:
 
 
 def _info(row: tuple[Any, ...]) -> RunInfo:
-    wid, status, created, completed, executor, version, forked, pipeline, error, queue, app = row
+    wid, status, created, completed, executor, version, forked, pipeline, error, queue, app, tenant = row
     active = status in ("PENDING", "ENQUEUED", "DELAYED")
     duration = (completed - created) if completed and created and not active else None
     return RunInfo(run_id=wid, pipeline=pipeline, status=status, created_ms=created,
                    duration_ms=duration, error=error_line(error), executor_id=executor,
-                   queue=queue, app=app, app_version=version, forked_from=forked)
+                   queue=queue, app=app, app_version=version, forked_from=forked,
+                   tenant=tenant)
 
 
 def page(url: str, query: RunQuery, limit: int) -> tuple[list[RunInfo], str | None] | None:

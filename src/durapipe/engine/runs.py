@@ -34,7 +34,7 @@ from ..errors import (
 )
 from ..ir import Dispatch, Node
 from ..state import State, check_inputs
-from . import dispatch, lifecycle
+from . import admission, dispatch, lifecycle
 from .ask import AskMixin
 from .handlestream import StreamMixin
 from .interpreter import run_workflow
@@ -142,32 +142,53 @@ class Pipeline(AskMixin):
                 run_id=run_id,
             )
 
+    def _admission(self, what: str, opts: dict[str, Any]) -> admission.Admission:
+        return admission.Admission.of(f"pipeline {self.name!r}.{what}", self.name,
+                                      default_max_tokens=self.app.max_tokens, **opts)
+
     def start(self, inputs: Any = None, *, run_id: str | None = None,
-              timeout: float | None = None) -> RunHandle:
+              timeout: float | None = None, tenant: str | None = None,
+              priority: int | None = None, dedup_key: str | None = None,
+              delay: float | None = None, max_tokens: int | None = None) -> RunHandle:
         """Start a run and return at once. Starting an existing ``run_id`` returns that run.
 
         ``timeout`` (seconds) is a durable deadline for the whole run, kept across
         restarts: past it the run is cancelled, with its child workflows and background
         tasks, and its result raises :class:`~durapipe.errors.RunTimeout`.
+        ``tenant``, ``priority`` (lowest first), ``dedup_key`` (an unfinished run started
+        with it is returned instead), ``delay`` (seconds) and ``max_tokens`` (the run's
+        token budget): see :mod:`durapipe.engine.admission`.
         """
         self.app._require_launched(f"pipeline {self.name!r}.start")
         run_id = self._run_id(run_id, "start")
         state = self._inputs(inputs)
         deadline = self._deadline(timeout)
+        adm = self._admission("start", dict(tenant=tenant, priority=priority, dedup_key=dedup_key,
+                                            delay=delay, max_tokens=max_tokens))
         if run_id is not None:
             self._check_existing(run_id, DBOS.get_workflow_status(run_id))
         workflow_id = run_id or str(uuid.uuid4())
-        submit = _loop_submit()
-        if submit is None:
-            with SetWorkflowID(workflow_id), deadline:
-                handle = DBOS.start_workflow(self._workflow, self.name, self.version, state)
-            return RunHandle(self.app, handle.workflow_id, handle)
+        with admission.dedup_lock(self.app, adm):
+            found = admission.active_run(self.app, adm)
+            if found is not None:
+                return RunHandle(self.app, found)
+            if adm.queued:
+                with SetWorkflowID(workflow_id), deadline, adm.options(queued=True):
+                    handle = DBOS.enqueue_workflow(admission.start_queue(self.app.dbos_name),
+                                                   self._workflow, self.name, self.version, state)
+                return RunHandle(self.app, handle.workflow_id)
+            submit = _loop_submit()
+            if submit is None:
+                with SetWorkflowID(workflow_id), deadline, adm.options():
+                    handle = DBOS.start_workflow(self._workflow, self.name, self.version, state)
+                return RunHandle(self.app, handle.workflow_id, handle)
 
-        async def start() -> _Started:
-            with SetWorkflowID(workflow_id), deadline:
-                started = await DBOS.start_workflow_async(self._workflow, self.name, self.version, state)
-            return _Started(started.workflow_id, _future_of(getattr(started, "task", None)))
-        return RunHandle(self.app, workflow_id, submit(start()))
+            async def start() -> _Started:
+                with SetWorkflowID(workflow_id), deadline, adm.options():
+                    started = await DBOS.start_workflow_async(self._workflow, self.name,
+                                                              self.version, state)
+                return _Started(started.workflow_id, _future_of(getattr(started, "task", None)))
+            return RunHandle(self.app, workflow_id, submit(start()))
 
     def _deadline(self, timeout: float | None) -> Any:
         if timeout is None:
@@ -180,29 +201,55 @@ class Pipeline(AskMixin):
         return SetWorkflowTimeout(float(timeout))
 
     async def start_async(self, inputs: Any = None, *, run_id: str | None = None,
-                          timeout: float | None = None) -> RunHandle:
+                          timeout: float | None = None, tenant: str | None = None,
+                          priority: int | None = None, dedup_key: str | None = None,
+                          delay: float | None = None, max_tokens: int | None = None) -> RunHandle:
         self.app._require_launched(f"pipeline {self.name!r}.start_async")
         run_id = self._run_id(run_id, "start_async")
         state = self._inputs(inputs)
         deadline = self._deadline(timeout)
+        adm = self._admission("start_async", dict(
+            tenant=tenant, priority=priority, dedup_key=dedup_key, delay=delay,
+            max_tokens=max_tokens))
         if run_id is not None:
             self._check_existing(run_id, await DBOS.get_workflow_status_async(run_id))
-        with SetWorkflowID(run_id or str(uuid.uuid4())), deadline:
-            handle = await DBOS.start_workflow_async(self._workflow, self.name, self.version, state)
+        async with admission.dedup_lock_async(self.app, adm):
+            found = await asyncio.to_thread(admission.active_run, self.app, adm)
+            if found is not None:
+                return RunHandle(self.app, found)
+            with SetWorkflowID(run_id or str(uuid.uuid4())), deadline, adm.options(queued=adm.queued):
+                if adm.queued:
+                    handle = await DBOS.enqueue_workflow_async(
+                        admission.start_queue(self.app.dbos_name), self._workflow, self.name,
+                        self.version, state)
+                    return RunHandle(self.app, handle.workflow_id)
+                handle = await DBOS.start_workflow_async(self._workflow, self.name, self.version, state)
         return RunHandle(self.app, handle.workflow_id, async_handle=handle)
 
     def run(self, inputs: Any = None, *, run_id: str | None = None,
-            timeout: float | None = None) -> RunResult:
+            timeout: float | None = None, **admit: Any) -> RunResult:
         """Run to the end and return the result; a failed run raises its error.
 
         ``timeout`` is the run's durable deadline (see :meth:`start`): past it the run is
-        cancelled and this raises ``RunTimeout`` (a ``TimeoutError``).
+        cancelled and this raises ``RunTimeout`` (a ``TimeoutError``); ``admit``: the
+        other options of :meth:`start`.
         """
-        return self.start(inputs, run_id=run_id, timeout=timeout).result(timeout=_wait_for(timeout))
+        return self.start(inputs, run_id=run_id, timeout=timeout, **admit).result(
+            timeout=_wait_for(timeout))
+
+    def schedule(self, cron: str, inputs: Any = None, *, name: str | None = None,
+                 backfill: bool = True) -> str:
+        """Start a run with ``inputs`` at every tick of ``cron`` (UTC; 6 fields: seconds
+        first); return the schedule's name. Durable, once per tick across workers, missed
+        ticks fired at the next launch with ``backfill`` (see :mod:`.schedules`)."""
+        return self.app.schedule(self.name, cron, inputs, name=name, backfill=backfill)
 
     def enqueue(self, inputs: Any = None, *, queue: str, run_id: str | None = None,
-                timeout: float | None = None) -> RunHandle:
-        """Place a run on a queue declared with :meth:`App.queue`; any worker may run it."""
+                timeout: float | None = None, tenant: str | None = None,
+                priority: int | None = None, dedup_key: str | None = None,
+                delay: float | None = None, max_tokens: int | None = None) -> RunHandle:
+        """Place a run on a queue declared with :meth:`App.queue`; any worker may run it.
+        Options as for :meth:`start`; a queue with ``per_tenant`` limits needs ``tenant``."""
         self.app._require_launched(f"pipeline {self.name!r}.enqueue")
         if queue not in self.app._queues:
             raise AppStateError(
@@ -213,10 +260,17 @@ class Pipeline(AskMixin):
         run_id = self._run_id(run_id, "enqueue")
         state = self._inputs(inputs)
         deadline = self._deadline(timeout)  # counted from when a worker dequeues the run
+        adm = self._admission("enqueue", dict(tenant=tenant, priority=priority, dedup_key=dedup_key,
+                                              delay=delay, max_tokens=max_tokens))
         if run_id is not None:
             self._check_existing(run_id, DBOS.get_workflow_status(run_id))
-        with SetWorkflowID(run_id or str(uuid.uuid4())), deadline:
-            handle = DBOS.enqueue_workflow(queue, self._workflow, self.name, self.version, state)
+        with admission.dedup_lock(self.app, adm):
+            found = admission.active_run(self.app, adm)
+            if found is not None:
+                return RunHandle(self.app, found)
+            with SetWorkflowID(run_id or str(uuid.uuid4())), deadline, \
+                    adm.options(self.app._queues[queue], queued=True):
+                handle = DBOS.enqueue_workflow(queue, self._workflow, self.name, self.version, state)
         return RunHandle(self.app, handle.workflow_id)
 
     def start_many(self, inputs: Iterable[Any], *, run_ids: Iterable[str | None] | None = None,
@@ -238,8 +292,8 @@ class Pipeline(AskMixin):
         return batch.start()
 
     async def run_async(self, inputs: Any = None, *, run_id: str | None = None,
-                        timeout: float | None = None) -> RunResult:
-        handle = await self.start_async(inputs, run_id=run_id, timeout=timeout)
+                        timeout: float | None = None, **admit: Any) -> RunResult:
+        handle = await self.start_async(inputs, run_id=run_id, timeout=timeout, **admit)
         return await handle.result_async(timeout=_wait_for(timeout))
 
 

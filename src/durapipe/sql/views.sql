@@ -54,7 +54,8 @@ SELECT k.workflow_id,
        durapipe.jsonb_or_null(w.output)                       AS output,
        durapipe.error_text(w.error)                           AS error,
        s.forked_from,
-       s.recovery_attempts
+       s.recovery_attempts,
+       s.attributes->>'durapipe.tenant'                       AS tenant
 FROM durapipe.run_keys k
 JOIN dbos.workflow_status s ON s.workflow_uuid = k.workflow_id
 LEFT JOIN dbos.workflow_output w ON w.workflow_uuid = k.workflow_id;
@@ -62,7 +63,8 @@ LEFT JOIN dbos.workflow_output w ON w.workflow_uuid = k.workflow_id;
 -- One row per run (top-level workflow).
 CREATE OR REPLACE VIEW durapipe.runs AS
 SELECT run_id, app, pipeline, status, created, completed, duration_ms, error,
-       executor_id, queue_name, inputs, output, forked_from, recovery_attempts, app_version
+       executor_id, queue_name, inputs, output, forked_from, recovery_attempts, app_version,
+       tenant
 FROM durapipe.workflows
 WHERE parent_workflow_id IS NULL;
 
@@ -122,7 +124,8 @@ SELECT s.run_id, s.pipeline, s.workflow_id, s.step_id, s.node_path,
        (s.output->>'output_tokens')::bigint                   AS output_tokens,
        (s.output->>'latency_ms')::float8                      AS latency_ms,
        s.output->>'finish_reason'                             AS finish_reason,
-       s.started, s.duration_ms
+       s.started, s.duration_ms,
+       (s.output->>'cost')::numeric                           AS cost
 FROM durapipe.steps s
 WHERE s.kind = 'step' AND jsonb_typeof(s.output) = 'object'
   AND s.output ? 'model' AND s.output ? 'input_tokens';

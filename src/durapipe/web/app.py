@@ -200,17 +200,17 @@ def create_console(app: App, *, token: str | None = None,
     @api.get("/", response_class=HTMLResponse)
     def runs(request: Request, pipeline: str | None = None, status: str | None = None,
              since: str | None = None, until: str | None = None, q: str | None = None,
-             after: str | None = None) -> HTMLResponse:
+             after: str | None = None, tenant: str | None = None) -> HTMLResponse:
         try:
             flt = RunFilter(app=app.dbos_name, pipeline=pipeline or None, status=status or None,
                             since=parse_since(since) if since else None,
                             until=parse_since(until) if until else None, text=q or None,
-                            cursor=after or None)
+                            cursor=after or None, tenant=tenant or None)
             found, nxt = list_page(admin(), flt, page_size)
         except OperatorError as exc:
             raise HTTPException(400, str(exc)) from None
         raw = {k: v or "" for k, v in (("pipeline", pipeline), ("status", status), ("since", since),
-                                        ("until", until), ("q", q))}
+                                        ("until", until), ("q", q), ("tenant", tenant))}
         body = pages.runs_page(found, flt, raw, nxt, sorted(app.pipelines))
         return _page(body, "runs", person=viewer(request))
 

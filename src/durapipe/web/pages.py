@@ -75,16 +75,17 @@ def runs_page(runs: list[RunInfo], flt: RunFilter, raw: dict[str, str], next_cur
 <label>since <input name="since" value="{e(raw.get("since"))}" placeholder="2h, 7d or 2026-01-31"></label>
 <label>until <input name="until" value="{e(raw.get("until"))}" placeholder="ISO date"></label>
 <label>inputs contain <input name="q" value="{e(flt.text)}"></label>
+<label>tenant <input name="tenant" value="{e(flt.tenant)}"></label>
 <button type="submit">filter</button></form>"""
     rows = "".join(
         f"""<tr><td><a href="/runs/{e(r.run_id)}">{e(r.run_id)}</a></td><td>{e(r.pipeline)}</td>
-<td>{badge(r.status)}</td><td>{e(when(r.created_ms))}</td><td>{e(duration(r.duration_ms))}</td>
+<td>{e(r.tenant or "")}</td><td>{badge(r.status)}</td><td>{e(when(r.created_ms))}</td><td>{e(duration(r.duration_ms))}</td>
 <td class="err">{e((r.error or "")[:120])}</td></tr>""" for r in runs)
     more = ""
     if next_cursor:
         keep = {k: v for k, v in raw.items() if v and k != "after"}
         more = f'<p><a class="next" href="/?{e(urlencode({**keep, "after": next_cursor}))}">older runs →</a></p>'
-    table = (f'<table class="runs"><thead><tr><th>run</th><th>pipeline</th><th>status</th>'
+    table = (f'<table class="runs"><thead><tr><th>run</th><th>pipeline</th><th>tenant</th><th>status</th>'
              f'<th>created (UTC)</th><th>duration</th><th>error</th></tr></thead><tbody>{rows}</tbody></table>'
              if runs else '<p class="empty">no runs match</p>')
     return f"<h1>Runs</h1>{form}{table}{more}"

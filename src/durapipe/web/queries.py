@@ -25,7 +25,8 @@ def list_page(admin: Admin, flt: RunFilter, limit: int = 50) -> tuple[list[RunIn
         raise OperatorError(f"status {flt.status!r}: use one of {', '.join(STATUSES)}")
     found = page(admin.url, flt, limit)
     if found is None:
-        rows = admin.list_runs(pipeline=flt.pipeline, status=flt.status, since=flt.since, limit=limit)
+        rows = admin.list_runs(pipeline=flt.pipeline, status=flt.status, since=flt.since, limit=limit,
+                               tenant=flt.tenant)
         return [r for r in rows if r.app is not None and r.app == flt.app], None
     return found
 

@@ -1,0 +1,286 @@
+"""How a run is admitted: tenant, priority, dedup key, delay and token budget.
+
+>>> handle = publish.enqueue({"topic": "x"}, queue="work", tenant="acme", priority=5)
+>>> handle = publish.start({"order": 42}, dedup_key="order-42", delay=30, max_tokens=20_000)
+
+What each option becomes in DBOS 3.4:
+
+- ``tenant``: recorded on the run as the workflow attribute ``durapipe.tenant`` (filterable
+  in ``durapipe runs --tenant``, the ``durapipe.runs`` view and the console). On a queue
+  declared with ``per_tenant=`` / ``per_tenant_rate=`` it is the DBOS queue partition key,
+  so DBOS caps each tenant's runs in flight (and its start rate) while the queue's
+  ``concurrency`` caps them all: DBOS 3.4 checks the per-partition and the queue-wide limits
+  of one partitioned queue in the same dequeue (``_sys_db.start_queued_workflows``), so
+  no second queue level is needed. Background tasks dispatched onto such a queue take the
+  run's tenant as their partition, so they count against the tenant's limit too.
+- ``priority`` (0 to 2**31-1, lowest first; 0 is the default) and ``delay`` (seconds) are
+  DBOS enqueue options. ``start(...)`` with either goes through the app's own start queue
+  (``durapipe-<app>-start``, no limits), since DBOS orders and delays only queued work.
+- ``dedup_key``: while a run of the pipeline started with that key is unfinished, another
+  start with the key returns it. DBOS's own deduplication works only on non-partitioned
+  queues and not for direct starts, so durapipe holds a Postgres advisory lock on the key
+  around "find the unfinished run with this key, else start one" (the run records the key
+  as attribute ``durapipe.dedup``); concurrent starts in any number of processes give one
+  run. On SQLite (one process) a process lock does the same.
+- ``max_tokens``: recorded as attribute ``durapipe.max_tokens`` (the app's ``max_tokens``
+  default when not given), read by :mod:`.budget` before each model call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import zlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from dbos import DBOS, SetEnqueueOptions, SetWorkflowAttributes
+
+from ..errors import DurapipeError
+from .scope import WORKFLOW_NAME, belongs_to, run_workflow_name
+
+if TYPE_CHECKING:
+    from .app import App
+    from .queues import QueueSpec
+
+TENANT = "durapipe.tenant"
+DEDUP = "durapipe.dedup"
+MAX_TOKENS = "durapipe.max_tokens"
+SCHEDULE = "durapipe.schedule"
+MAX_PRIORITY = 2**31 - 1
+MAX_KEY = 200
+UNFINISHED = ["ENQUEUED", "DELAYED", "PENDING"]
+
+
+def start_queue(app_name: str) -> str:
+    """The app's queue for runs started with a priority or a delay (no limits)."""
+    return f"durapipe-{app_name}-start"
+
+
+def _text(value: Any, what: str, where: str) -> str | None:
+    if value is None:
+        return None
+    if (not isinstance(value, str) or not value or len(value) > MAX_KEY
+            or any(ord(c) < 32 for c in value)):
+        raise DurapipeError(
+            f"{where}: {what}={value!r} must be a non-empty string of at most {MAX_KEY} "
+            "printable characters, as " + ('tenant="acme"' if what == "tenant"
+                                           else 'dedup_key="order-42"'),
+            **{what: repr(value)})
+    return value
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The checked start options of one run."""
+
+    where: str
+    pipeline: str
+    tenant: str | None = None
+    priority: int | None = None
+    dedup_key: str | None = None
+    delay: float | None = None
+    max_tokens: int | None = None
+    schedule: str | None = None
+
+    @classmethod
+    def of(cls, where: str, pipeline: str, *, tenant: Any = None, priority: Any = None,
+           dedup_key: Any = None, delay: Any = None, max_tokens: Any = None,
+           default_max_tokens: int | None = None, schedule: str | None = None) -> Admission:
+        """Check every option, raising one clear error naming the bad value and the fix."""
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)
+                                     or not 0 <= priority <= MAX_PRIORITY):
+            raise DurapipeError(
+                f"{where}: priority={priority!r} must be an int from 0 (the default, first) to "
+                f"{MAX_PRIORITY}; lower numbers run first", priority=repr(priority))
+        if delay is not None and (isinstance(delay, bool) or not isinstance(delay, (int, float))
+                                  or not 0 <= delay < 10**9):
+            raise DurapipeError(
+                f"{where}: delay={delay!r} must be a number of seconds >= 0 before the run "
+                "starts", delay=repr(delay))
+        if max_tokens is None:
+            max_tokens = default_max_tokens
+        if max_tokens is not None and (isinstance(max_tokens, bool)
+                                       or not isinstance(max_tokens, int) or max_tokens < 1):
+            raise DurapipeError(
+                f"{where}: max_tokens={max_tokens!r} must be a positive int (input plus output "
+                "tokens of every model call of the run and its background tasks), or None",
+                max_tokens=repr(max_tokens))
+        return cls(where, pipeline, _text(tenant, "tenant", where), priority or None,
+                   _text(dedup_key, "dedup_key", where), float(delay) if delay else None,
+                   max_tokens, schedule)
+
+    @property
+    def queued(self) -> bool:
+        """Whether a direct start must go through the app's start queue."""
+        return self.priority is not None or self.delay is not None
+
+    def attributes(self) -> dict[str, Any]:
+        attrs: dict[str, Any] = {}
+        if self.tenant is not None:
+            attrs[TENANT] = self.tenant
+        if self.dedup_key is not None:
+            attrs[DEDUP] = self.dedup_token
+        if self.max_tokens is not None:
+            attrs[MAX_TOKENS] = self.max_tokens
+        if self.schedule is not None:
+            attrs[SCHEDULE] = self.schedule
+        return attrs
+
+    @property
+    def dedup_token(self) -> str:
+        return f"{self.pipeline}\x1f{self.dedup_key}"
+
+    @contextlib.contextmanager
+    def options(self, spec: QueueSpec | None = None, queued: bool = False) -> Iterator[None]:
+        """The DBOS contexts of the start: attributes, and for a queued start the enqueue
+        options (priority, delay, the tenant as partition key on a per-tenant queue)."""
+        with contextlib.ExitStack() as stack:
+            attrs = self.attributes()
+            if attrs:
+                stack.enter_context(SetWorkflowAttributes(attrs))
+            if queued:
+                partition = None
+                if spec is not None and spec.per_tenant_limits:
+                    if self.tenant is None:
+                        raise DurapipeError(
+                            f"{self.where}: queue {spec.name!r} limits each tenant "
+                            "(per_tenant=/per_tenant_rate=); pass tenant= to enqueue on it",
+                            queue=spec.name)
+                    partition = self.tenant
+                if self.priority is not None or self.delay is not None or partition:
+                    stack.enter_context(SetEnqueueOptions(
+                        priority=self.priority, delay_seconds=self.delay,
+                        queue_partition_key=partition))
+            yield
+
+
+# -- dedup ----------------------------------------------------------------------------------
+
+_engines: dict[str, sa.Engine] = {}
+_engines_lock = threading.Lock()
+_local_locks: dict[str, threading.Lock] = {}
+
+
+def system_engine(app: App) -> sa.Engine:
+    """An engine on the app's system database, for durapipe's own reads and locks: DBOS's
+    own pool where durapipe writes step rows itself (a DBOS release it is tested with, see
+    ``steps.TESTED_DBOS``), else one of its own on the URL, opening a connection per use."""
+    log = app.step_log()
+    if log is not None:
+        return log.engine
+    url = app.database_url
+    with _engines_lock:
+        engine = _engines.get(url)
+        if engine is None:
+            if not url.startswith("sqlite"):
+                url = url.replace("postgres://", "postgresql://", 1).replace(
+                    "postgresql://", "postgresql+psycopg://", 1)
+            engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+            _engines[app.database_url] = engine
+        return engine
+
+
+@contextlib.contextmanager
+def dedup_lock(app: App, adm: Admission) -> Iterator[None]:
+    """Hold the lock of ``adm``'s dedup key of this app (a no-op without a key)."""
+    if adm.dedup_key is None:
+        yield
+        return
+    key = f"{app.dbos_name}\x1f{adm.dedup_token}"
+    if app.database_url.startswith("sqlite"):
+        with _engines_lock:
+            lock = _local_locks.setdefault(key, threading.Lock())
+        with lock:
+            yield
+        return
+    # Two 32-bit halves: the pair is the advisory lock's key (a crc clash only serializes
+    # two unrelated starts, it never merges them: the run is found by its attribute).
+    k1, k2 = zlib.crc32(key.encode()), zlib.adler32(key.encode())
+    k1, k2 = k1 - 2**32 if k1 >= 2**31 else k1, k2 - 2**32 if k2 >= 2**31 else k2
+    with system_engine(app).connect() as con:
+        con.execute(sa.text("SELECT pg_advisory_lock(:a, :b)"), {"a": k1, "b": k2})
+        con.commit()
+        try:
+            yield
+        finally:
+            con.execute(sa.text("SELECT pg_advisory_unlock(:a, :b)"), {"a": k1, "b": k2})
+            con.commit()
+
+
+@contextlib.asynccontextmanager
+async def dedup_lock_async(app: App, adm: Admission) -> AsyncIterator[None]:
+    """:func:`dedup_lock` for async code: the lock is taken and released off the loop."""
+    lock = dedup_lock(app, adm)
+    await asyncio.to_thread(lock.__enter__)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(lock.__exit__, None, None, None)
+
+
+def active_run(app: App, adm: Admission) -> str | None:
+    """The unfinished run of this app started with ``adm``'s dedup key, if any."""
+    if adm.dedup_key is None:
+        return None
+    # The pipeline's runs (and runs recorded before runs were named by pipeline).
+    names = [run_workflow_name(adm.pipeline), WORKFLOW_NAME]
+    if app.database_url.startswith("sqlite"):  # DBOS filters attributes on Postgres only
+        found = [st for st in DBOS.list_workflows(name=names, status=UNFINISHED,
+                                                  load_input=False, load_output=False)
+                 if (st.attributes or {}).get(DEDUP) == adm.dedup_token]
+    else:
+        found = DBOS.list_workflows(name=names, status=UNFINISHED,
+                                    attributes={DEDUP: adm.dedup_token},
+                                    load_input=False, load_output=False)
+    mine = [st for st in found if belongs_to(app.dbos_name, st)]
+    return mine[0].workflow_id if mine else None
+
+
+# -- reading a run's admission back (tenant of a run, budget) --------------------------------
+
+_attrs_cache: dict[str, dict[str, Any]] = {}
+
+
+def cached_attributes(run_id: str) -> dict[str, Any] | None:
+    return _attrs_cache.get(run_id)
+
+
+def run_attributes(app: App, run_id: str) -> dict[str, Any]:
+    """The attributes a run was started with (fixed at its start, so cached)."""
+    found = _attrs_cache.get(run_id)
+    if found is not None:
+        return found
+    schema = "" if app.database_url.startswith("sqlite") else f"{_schema(app)}."
+    with system_engine(app).connect() as con:
+        raw = con.execute(sa.text(f"SELECT attributes FROM {schema}workflow_status "
+                                  "WHERE workflow_uuid = :id"), {"id": run_id}).scalar()
+    if isinstance(raw, str):
+        import json
+
+        raw = json.loads(raw)
+    attrs = dict(raw) if isinstance(raw, dict) else {}
+    if len(_attrs_cache) > 10_000:
+        _attrs_cache.clear()
+    _attrs_cache[run_id] = attrs
+    return attrs
+
+
+def _schema(app: App) -> str:
+    return str(app.dbos_config().get("dbos_system_schema") or "dbos")
+
+
+async def task_partition(app: App, queue: str, root: str) -> str | None:
+    """The partition of a background task on ``queue``: its run's tenant when the queue is
+    one of the app's per-tenant queues and the run has a tenant, else None."""
+    spec = app._queues.get(queue)
+    if spec is None or not spec.per_tenant_limits:
+        return None
+    attrs = cached_attributes(root)
+    if attrs is None:
+        attrs = await asyncio.to_thread(run_attributes, app, root)
+    tenant = attrs.get(TENANT)
+    return tenant if isinstance(tenant, str) else None

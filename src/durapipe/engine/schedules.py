@@ -1,0 +1,167 @@
+"""Cron schedules of pipelines, kept by DBOS in the database.
+
+>>> publish.schedule("0 3 * * *", {"topic": "nightly digest"})      # name: "publish"
+>>> publish.schedule("*/10 * * * * *", {"topic": "x"}, name="often")   # 6 fields: seconds
+
+A schedule is a row of ``dbos.workflow_schedules`` named ``<app>:<name>``: DBOS's scheduler
+thread in every worker of the app fires the workflow ``durapipe.schedule`` once per tick
+(its workflow id ``sched-<schedule>-<tick>`` is unique, so several workers never fire a
+tick twice), and with ``backfill`` a launch first fires the ticks missed since the last
+one. That workflow starts the run ``<name>@<tick time>`` as a run of its own (top level,
+listed with the others), so the run too exists once per tick, even when the firing
+workflow is replayed after a crash.
+
+Declaring a schedule whose definition (cron, inputs, backfill) is unchanged keeps the row
+and its paused state, so a worker may declare its schedules at every start.
+``durapipe schedules`` lists them; ``pause``/``resume`` stop and restart the firing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import weakref
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from dbos import DBOS
+
+from ..errors import BuildError, OperatorError
+from .current import current_app
+from .runs import Pipeline
+from .scope import check_name
+
+if TYPE_CHECKING:
+    from .app import App
+
+SCHEDULE_WORKFLOW = "durapipe.schedule"
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    name: str
+    pipeline: str
+    cron: str
+    inputs: dict[str, Any]
+    backfill: bool
+
+    def dbos_name(self, app: str) -> str:
+        return f"{app}:{self.name}"
+
+    def context(self, app: str) -> dict[str, Any]:
+        return {"app": app, "pipeline": self.pipeline, "schedule": self.name,
+                "inputs": self.inputs}
+
+
+_declared: weakref.WeakKeyDictionary[App, dict[str, ScheduleSpec]] = weakref.WeakKeyDictionary()
+
+
+def declare(app: App, pipeline: str, cron: Any, inputs: Any, name: str | None,
+            backfill: bool) -> str:
+    """Check and record a schedule; write it at once when the app runs, else at launch."""
+    from croniter import croniter
+
+    reg = app.registered(pipeline)
+    where = f"pipeline {pipeline!r}.schedule"
+    if not isinstance(cron, str) or not croniter.is_valid(cron):
+        raise BuildError(
+            f"{where}: {cron!r} is not a cron expression; use 5 fields (minute hour day "
+            "month weekday, e.g. '0 3 * * *') or 6 with seconds first ('*/10 * * * * *')",
+            pipeline=pipeline, cron=repr(cron))
+    state = Pipeline(app, reg)._inputs(inputs)
+    name = name if name is not None else pipeline
+    check_name(name, "schedule name", where)
+    spec = ScheduleSpec(name, pipeline, cron, state, bool(backfill))
+    _declared.setdefault(app, {})[name] = spec
+    if app._launched:
+        _write(app, spec)
+    return name
+
+
+def apply_declared(app: App) -> None:
+    """Write the schedules declared before launch (call right after ``DBOS.launch``)."""
+    for spec in _declared.get(app, {}).values():
+        _write(app, spec)
+
+
+def _write(app: App, spec: ScheduleSpec) -> None:
+    full = spec.dbos_name(app.dbos_name)
+    context = spec.context(app.dbos_name)
+    old = DBOS.get_schedule(full)
+    if old is not None:
+        if (old["workflow_name"] == SCHEDULE_WORKFLOW and old["schedule"] == spec.cron
+                and old["context"] == context and bool(old["automatic_backfill"]) == spec.backfill):
+            return
+        DBOS.delete_schedule(full)
+    DBOS.create_schedule(schedule_name=full, workflow_fn=fire, schedule=spec.cron,
+                         context=context, automatic_backfill=spec.backfill)
+    if old is not None and old["status"] != "ACTIVE":
+        DBOS.pause_schedule(full)
+
+
+def run_id_for(schedule: str, tick: Any) -> str:
+    at = tick.isoformat() if isinstance(tick, datetime) else str(tick)
+    return f"{schedule}@{at}"
+
+
+@DBOS.workflow(name=SCHEDULE_WORKFLOW)
+async def fire(scheduled_time: datetime, context: Any) -> None:
+    """One tick of a schedule: start its run (idempotent on the run id)."""
+    app = current_app()
+    pipeline = Pipeline(app, app.registered(context["pipeline"]))
+    run_id = run_id_for(context["schedule"], scheduled_time)
+
+    async def start() -> None:
+        await pipeline.start_async(context.get("inputs") or {}, run_id=run_id)
+
+    # An empty context: the run is started as a top-level workflow, not as a child of
+    # this one, so it is listed, steered and recovered like any other run.
+    await asyncio.get_running_loop().create_task(start(), context=contextvars.Context())
+
+
+# -- operators (CLI) ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ScheduleInfo:
+    app: str | None
+    name: str
+    pipeline: str | None
+    cron: str
+    status: str
+    last_fired: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def list_schedules(client: Any, app: str | None = None) -> list[ScheduleInfo]:
+    """The durapipe schedules recorded in a database (of one app's DBOS name, if given)."""
+    out = []
+    for row in client.list_schedules(workflow_name=SCHEDULE_WORKFLOW):
+        ctx = row.get("context") if isinstance(row.get("context"), dict) else {}
+        owner = ctx.get("app")
+        if app is not None and owner != app:
+            continue
+        out.append(ScheduleInfo(owner, str(ctx.get("schedule") or row["schedule_name"]),
+                                ctx.get("pipeline"), row["schedule"], row["status"],
+                                row.get("last_fired_at")))
+    return sorted(out, key=lambda s: (s.app or "", s.name))
+
+
+def set_paused(client: Any, name: str, paused: bool, app: str | None = None) -> ScheduleInfo:
+    """Pause or resume the schedule ``name`` (``<app>:<name>`` or a name unique among apps)."""
+    found = [s for s in list_schedules(client, app)
+             if name in (s.name, f"{s.app}:{s.name}")]
+    if len(found) != 1:
+        known = ", ".join(f"{s.app}:{s.name}" for s in list_schedules(client)) or "none"
+        why = "is ambiguous; name it as <app>:<schedule>" if found else "does not exist"
+        raise OperatorError(f"schedule {name!r} {why} (schedules: {known})", schedule=name)
+    info = found[0]
+    full = f"{info.app}:{info.name}"
+    if paused:
+        client.pause_schedule(full)
+    else:
+        client.resume_schedule(full)
+    return ScheduleInfo(info.app, info.name, info.pipeline, info.cron,
+                        "PAUSED" if paused else "ACTIVE", info.last_fired)
