@@ -147,7 +147,7 @@ def test_concurrent_starts_with_one_dedup_key_give_one_run(shared: Shared) -> No
     again = shared.wait.start({"i": 7}, dedup_key="order-42")
     assert again.run_id != ids[0]
     again.result(timeout=30)
-    assert sql(shared.url, "SELECT count(*) FROM dbos.workflow_status WHERE name = 'durapipe.run' "
+    assert sql(shared.url, "SELECT count(*) FROM dbos.workflow_status WHERE name LIKE 'durapipe.run:%' "
                            "AND attributes->>'durapipe.dedup' LIKE '%order-42'") == [(2,)]
 
 

@@ -88,14 +88,14 @@ def test_small_tenant_is_not_held_up_by_a_big_one(database_url: str, tmp_path: P
     assert most_at_once(spans["A"] + spans["B"]) <= 4  # the queue's own limit
     assert len({r[4] for r in rows if r[0] == "A"}) == 2  # both workers ran A's runs
     recorded = sql(database_url, "SELECT attributes->>'durapipe.tenant', queue_partition_key, "
-                                 "count(*) FROM dbos.workflow_status WHERE name = 'durapipe.run' "
+                                 "count(*) FROM dbos.workflow_status WHERE name LIKE 'durapipe.run:%' "
                                  "GROUP BY 1, 2 ORDER BY 1")
     assert recorded == [("A", "A", 200), ("B", "B", 5)]
 
 
 def _ticks(url: str) -> list[datetime]:
     rows = sql(url, "SELECT workflow_uuid, status FROM dbos.workflow_status "
-                    "WHERE name = 'durapipe.run' AND workflow_uuid LIKE 'every-second@%'")
+                    "WHERE name LIKE 'durapipe.run:%' AND workflow_uuid LIKE 'every-second@%'")
     return sorted(datetime.fromisoformat(r[0].split("@", 1)[1]) for r in rows)
 
 
@@ -117,7 +117,7 @@ def test_schedule_fires_every_tick_once_across_a_restart(database_url: str, tmp_
         wait_for(lambda: bool(_ticks(database_url)) and _ticks(database_url)[-1].timestamp()
                  > killed_at + 3, timeout=60, what="ticks after the restart")
         wait_for(lambda: sql(database_url, "SELECT count(*) FROM dbos.workflow_status WHERE "
-                             "name = 'durapipe.run' AND status <> 'SUCCESS'") == [(0,)],
+                             "name LIKE 'durapipe.run:%' AND status <> 'SUCCESS'") == [(0,)],
                  timeout=30, what="every tick's run to finish")
     finally:
         second.send_signal(signal.SIGTERM)
