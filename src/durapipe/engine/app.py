@@ -21,7 +21,7 @@ from .. import validate
 from ..audit import redact
 from ..errors import AppStateError, BuildError, DatabaseError, storable_text
 from ..ir import Dispatch, as_node
-from . import dispatch, executors, gates, lifecycle, outcomes, versions
+from . import bounds, dispatch, executors, gates, lifecycle, outcomes, versions
 from .current import set_current_app
 from .database import check_postgres, check_url, launch_error, resolve_url, sqlite_problem
 from .executors import ExecutorLock
@@ -217,7 +217,9 @@ class App:
         self._executor_lock = ExecutorLock(self.database_url, self.dbos_name,
                                            self.running_executor_id)
         self._executor_lock.acquire()
-        DBOS(config=self.dbos_config())
+        config = self.dbos_config()
+        bounds.configure(bounds.pool_size(config))
+        DBOS(config=config)
         try:
             DBOS.listen_queues(self._queues_to_listen())
             DBOS.launch()
@@ -247,7 +249,9 @@ class App:
         if self._listen is not None:
             base = list(self._listen)
         else:
-            used = (dispatch.queue_name(self.dbos_name, node) for reg in self._pipelines.values()
+            width = bounds.pool_size(self.dbos_config())
+            used = (dispatch.queue_name(self.dbos_name, node, width)
+                    for reg in self._pipelines.values()
                     for _, node in reg.node.walk() if isinstance(node, Dispatch))
             base = list(dict.fromkeys([*self._queues, *(q for q in used if q is not None)]))
         return base + [versions.shape_queue(self.dbos_name, reg.version)

@@ -41,9 +41,10 @@ from dbos._dbos import _get_dbos_instance
 from ..errors import DurapipeError, NodeFailed, RunError, error_text, from_portable
 from ..ir import Dispatch, Join
 from ..state import State, check_updates
-from . import lifecycle
+from . import bounds, lifecycle
 from .children import await_child
 from .context import RunContext, run_step
+from .handoff import Handoff
 from .scope import TASK_WORKFLOW
 
 PROGRESS_EVENT = "durapipe.progress"
@@ -187,11 +188,21 @@ def parent_path(path: str) -> str:
 _queues_ready: dict[tuple[str, str], bool] = {}
 
 
-def queue_name(app_name: str, node: Dispatch) -> str | None:
-    """The DBOS queue a dispatch enqueues its tasks on; None when it starts them directly."""
-    if node.queue is None and node.max_tasks is None:
+def queue_name(app_name: str, node: Dispatch, width: int) -> str | None:
+    """The DBOS queue a dispatch enqueues its tasks on; None when it starts them directly.
+
+    A dispatch of more than ``width`` tasks (the process's default bound, see
+    :mod:`.bounds`) without ``max_tasks=`` runs at most ``width`` of them at once.
+    """
+    if node.queue is None and _max_tasks(node, width) is None:
         return None
-    return node.queue or f"durapipe-{app_name}-max{node.max_tasks}"
+    return node.queue or f"durapipe-{app_name}-max{_max_tasks(node, width)}"
+
+
+def _max_tasks(node: Dispatch, width: int) -> int | None:
+    if node.max_tasks is not None or node.queue is not None:
+        return node.max_tasks
+    return width if len(node.names) > width else None
 
 
 async def _queue_for(ctx: RunContext, node: Dispatch) -> tuple[str, bool] | None:
@@ -201,13 +212,14 @@ async def _queue_for(ctx: RunContext, node: Dispatch) -> tuple[str, bool] | None
     each dispatch instance enqueues on a partition of its own. A queue registered before
     (by the user, or another dispatch) keeps its settings.
     """
-    name = queue_name(ctx.app.dbos_name, node)
+    width = bounds.limit()
+    name = queue_name(ctx.app.dbos_name, node, width)
     if name is None:
         return None
     key = (ctx.app.database_url, name)
     if key not in _queues_ready:
         queue = await DBOS.register_queue_async(
-            name, partition_concurrency=node.max_tasks, polling_interval_sec=QUEUE_POLL_SEC,
+            name, partition_concurrency=_max_tasks(node, width), polling_interval_sec=QUEUE_POLL_SEC,
             on_conflict="never_update",
         )
         _queues_ready[key] = any(
@@ -232,10 +244,12 @@ async def run_dispatch(ctx: RunContext, node: Dispatch, path: str, state: State)
                 "inside the loop body)", node=path, task=name,
             )
     queue = await _queue_for(ctx, node)
+    handoff = Handoff(path, state)
     for i, name in enumerate(node.names):
         tpath = f"{path}.{i}"
         task = Task(name, tpath, f"{ctx.root}/{tpath}:{name}", node, parent_path(path))
-        args = (ctx.pipeline.name, ctx.pipeline.version, dict(state), tpath, ctx.root, name)
+        inputs = await handoff.input(node.tasks[i])
+        args = (ctx.pipeline.name, ctx.pipeline.version, inputs, tpath, ctx.root, name)
         propagate = ctx.tracer.propagate() if ctx.tracer is not None else contextlib.nullcontext()
         with SetWorkflowID(task.child_id), SetWorkflowAttributes({TASK_ATTRIBUTE: name}), propagate:
             if queue is None:

@@ -45,7 +45,7 @@ from ..ir import (
 )
 from ..planner import Flow, Step
 from ..state import State
-from . import agent, basic, control, dispatch, flow, gates, lifecycle, patching, versions
+from . import agent, basic, control, dispatch, flow, gates, handoff, lifecycle, patching, versions
 from .context import Handler, Hook, RunContext, Table, finish, node_error, run_step
 from .current import current_app
 from .scope import DURAPIPE_WORKFLOWS, TASK_WORKFLOW, WORKFLOW_NAME
@@ -108,6 +108,7 @@ async def run_pipeline(
         ctx = RunContext(app=app, pipeline=registered, root=root or run_id, table=TABLE,
                          tracer=app.tracing, recorded=version)
         node = registered.node_at(path)
+        state = await handoff.resolve(state)
 
         async def body() -> State:
             try:
@@ -140,6 +141,7 @@ async def run_task(
         app, registered = await open_pipeline(pipeline, version, path, root)
         ctx = RunContext(app=app, pipeline=registered, root=root, table=TABLE,
                          tracer=app.tracing, recorded=version)
+        state = await handoff.resolve(state)
         if ctx.tracer is not None:
             return await ctx.tracer.workflow(ctx, path, lambda: _run_task(ctx, state, path, name))
         return await _run_task(ctx, state, path, name)
