@@ -1,0 +1,389 @@
+"""Scale curves: durapipe, hand-written DBOS and LangGraph (Postgres checkpointer), side by side.
+
+One process, one Postgres, each size run by every system in turn (interleaved rounds):
+
+1. pipeline length 1 .. 1,000 sequential no-op nodes: ms per node;
+2. ``map_over`` of 10 .. 10,000 items with a 1-step and a 3-step body: ms per item, and
+   the peak of the process's threads and of the database's connections during the map;
+3. fan-out width 2 .. 64 one-step branches and a join: ms per run;
+4. state 1 KB .. 10 MB carried through 3 nodes, and through a map of 10 items with a
+   2-step body: bytes written per run (inputs, outputs and step rows; LangGraph's
+   checkpoint tables).
+
+Hand-written DBOS is the fastest idiomatic form: async steps, ``asyncio.gather`` of async
+steps for a 1-step map and a fan-out, child workflows joined with ``handle.get_result()``
+for a 3-step map body and as the other form of a fan-out (steps of one item stay in
+order: DBOS numbers a workflow's steps as they start). ``--quick`` (or ``DURAPIPE_BENCH_QUICK=1``) runs reduced sizes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, TypedDict
+
+import psycopg
+from common import median, table
+from dbos import DBOS, SetWorkflowID
+
+from durapipe import App, fn, map_over
+
+QUICK = "--quick" in sys.argv or bool(os.environ.get("DURAPIPE_BENCH_QUICK"))
+LENGTHS = [1, 10, 100] if QUICK else [1, 10, 100, 1000]
+ITEMS = [10, 100, 1000] if QUICK else [10, 100, 1000, 10000]
+WIDTHS = [2, 8, 32] if QUICK else [2, 8, 32, 64]
+STATES = [1_000, 100_000, 1_000_000] if QUICK else [1_000, 100_000, 1_000_000, 10_000_000]
+ROUNDS = 3
+
+
+# -- the three systems' workloads ---------------------------------------------------------
+
+def noop(state: dict[str, Any]) -> None:
+    return None
+
+
+def touch(state: dict[str, Any]) -> dict[str, Any]:
+    return {"n": len(state.get("doc", ""))}
+
+
+async def raw_noop() -> None:
+    return None
+
+
+@DBOS.workflow(name="bench.scale.seq")
+async def raw_seq(n: int) -> int:
+    for i in range(n):
+        await DBOS.run_step_async({"name": f"s{i}"}, raw_noop)
+    return n
+
+
+@DBOS.workflow(name="bench.scale.gather")
+async def raw_gather(n: int) -> int:
+    # Steps numbered as they are called, in order: a deterministic fan-out.
+    await asyncio.gather(*(DBOS.run_step_async({"name": f"i{i}"}, raw_noop) for i in range(n)))
+    return n
+
+
+@DBOS.workflow(name="bench.scale.item")
+async def raw_item(i: int, steps: int) -> int:
+    for j in range(steps):
+        await DBOS.run_step_async({"name": f"s{j}"}, raw_noop)
+    return i
+
+
+@DBOS.workflow(name="bench.scale.children")
+async def raw_children(n: int, steps: int) -> int:
+    handles = []
+    for i in range(n):  # children started in a fixed order
+        with SetWorkflowID(f"{DBOS.workflow_id}/{i}"):
+            handles.append(await DBOS.start_workflow_async(raw_item, i, steps))
+    results = await asyncio.gather(*(h.get_result() for h in handles))
+    return len(results)
+
+
+@DBOS.workflow(name="bench.scale.doc")
+async def raw_doc(doc: str) -> int:
+    async def size() -> int:
+        return len(doc)
+    for i in range(3):
+        await DBOS.run_step_async({"name": f"s{i}"}, size)
+    return len(doc)
+
+
+class LGState(TypedDict, total=False):
+    trail: Annotated[list[int], operator.add]
+    items: list[int]
+    item: int
+    doc: str
+    n: int
+
+
+class LGTrail(TypedDict, total=False):
+    trail: Annotated[list[int], operator.add]
+
+
+class LGItem(LGTrail, total=False):
+    i: int
+
+
+def _lg_node(name: str) -> Callable[[LGState], dict[str, Any]]:
+    def node(state: LGState) -> dict[str, Any]:
+        return {"trail": [1]}
+    node.__name__ = name
+    return node
+
+
+def lg_chain(n: int, checkpointer: Any) -> Any:
+    from langgraph.graph import END, START, StateGraph
+
+    g = StateGraph(LGState)
+    for i in range(n):
+        g.add_node(f"n{i}", _lg_node(f"n{i}"))
+        g.add_edge(START if i == 0 else f"n{i - 1}", f"n{i}")
+    g.add_edge(f"n{n - 1}", END)
+    return g.compile(checkpointer=checkpointer)
+
+
+def lg_fanout(width: int, checkpointer: Any) -> Any:
+    from langgraph.graph import END, START, StateGraph
+
+    g = StateGraph(LGState)
+    g.add_node("join", _lg_node("join"))
+    for i in range(width):
+        g.add_node(f"b{i}", _lg_node(f"b{i}"))
+        g.add_edge(START, f"b{i}")
+    g.add_edge([f"b{i}" for i in range(width)], "join")
+    g.add_edge("join", END)
+    return g.compile(checkpointer=checkpointer)
+
+
+def lg_map(steps: int, checkpointer: Any) -> Any:
+    """A map as LangGraph writes one: a Send per item to a node (a 3-step subgraph)."""
+    from langgraph.graph import END, START, StateGraph
+    from langgraph.types import Send
+
+    g = StateGraph(LGState)
+    if steps == 1:
+        g.add_node("item", _lg_node("item"))
+    else:
+        sub = StateGraph(LGItem, output_schema=LGTrail)
+        for j in range(steps):
+            sub.add_node(f"s{j}", _lg_node(f"s{j}"))
+            sub.add_edge(START if j == 0 else f"s{j - 1}", f"s{j}")
+        sub.add_edge(f"s{steps - 1}", END)
+        g.add_node("item", sub.compile())
+    g.add_conditional_edges(START, lambda s: [Send("item", {"i": i}) for i in s["items"]])
+    g.add_edge("item", END)
+    return g.compile(checkpointer=checkpointer)
+
+
+def lg_doc(checkpointer: Any) -> Any:
+    from langgraph.graph import END, START, StateGraph
+
+    g = StateGraph(LGState)
+    for i in range(3):
+        g.add_node(f"n{i}", lambda s: {"n": len(s["doc"])})
+        g.add_edge(START if i == 0 else f"n{i - 1}", f"n{i}")
+    g.add_edge("n2", END)
+    return g.compile(checkpointer=checkpointer)
+
+
+def lg_run(graph: Any, inputs: dict[str, Any], limit: int = 100) -> Callable[[], object]:
+    return lambda: graph.invoke(inputs, {"configurable": {"thread_id": uuid.uuid4().hex},
+                                         "recursion_limit": limit}, durability="sync")
+
+
+def raw(wf: Callable[..., Any], *args: Any) -> Callable[[], object]:
+    return lambda: DBOS.start_workflow(wf, *args).get_result()
+
+
+@contextmanager
+def langgraph_saver(url: str) -> Iterator[Any]:
+    from langgraph.checkpoint.postgres import PostgresSaver
+    from psycopg.rows import dict_row
+    from psycopg_pool import ConnectionPool
+
+    pool = ConnectionPool(url, max_size=20, open=True,
+                          kwargs={"autocommit": True, "prepare_threshold": 0,
+                                  "row_factory": dict_row})
+    try:
+        saver = PostgresSaver(pool)
+        saver.setup()
+        yield saver
+    finally:
+        pool.close()
+
+
+# -- measuring ----------------------------------------------------------------------------
+
+class Peaks:
+    """Samples the process's threads and the database's connections while a call runs."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.threads = self.conns = 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as con:
+            tick = 0
+            while not self._stop.is_set():
+                self.threads = max(self.threads, threading.active_count() - 1)
+                if tick % 10 == 0:
+                    row = con.execute("SELECT count(*) - 1 FROM pg_stat_activity "
+                                      "WHERE datname = current_database()").fetchone()
+                    self.conns = max(self.conns, int(row[0]) if row else 0)
+                tick += 1
+                time.sleep(0.005)
+
+    @contextmanager
+    def watching(self) -> Iterator[Peaks]:
+        sampler = threading.Thread(target=self._sample, daemon=True)
+        sampler.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            sampler.join()
+
+
+def timed(cases: dict[str, Callable[[], object]], rounds: int = ROUNDS) -> dict[str, float]:
+    """Median wall ms per case, the cases interleaved round by round (after one warm-up)."""
+    for f in cases.values():
+        f()
+    out: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(rounds):
+        for name, f in cases.items():
+            t0 = time.perf_counter()
+            f()
+            out[name].append((time.perf_counter() - t0) * 1000)
+    return {k: median(v) for k, v in out.items()}
+
+
+_BYTES = [
+    ("dbos.workflow_input", "length(inputs)"), ("dbos.workflow_output", "length(output)"),
+    ("dbos.operation_outputs", "length(output)"), ("checkpoint_blobs", "length(blob)"),
+    ("checkpoint_writes", "length(blob)"), ("checkpoints", "length(checkpoint::text)"),
+]
+
+
+def written(url: str) -> int:
+    """Bytes of inputs, outputs, step rows and LangGraph checkpoints in the database."""
+    total = 0
+    with psycopg.connect(url, autocommit=True) as con:
+        for t, expr in _BYTES:
+            try:
+                row = con.execute(f"SELECT coalesce(sum({expr}), 0) FROM {t}").fetchone()
+                total += int(row[0]) if row else 0
+            except psycopg.errors.UndefinedTable:
+                pass
+    return total
+
+
+def bytes_per_run(url: str, f: Callable[[], object]) -> int:
+    before = written(url)
+    f()
+    return written(url) - before
+
+
+# -- the section --------------------------------------------------------------------------
+
+def section(url: str) -> str:
+    app = App("bench-scale", url)
+    seqs = {n: app.pipeline(f"seq{n}", _chain(n)) for n in LENGTHS}
+    maps1 = app.pipeline("map1", map_over("items", fn(noop), "out"))
+    maps3 = app.pipeline("map3", map_over("items", fn(noop) >> fn(noop, name="b")
+                                          >> fn(noop, name="c"), "out"))
+    fans = {w: app.pipeline(f"fan{w}", _fan(w)) for w in WIDTHS}
+    doc3 = app.pipeline("doc3", fn(touch) >> fn(touch, name="t2") >> fn(touch, name="t3"))
+    docmap = app.pipeline("docmap", map_over("items", fn(touch) >> fn(touch, name="t2"), "out"))
+    out = ["## Scale curves: durapipe, hand-written DBOS, LangGraph",
+           "", f"{'Reduced sizes (`--quick`). ' if QUICK else ''}Median of {ROUNDS} interleaved "
+           "rounds after a warm-up, one process, one Postgres; LangGraph on `PostgresSaver` "
+           "with `durability=\"sync\"`. Hand-written DBOS in its fastest idiomatic form "
+           "(async steps; `asyncio.gather` of async steps; child workflows joined with "
+           "`handle.get_result()`).", ""]
+    with langgraph_saver(url) as saver, app:
+        out += _lengths(seqs, saver)
+        out += _maps(url, maps1, maps3, saver)
+        out += _fanouts(fans, saver)
+        out += _states(url, doc3, docmap, saver)
+    return "\n".join(out)
+
+
+def _chain(n: int) -> Any:
+    node = fn(noop, name="n0")
+    for i in range(1, n):
+        node = node >> fn(noop, name=f"n{i}")
+    return node
+
+
+def _fan(w: int) -> Any:
+    node = fn(noop, name="b0")
+    for i in range(1, w):
+        node = node | fn(noop, name=f"b{i}")
+    return node >> fn(noop, name="join")
+
+
+def _lengths(seqs: dict[int, Any], saver: Any) -> list[str]:
+    rows = []
+    for n in LENGTHS:
+        graph = lg_chain(n, saver)
+        rounds = 1 if n >= 1000 else ROUNDS
+        t = timed({"durapipe": lambda n=n: seqs[n].run({}), "raw DBOS": raw(raw_seq, n),
+                   "LangGraph": lg_run(graph, {"trail": []}, n + 10)}, rounds)
+        rows.append([str(n)] + [f"{t[k]:.1f} ({t[k] / n:.2f})" for k in t]
+                    + [f"{t['durapipe'] / t['raw DBOS']:.2f}x", f"{t['durapipe'] / t['LangGraph']:.2f}x"])
+    return ["### Pipeline length: ms per run (ms per node)", "",
+            table(rows, ["nodes", "durapipe", "raw DBOS", "LangGraph", "durapipe / DBOS",
+                         "durapipe / LangGraph"]), ""]
+
+
+def _maps(url: str, maps1: Any, maps3: Any, saver: Any) -> list[str]:
+    rows = []
+    for steps, pipeline in ((1, maps1), (3, maps3)):
+        graph = lg_map(steps, saver)
+        for n in ITEMS:
+            items = list(range(n))
+            cases = {"durapipe": lambda p=pipeline, i=items: p.run({"items": i}),
+                     "raw DBOS": raw(raw_gather, n) if steps == 1 else raw(raw_children, n, 3),
+                     "LangGraph": lg_run(graph, {"items": items}, 50)}
+            for name, f in cases.items():
+                rounds = 1 if n >= 1000 else ROUNDS
+                times = []
+                peaks = Peaks(url)
+                with peaks.watching():
+                    for _ in range(rounds):
+                        t0 = time.perf_counter()
+                        f()
+                        times.append((time.perf_counter() - t0) * 1000)
+                ms = median(times)
+                rows.append([f"{steps}-step body", str(n), name, f"{ms:.0f}", f"{ms / n:.2f}",
+                             str(peaks.threads), str(peaks.conns)])
+    return ["### `map_over`: ms per map, ms per item, peak threads and connections", "",
+            table(rows, ["body", "items", "system", "median ms", "ms / item", "peak threads",
+                         "peak connections"]), ""]
+
+
+def _fanouts(fans: dict[int, Any], saver: Any) -> list[str]:
+    rows = []
+    for w in WIDTHS:
+        graph = lg_fanout(w, saver)
+        t = timed({"durapipe": lambda w=w: fans[w].run({}),
+                   "raw DBOS (gather of async steps)": raw(raw_gather, w),
+                   "raw DBOS (child workflows, handle.get_result)": raw(raw_children, w, 1),
+                   "LangGraph": lg_run(graph, {"trail": []})})
+        rows += [[str(w), k, f"{v:.1f}", f"{t['durapipe'] / v:.2f}x"] for k, v in t.items()]
+    return ["### Fan-out width (one-step branches, then a join): ms per run", "",
+            table(rows, ["width", "system", "median ms", "durapipe / this"]), ""]
+
+
+def _states(url: str, doc3: Any, docmap: Any, saver: Any) -> list[str]:
+    rows = []
+    graph = lg_doc(saver)
+    for size in STATES:
+        doc = "x" * size
+        cases = {"durapipe, 3 nodes": lambda d=doc: doc3.run({"doc": d}),
+                 "raw DBOS, 3 steps": raw(raw_doc, doc),
+                 "LangGraph, 3 nodes": lg_run(graph, {"doc": doc}),
+                 "durapipe, map of 10 items x 2 steps": lambda d=doc: docmap.run(
+                     {"doc": d, "items": list(range(10))})}
+        for name, f in cases.items():
+            b = bytes_per_run(url, f)
+            rows.append([f"{size:,}", name, f"{b:,}", f"{b / size:.1f}"])
+    return ["### State size: bytes written per run", "",
+            table(rows, ["state bytes", "system", "bytes written", "x state"]), ""]
+
+
+if __name__ == "__main__":
+    from common import fresh_database, postgres_server
+
+    with postgres_server() as server, fresh_database(server) as db:
+        print(section(db))
