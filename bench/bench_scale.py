@@ -19,8 +19,11 @@ order: DBOS numbers a workflow's steps as they start). ``--quick`` (or ``DURAPIP
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import operator
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -297,9 +300,6 @@ def bytes_per_run(url: str, f: Callable[[], object]) -> int:
 def section(url: str) -> str:
     app = App("bench-scale", url)
     seqs = {n: app.pipeline(f"seq{n}", _chain(n)) for n in LENGTHS}
-    maps1 = app.pipeline("map1", map_over("items", fn(noop), "out"))
-    maps3 = app.pipeline("map3", map_over("items", fn(noop) >> fn(noop, name="b")
-                                          >> fn(noop, name="c"), "out"))
     fans = {w: app.pipeline(f"fan{w}", _fan(w)) for w in WIDTHS}
     branch = fn(noop, name="s0") >> fn(noop, name="s1") >> fn(noop, name="s2")
     par3x3 = app.pipeline("par3x3", (branch | branch | branch) >> fn(noop, name="join"))
@@ -313,7 +313,7 @@ def section(url: str) -> str:
            "`handle.get_result()`).", ""]
     with langgraph_saver(url) as saver, app:
         out += _lengths(seqs, saver)
-        out += _maps(url, maps1, maps3, saver)
+        out += _maps(url)
         out += _fanouts(fans, par3x3, saver)
         out += _states(url, doc3, docmap, saver)
         out += _statements(app, seqs[max(n for n in LENGTHS if n <= 100)])
@@ -392,28 +392,60 @@ def _lengths(seqs: dict[int, Any], saver: Any) -> list[str]:
                          "durapipe / LangGraph"]), ""]
 
 
-def _maps(url: str, maps1: Any, maps3: Any, saver: Any) -> list[str]:
+SYSTEMS = ("durapipe", "raw DBOS", "LangGraph")
+
+
+def map_case(url: str, system: str, steps: int, n: int) -> dict[str, float]:
+    """One map size of one system, in a process of its own (so the threads a pool kept from
+    an earlier case do not count): median ms, peak threads and peak connections."""
+    rounds = 1 if n >= 1000 else ROUNDS
+    with contextlib.ExitStack() as stack:
+        make: Callable[[int], Callable[[], object]]
+        if system == "LangGraph":
+            graph = lg_map(steps, stack.enter_context(langgraph_saver(url)))
+            make = lambda k: lg_run(graph, {"items": list(range(k))}, 50)  # noqa: E731
+        else:
+            app = App("bench-scale-map", url)
+            body = fn(noop) if steps == 1 else fn(noop) >> fn(noop, name="b") >> fn(noop, name="c")
+            pipeline = app.pipeline(f"map{steps}", map_over("items", body, "out"))
+            stack.enter_context(app)
+            if system == "durapipe":
+                make = lambda k: lambda: pipeline.run({"items": list(range(k))})  # noqa: E731
+            elif steps == 1:
+                make = lambda k: raw(raw_gather, k)  # noqa: E731
+            else:
+                make = lambda k: raw(raw_children, k, 3)  # noqa: E731
+        make(2)()  # warm-up
+        f = make(n)
+        times = []
+        peaks = Peaks(url)
+        with peaks.watching():
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                f()
+                times.append((time.perf_counter() - t0) * 1000)
+    return {"ms": median(times), "threads": peaks.threads, "conns": peaks.conns}
+
+
+def _maps(url: str) -> list[str]:
     rows = []
-    for steps, pipeline in ((1, maps1), (3, maps3)):
-        graph = lg_map(steps, saver)
-        for n in ITEMS:
-            items = list(range(n))
-            cases = {"durapipe": lambda p=pipeline, i=items: p.run({"items": i}),
-                     "raw DBOS": raw(raw_gather, n) if steps == 1 else raw(raw_children, n, 3),
-                     "LangGraph": lg_run(graph, {"items": items}, 50)}
-            for name, f in cases.items():
-                rounds = 1 if n >= 1000 else ROUNDS
-                times = []
-                peaks = Peaks(url)
-                with peaks.watching():
-                    for _ in range(rounds):
-                        t0 = time.perf_counter()
-                        f()
-                        times.append((time.perf_counter() - t0) * 1000)
-                ms = median(times)
-                rows.append([f"{steps}-step body", str(n), name, f"{ms:.0f}", f"{ms / n:.2f}",
-                             str(peaks.threads), str(peaks.conns)])
+    cases = [(steps, n, name) for steps in (1, 3) for n in ITEMS for name in SYSTEMS]
+    if QUICK:  # the largest size for durapipe alone: threads and connections stay bounded
+        cases.append((1, 10_000, "durapipe"))
+    for steps, n, name in cases:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        done = subprocess.run(
+            [sys.executable, __file__, "--map-case", url, name, str(steps), str(n),
+             *(["--quick"] if QUICK else [])],
+            env=env, capture_output=True, text=True, timeout=3600, check=True)
+        got = json.loads(done.stdout.strip().splitlines()[-1])
+        ms = got["ms"]
+        rows.append([f"{steps}-step body", str(n), name, f"{ms:.0f}", f"{ms / n:.2f}",
+                     str(got["threads"]), str(got["conns"])])
     return ["### `map_over`: ms per map, ms per item, peak threads and connections", "",
+            "Each row in a process of its own: threads are the process's peak (DBOS's and "
+            "LangGraph's background threads included), connections the database's sessions "
+            "at peak (idle pooled ones included, the sampler's own excluded).", "",
             table(rows, ["body", "items", "system", "median ms", "ms / item", "peak threads",
                          "peak connections"]), ""]
 
@@ -458,6 +490,12 @@ def _states(url: str, doc3: Any, docmap: Any, saver: Any) -> list[str]:
 
 if __name__ == "__main__":
     from common import fresh_database, postgres_server
+
+    if "--map-case" in sys.argv:
+        at = sys.argv.index("--map-case")
+        db, system, steps, n = sys.argv[at + 1:at + 5]
+        print(json.dumps(map_case(db, system, int(steps), int(n))))
+        sys.exit(0)
 
     with postgres_server() as server, fresh_database(server) as db:
         print(section(db))
