@@ -62,8 +62,8 @@ def test_big_map_runs_on_bounded_threads_without_pool_timeouts(
         n = 2000
         result = one.run({"items": list(range(n))}, run_id="big-map")
         assert result.state["out"] == [i * i for i in range(n)]
-        result = two.run({"items": list(range(60))}, run_id="children-map")
-        assert result.state["out"] == [{"a": i + 1, "b": (i + 1) * 2} for i in range(60)]
+        result = two.run({"items": list(range(40))}, run_id="children-map")
+        assert result.state["out"] == [{"a": i + 1, "b": (i + 1) * 2} for i in range(40)]
     assert bounds.limit() == 20  # DBOS's pool size
     # The bounded executor (20) plus DBOS's own threads; unbounded, 1,000 items held ~450.
     assert peak.most - before <= 45, (before, peak.most)
@@ -114,14 +114,14 @@ def test_children_get_what_they_read_and_bytes_grow_linearly(
     pad = "x" * 300
     with app:
         sizes = {}
-        for n in (30, 120):
+        for n in (20, 80):
             items = [f"{i}{pad}" for i in range(n)]
             out = unknown.run({"items": items}, run_id=f"u{n}").state["out"]
             assert [o["b"] for o in out] == [f"{i}{pad}-{n}".upper() for i in range(n)]
             sizes[n] = _written(database_url, f"u{n}")
             assert all("durapipe:state_ref" in i for i in _inputs(database_url, f"u{n}"))
         # 4x the items: about 4x the bytes (copies of the state per item would be 16x).
-        assert sizes[120] < 5 * sizes[30], sizes
+        assert sizes[80] < 5 * sizes[20], sizes
 
         items = [f"{i}{pad}" for i in range(30)]
         out = known.run({"items": items, "doc": "y" * 100_000}, run_id="k").state["out"]
