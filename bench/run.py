@@ -51,7 +51,7 @@ def merge_sections(path: Path, fresh: list[str]) -> list[str]:
 
 def main() -> None:
     names = sorted(p.stem for p in HERE.glob("bench_*.py"))
-    only = sys.argv[1:]
+    only = [a for a in sys.argv[1:] if not a.startswith("--")]  # --quick: see bench_scale
     sections = []
     with postgres_server() as server:
         with psycopg.connect(server) as con:

@@ -118,7 +118,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     import sys
     import threading
 
-    stuck = [t.name for t in threading.enumerate() if t.name.startswith("dbos-executor") and t.is_alive()]
+    stuck = [t.name for t in threading.enumerate() if t.name.startswith(("dbos-executor", "durapipe-step")) and t.is_alive()]
     if stuck and "code" in _exit_status:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -21,6 +21,7 @@ inside the step and never recorded.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import time
 from collections.abc import Awaitable, Callable
@@ -34,7 +35,7 @@ from ..ir import Agent
 from ..models import ModelRequest, ModelResponse, StreamingModel, ToolCall, resolve_model
 from ..models.tools import Tool, make_tools
 from ..state import State, check_updates, render
-from . import budget, events
+from . import bounds, budget, events
 from .context import RunContext, node_error, run_step
 
 OUTPUT_RETRIES = 2
@@ -123,7 +124,7 @@ async def _call_tool(tool: Tool | None, call: ToolCall, where: str,
     if tool.is_async:
         result = await tool.func(**args)
     else:
-        result = await asyncio.to_thread(tool.func, **args)
+        result = await bounds.to_thread(functools.partial(tool.func, **args))
     out["response"] = {"result": check_updates({"result": result}, where)["result"]}
     return out
 

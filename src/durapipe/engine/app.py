@@ -22,6 +22,7 @@ from ..audit import redact
 from ..errors import AppStateError, BuildError, DatabaseError, storable_text
 from ..ir import Dispatch, as_node
 from . import (
+    bounds,
     budget,
     dispatch,
     events,
@@ -251,7 +252,9 @@ class App:
                                            self.running_executor_id)
         self._executor_lock.acquire()
         events.start_log(url if self.events else None)  # before DBOS recovers any run
-        DBOS(config=self.dbos_config())
+        config = self.dbos_config()
+        bounds.configure(bounds.pool_size(config))
+        DBOS(config=config)
         try:
             DBOS.listen_queues(self._queues_to_listen())
             DBOS.launch()
@@ -286,7 +289,9 @@ class App:
         if self._listen is not None:
             base = list(self._listen)
         else:
-            used = (dispatch.queue_name(self.dbos_name, node) for reg in self._pipelines.values()
+            width = bounds.pool_size(self.dbos_config())
+            used = (dispatch.queue_name(self.dbos_name, node, width)
+                    for reg in self._pipelines.values()
                     for _, node in reg.node.walk() if isinstance(node, Dispatch))
             base = list(dict.fromkeys([*self._queues, *(q for q in used if q is not None)]))
         return base + [start_queue(self.dbos_name)] + [

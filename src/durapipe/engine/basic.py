@@ -24,11 +24,12 @@ from dbos import DBOS
 from ..errors import DurapipeError, NodeFailed, StateError, error_text, storable_errors
 from ..ir import Fn, Node, Parallel, Seq, Sleep, Transform
 from ..state import State, check_updates
-from . import events, lifecycle, slots, steplogs, taskgroup
+from . import bounds, events, lifecycle, slots, steplogs, taskgroup
 from . import steps as lean
 from .children import await_child
 from .context import RunContext, no_retry_for_durapipe_errors, node_error, run_step, step_options
 from .current import active_step_log
+from .handoff import Handoff
 from .reserve import next_reservation, reserve, reserving, running_at, static_ops
 
 # -- leaves -----------------------------------------------------------------------------
@@ -116,7 +117,7 @@ async def run_seq(ctx: RunContext, node: Seq, path: str, state: State) -> State:
                 updates.update(extra)
         run = _sync_run(ctx, nodes, i)
         if run > 1:
-            out = await asyncio.to_thread(_run_sync_nodes, nodes[i:i + run], path, i, state)
+            out = await bounds.to_thread(_run_sync_nodes, nodes[i:i + run], path, i, state)
         else:
             run = 1
             out = await ctx.execute(nodes[i], f"{path}.{i}", state)
@@ -178,13 +179,15 @@ async def gather_branches(
     """
     runs: list[Awaitable[Any]] = []
     children: dict[int, str] = {}
+    slots = asyncio.Semaphore(bounds.limit())  # inline branches running at once
+    handoff = Handoff(path, state)
     for i, branch in enumerate(branches):
         bpath = f"{path}.{i}"
         ops = static_ops(branch)
         if ops is not None:
-            runs.append(_run_reserved(ctx, branch, bpath, state, reserve(ops)))
+            runs.append(_run_reserved(ctx, branch, bpath, state, reserve(ops), slots))
         else:
-            handle = await ctx.start_child(branch, bpath, dict(state))
+            handle = await ctx.start_child(branch, bpath, await handoff.input(branch))
             children[i] = handle.workflow_id
             runs.append(await_child(handle))
     futures = [asyncio.ensure_future(r) for r in runs]  # in branch order, as gather would
@@ -207,9 +210,10 @@ async def gather_branches(
 
 
 async def _run_reserved(ctx: RunContext, branch: Node, path: str, state: State,
-                        reservations: list[Any]) -> State:
-    with running_at(reservations):
-        return await ctx.execute(branch, path, state)
+                        reservations: list[Any], slots: asyncio.Semaphore) -> State:
+    async with slots:
+        with running_at(reservations):
+            return await ctx.execute(branch, path, state)
 
 
 async def run_parallel(ctx: RunContext, node: Parallel, path: str, state: State) -> State:

@@ -19,6 +19,7 @@ from dbos._dbos import _get_dbos_instance
 from dbos._error import DBOSAwaitedWorkflowCancelledError, DBOSWorkflowCancelledError
 from dbos._serialization import deserialize_exception, serialize_exception, serialize_value
 
+from . import bounds
 from .current import active_step_log
 
 # How often a wait on a child workflow that runs elsewhere polls its status (DBOS's own
@@ -88,7 +89,7 @@ async def _recorded_get_result(
     start_ms = int(time.time() * 1000)
     if check:
         if log is not None:
-            found = await asyncio.to_thread(log.check, ctx, GET_RESULT)
+            found = await bounds.to_thread(log.check, ctx, GET_RESULT)
             if found is not None:
                 return log.replay(found)
         else:
@@ -99,7 +100,7 @@ async def _recorded_get_result(
 
     async def record(output: str | None, error: str | None, fmt: str | None) -> None:
         if log is not None:
-            await asyncio.to_thread(log.write, ctx, GET_RESULT, start_ms, output, error, fmt,
+            await bounds.to_thread(log.write, ctx, GET_RESULT, start_ms, output, error, fmt,
                                     workflow_id)
         else:
             await asyncio.to_thread(sys_db.record_get_result, workflow_id, output, error, fmt,

@@ -24,7 +24,7 @@ from dbos._error import DBOSMaxStepRetriesExceeded
 from ..errors import DurapipeError, NodeFailed, error_text, from_portable, storable_errors
 from ..ir import Node
 from ..state import State
-from . import events, lifecycle, slots, steplogs
+from . import bounds, events, lifecycle, slots, steplogs
 from . import steps as lean
 from .current import active_step_log
 from .reserve import next_reservation
@@ -189,7 +189,7 @@ async def run_step(where: str, retries: int, body: Callable[[], Any]) -> Any:
                 if inspect.iscoroutinefunction(body):
                     return await lean.run_async(log, step, where, retries, body,
                                                 no_retry_for_durapipe_errors)
-                return await asyncio.to_thread(lean.run_sync, log, step, where, retries, body,
+                return await bounds.to_thread(lean.run_sync, log, step, where, retries, body,
                                                no_retry_for_durapipe_errors)
         if reservation is not None:
             return await reservation.run_async(step_options(where, retries), body)

@@ -30,10 +30,11 @@ from ..errors import (
 )
 from ..ir import Agent, Fallback, Fn, Loop, MapOver, Node, Race, Route, Timeout, Transform, callable_name
 from ..state import State
-from . import lifecycle, taskgroup
+from . import bounds, lifecycle, taskgroup
 from .children import await_child
 from .context import RunContext, node_error, run_step
-from .reserve import single_op
+from .handoff import Handoff
+from .reserve import reserve, running_at, single_op, static_ops
 
 log = logging.getLogger("durapipe")
 
@@ -227,17 +228,21 @@ async def run_map(ctx: RunContext, node: MapOver, path: str, state: State) -> St
             "it needs a list", node=where, key=node.items_key,
         )
     inline = single_op(node.body)
-    limit = node.concurrency or max(1, len(items))
+    if inline and node.concurrency is None:
+        return await _map_inline(ctx, node, path, state, items)
+    limit = node.concurrency or bounds.limit()
     futures: dict[int, asyncio.Future[Any]] = {}
     children: dict[int, str] = {}
+    handoff = Handoff(path, state)
 
     async def start(i: int) -> asyncio.Future[Any]:
         ipath = f"{path}.0#{i}"
-        istate = {**state, node.item_key: items[i]}
         if inline:
+            istate = {**state, node.item_key: items[i]}
             fut = asyncio.ensure_future(ctx.execute(node.body, ipath, istate))
             await asyncio.sleep(0)  # let it start its one operation now, in item order
             return fut
+        istate = await handoff.input(node.body, {node.item_key: items[i]})
         child = await ctx.start_child(node.body, ipath, istate)
         children[i] = child.workflow_id
         return asyncio.ensure_future(await_child(child))
@@ -273,6 +278,11 @@ async def run_map(ctx: RunContext, node: MapOver, path: str, state: State) -> St
     if failure is None:
         ordered = [futures[i] for i in range(len(futures))]
         failure = await taskgroup.wait_all_or_first_failure(ordered, children, labels)
+    return _map_result(node, where, [futures[i] for i in range(len(futures))], labels, failure)
+
+
+def _map_result(node: MapOver, where: str, futures: list[asyncio.Future[Any]],
+                labels: list[str], failure: tuple[int, list[str]] | None) -> State:
     if failure is not None:
         i, cancelled = failure
         exc = futures[i].exception()
@@ -282,7 +292,7 @@ async def run_map(ctx: RunContext, node: MapOver, path: str, state: State) -> St
             restate(exc, f"map {where}: item {i} failed: {exc}", node=where, item=i), cancelled,
         ) from exc
     key = _result_key(node.body)
-    results = [futures[i].result() for i in range(len(items))]
+    results = [f.result() for f in futures]
     return {node.output_key: [r.get(key) for r in results] if key else results}
 
 
@@ -320,3 +330,30 @@ def failure_type(err: BaseException) -> str:
     if isinstance(cause, str) and ":" in cause:
         return cause.split(":", 1)[0]
     return type(err).__name__
+async def _map_inline(ctx: RunContext, node: MapOver, path: str, state: State,
+                      items: list[Any]) -> State:
+    """Items whose body starts at most one operation, at most ``bounds.limit()`` at once.
+
+    Every item's operation number is drawn in item order before any item runs (as the
+    inline branches of ``a | b`` do, see ``reserve``), so which item waits for a free slot
+    never changes the numbering, and no decision needs recording. The numbers are the ones
+    an unbounded map gives its items.
+    """
+    where = f"{path}:{node.label}"
+    ops = static_ops(node.body)
+    assert ops is not None
+    slots = asyncio.Semaphore(bounds.limit())
+    numbers = [reserve(ops) for _ in items]
+
+    async def item(i: int) -> State:
+        async with slots:
+            with running_at(numbers[i]):
+                return await ctx.execute(node.body, f"{path}.0#{i}",
+                                         {**state, node.item_key: items[i]})
+
+    futures: list[asyncio.Future[Any]] = [asyncio.ensure_future(item(i)) for i in range(len(items))]
+    labels = [f"{path}.0#{i}:{node.body.label}" for i in range(len(items))]
+    if node.errors == "collect":
+        return await _collected(node, items, futures, labels)
+    failure = await taskgroup.wait_all_or_first_failure(futures, {}, labels)
+    return _map_result(node, where, futures, labels, failure)

@@ -42,9 +42,10 @@ from dbos._error import DBOSAwaitedWorkflowCancelledError, DBOSWorkflowCancelled
 from ..errors import DurapipeError, NodeFailed, RunError, error_text, from_portable
 from ..ir import Dispatch, Join
 from ..state import State, check_updates
-from . import admission, events, lifecycle
+from . import admission, bounds, events, lifecycle
 from .children import await_child
 from .context import RunContext, run_step
+from .handoff import Handoff
 from .scope import TASK_WORKFLOW
 
 PROGRESS_EVENT = "durapipe.progress"
@@ -226,11 +227,21 @@ def parent_path(path: str) -> str:
 _queues_ready: dict[tuple[str, str], bool] = {}
 
 
-def queue_name(app_name: str, node: Dispatch) -> str | None:
-    """The DBOS queue a dispatch enqueues its tasks on; None when it starts them directly."""
-    if node.queue is None and node.max_tasks is None:
+def queue_name(app_name: str, node: Dispatch, width: int) -> str | None:
+    """The DBOS queue a dispatch enqueues its tasks on; None when it starts them directly.
+
+    A dispatch of more than ``width`` tasks (the process's default bound, see
+    :mod:`.bounds`) without ``max_tasks=`` runs at most ``width`` of them at once.
+    """
+    if node.queue is None and _max_tasks(node, width) is None:
         return None
-    return node.queue or f"durapipe-{app_name}-max{node.max_tasks}"
+    return node.queue or f"durapipe-{app_name}-max{_max_tasks(node, width)}"
+
+
+def _max_tasks(node: Dispatch, width: int) -> int | None:
+    if node.max_tasks is not None or node.queue is not None:
+        return node.max_tasks
+    return width if len(node.names) > width else None
 
 
 async def _queue_for(ctx: RunContext, node: Dispatch) -> tuple[str, bool] | None:
@@ -240,13 +251,14 @@ async def _queue_for(ctx: RunContext, node: Dispatch) -> tuple[str, bool] | None
     each dispatch instance enqueues on a partition of its own. A queue registered before
     (by the user, or another dispatch) keeps its settings.
     """
-    name = queue_name(ctx.app.dbos_name, node)
+    width = bounds.limit()
+    name = queue_name(ctx.app.dbos_name, node, width)
     if name is None:
         return None
     key = (ctx.app.database_url, name)
     if key not in _queues_ready:
         queue = await DBOS.register_queue_async(
-            name, partition_concurrency=node.max_tasks, polling_interval_sec=QUEUE_POLL_SEC,
+            name, partition_concurrency=_max_tasks(node, width), polling_interval_sec=QUEUE_POLL_SEC,
             on_conflict="never_update",
         )
         _queues_ready[key] = any(
@@ -273,10 +285,12 @@ async def run_dispatch(ctx: RunContext, node: Dispatch, path: str, state: State)
     queue = await _queue_for(ctx, node)
     # On a per-tenant queue (App.queue(per_tenant=)) a task is in its run's tenant's partition.
     tenant = await admission.task_partition(ctx.app, queue[0], ctx.root) if queue else None
+    handoff = Handoff(path, state)
     for i, name in enumerate(node.names):
         tpath = f"{path}.{i}"
         task = Task(name, tpath, f"{ctx.root}/{tpath}:{name}", node, parent_path(path))
-        args = (ctx.pipeline.name, ctx.pipeline.version, dict(state), tpath, ctx.root, name)
+        inputs = await handoff.input(node.tasks[i])
+        args = (ctx.pipeline.name, ctx.pipeline.version, inputs, tpath, ctx.root, name)
         propagate = ctx.tracer.propagate() if ctx.tracer is not None else contextlib.nullcontext()
         attributes = {TASK_ATTRIBUTE: name, **({DETACHED_ATTRIBUTE: "true"} if node.detach else {})}
         with SetWorkflowID(task.child_id), SetWorkflowAttributes(attributes), propagate:

@@ -60,6 +60,7 @@ from . import (
     events,
     flow,
     gates,
+    handoff,
     lifecycle,
     limits,
     patching,
@@ -161,6 +162,7 @@ async def _run_pipeline(
             ctx = RunContext(app=app, pipeline=registered, root=root or run_id, table=TABLE,
                              tracer=app.tracing, recorded=version)
             node = registered.node_at(path)
+            state = await handoff.resolve(state)
 
             async def body() -> State:
                 try:
@@ -194,6 +196,7 @@ async def run_task(
             app, registered = await open_pipeline(pipeline, version, path, root)
             ctx = RunContext(app=app, pipeline=registered, root=root, table=TABLE,
                              tracer=app.tracing, recorded=version)
+            state = await handoff.resolve(state)
             if ctx.tracer is not None:
                 return await ctx.tracer.workflow(ctx, path, lambda: _run_task(ctx, state, path, name))
             return await _run_task(ctx, state, path, name)

@@ -7,13 +7,19 @@ two transactions of two statements each on that, built anew by SQLAlchemy Core f
 call (see bench/NOTES.md). On Postgres, durapipe writes the same row with the same
 guarantees in two single statements on DBOS's own connection pool, prepared by the driver:
 
-- before the body: one ``SELECT`` returns the workflow's status and the step's recorded
-  row, if any. A cancelled workflow stops here (``DBOSWorkflowCancelledError``); a recorded
-  step is replayed (its output returned or its error raised) without running the body; a
-  row of another name is ``DBOSUnexpectedStepError``. Exactly DBOS's check.
+- before the body, only where a recorded row can exist: one ``SELECT`` returns the
+  workflow's status and the step's recorded row, if any. A cancelled workflow stops here
+  (``DBOSWorkflowCancelledError``); a recorded step is replayed (its output returned or
+  its error raised) without running the body; a row of another name is
+  ``DBOSUnexpectedStepError``. Exactly DBOS's check. It also returns the highest step
+  number recorded: the execution's *frontier*. A step numbered above the frontier of its
+  execution (an owner token: every start, recovery and resume has its own) was not
+  recorded when the execution began, so it skips this statement: an execution that is
+  not replaying spends one statement per step (``StepLog.must_check``).
 - after the body: one ``INSERT ... SELECT`` from the workflow's status row locked
   ``FOR NO KEY UPDATE`` writes the output or the error only while this execution still
-  owns the workflow (a cancel, resume or recovery elsewhere takes ownership away:
+  owns the workflow (a cancel, resume or recovery elsewhere takes ownership away: DBOS's
+  cancel clears the owner token, so this is also the cancel check;
   ``DBOSWorkflowConflictIDError``, which DBOS turns into adopting the owner's outcome).
   A conflicting row with another completion time is ``DBOSStepNondeterminismError``;
   the same time is this execution's own write retried after a lost connection.
@@ -33,6 +39,7 @@ import importlib.metadata
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -51,12 +58,14 @@ from dbos._sys_db_postgres import PostgresSystemDatabase
 from dbos._utils import retriable_postgres_exception
 
 from ..errors import DurapipeError, error_text
+from . import bounds
 
 T = TypeVar("T")
 log = logging.getLogger("durapipe")
 
 _CHECK = """
-SELECT ws.status, oo.function_name, oo.output, oo.error, oo.serialization
+SELECT ws.status, oo.function_name, oo.output, oo.error, oo.serialization,
+       (SELECT max(function_id) FROM {s}.operation_outputs WHERE workflow_uuid = %(wf)s)
 FROM {s}.workflow_status AS ws
 LEFT JOIN {s}.operation_outputs AS oo
   ON oo.workflow_uuid = ws.workflow_uuid AND oo.function_id = %(fid)s
@@ -79,6 +88,10 @@ WITH owner AS (
 )
 SELECT (SELECT owner_xid FROM owner), (SELECT completed_at_epoch_ms FROM ins)
 """
+_OUTPUT = """
+SELECT output, serialization FROM {s}.operation_outputs
+WHERE workflow_uuid = %(wf)s AND function_id = %(fid)s
+"""
 
 # The columns the record statement writes; any other column must have a default.
 _WRITES = frozenset({
@@ -96,6 +109,7 @@ TESTED_DBOS = frozenset({"3.4.0"})
 ran on). On any other, steps go through DBOS's public ``DBOS.run_step`` with a warning:
 the column check below would miss a change in what a column means."""
 _MAX_BACKOFF = 60.0
+_FRONTIERS = 10_000  # executions whose frontier a process remembers
 
 
 def dbos_release() -> str:
@@ -119,6 +133,10 @@ class StepLog:
         schema = '"' + str(sys_db.schema).replace('"', '""') + '"'
         self.check_sql = _CHECK.format(s=schema)
         self.record_sql = _RECORD.format(s=schema)
+        self.output_sql = _OUTPUT.format(s=schema)
+        # (workflow id, owner token) of an execution -> the highest step number recorded
+        # when it first checked: a step numbered above it is new (see ``must_check``).
+        self.frontiers: OrderedDict[tuple[str, str], int] = OrderedDict()
 
     @staticmethod
     def supports(dbos: Any) -> bool:
@@ -204,11 +222,32 @@ class StepLog:
         return retriable_postgres_exception(exc) and getattr(
             self.sys_db, "_retry_connection_errors", True)
 
+    def must_check(self, step: DBOSContext) -> bool:
+        """False when this execution cannot find the step recorded: its number is above
+        everything recorded for the workflow when this execution first checked a step.
+
+        An execution is the workflow's owner token (``owner_xid``: a new one for every
+        start, recovery and resume), so a replay or a recovery checks every step up to
+        where the history it continues stopped. A row written at a higher number by
+        anyone else since can only come from an execution that took the workflow over,
+        and the record statement refuses to write for one that lost it.
+        """
+        if step.owner_xid is None:
+            return True
+        frontier = self.frontiers.get((step.workflow_id, step.owner_xid))
+        return frontier is None or step.function_id <= frontier
+
     def check(self, step: DBOSContext, name: str) -> tuple[Any, Any, Any] | None:
         """The step's recorded (output, error, serialization), or None to run it."""
         row = self._execute(self.check_sql, {"wf": step.workflow_id, "fid": step.function_id})
         assert row is not None, f"workflow {step.workflow_id} does not exist"
-        status, recorded_name, output, error, serialization = row
+        status, recorded_name, output, error, serialization, recorded_max = row
+        if step.owner_xid is not None:
+            key = (step.workflow_id, step.owner_xid)
+            if key not in self.frontiers:
+                self.frontiers[key] = int(recorded_max or 0)
+                while len(self.frontiers) > _FRONTIERS:
+                    self.frontiers.popitem(last=False)
         if status == _CANCELLED:
             raise DBOSWorkflowCancelledError(
                 f"Workflow {step.workflow_id} is cancelled. Aborting function."
@@ -255,6 +294,14 @@ class StepLog:
             raise DBOSStepNondeterminismError(step.workflow_id, step.function_id)
 
 
+    def output(self, workflow_id: str, function_id: int) -> Any:
+        """The recorded output of one step (None when there is no such row)."""
+        row = self._execute(self.output_sql, {"wf": workflow_id, "fid": function_id})
+        if row is None or row[0] is None:
+            return None
+        return deserialize_value(row[0], row[1], self.serializer)
+
+
 def take_step(reservation: Any | None) -> DBOSContext | None:
     """The step context of the next step: at ``reservation``'s number (a
     ``DBOS.reserve_step()`` of a parallel branch) or, without one, at the running
@@ -290,7 +337,7 @@ def run_sync(steps: StepLog, step: DBOSContext, name: str, retries: int,
              body: Callable[[], T], retry_if: Callable[[BaseException], bool]) -> T:
     """Run a sync step body at ``step``'s number (on the calling thread)."""
     started = _now_ms()
-    recorded = steps.check(step, name)
+    recorded = steps.check(step, name) if steps.must_check(step) else None
     if recorded is not None:
         return steps.replay(recorded)  # type: ignore[no-any-return]
     with EnterDBOSStepCtx(_attributes(name), step):  # type: ignore[arg-type]
@@ -331,7 +378,7 @@ async def run_async(steps: StepLog, step: DBOSContext, name: str, retries: int,
     """Run an async step body at ``step``'s number on the loop; the two statements run on
     a worker thread."""
     started = _now_ms()
-    recorded = await asyncio.to_thread(steps.check, step, name)
+    recorded = await bounds.to_thread(steps.check, step, name) if steps.must_check(step) else None
     if recorded is not None:
         return steps.replay(recorded)  # type: ignore[no-any-return]
     with EnterDBOSStepCtx(_attributes(name), step):  # type: ignore[arg-type]
@@ -340,9 +387,9 @@ async def run_async(steps: StepLog, step: DBOSContext, name: str, retries: int,
         except DBOSWorkflowCancelledError:
             raise
         except Exception as exc:
-            await asyncio.to_thread(steps.record, step, name, started, None, exc)
+            await bounds.to_thread(steps.record, step, name, started, None, exc)
             raise
-        await asyncio.to_thread(steps.record, step, name, started, out)
+        await bounds.to_thread(steps.record, step, name, started, out)
     return out
 
 
