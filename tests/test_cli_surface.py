@@ -48,4 +48,4 @@ def test_pending_prints_human_times_and_the_answer_command(database_url: str) ->
     assert res.exit_code == 0, res.output
     assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(\d+(ms|\.\ds) ago\)", res.output), res.output
     assert not re.search(r"\b1\d{12}\b", res.output)  # no epoch milliseconds
-    assert "answer: durapipe approve pend-1 legal --by NAME --app MODULE" in res.output
+    assert "answer: durapipe approve pend-1 legal --by alice --database-url" in res.output

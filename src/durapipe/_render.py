@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
@@ -122,8 +123,22 @@ def _label(n: NodeRecord) -> Text:
     return text
 
 
+def answer_command(run_id: str, gate: str, approvers: Any = None, database: str | None = None) -> str:
+    """The exact ``durapipe approve`` command that answers a waiting gate (``--by`` is the
+    gate's only approver when it has one; ``database`` when DURAPIPE_DATABASE_URL is unset)."""
+    only = approvers[0] if isinstance(approvers, list) and len(approvers) == 1 else None
+    by = shlex.quote(str(only)) if only is not None else "NAME"
+    cmd = f"durapipe approve {shlex.quote(run_id)} {shlex.quote(gate)} --by {by}"
+    if database:
+        cmd += f" --database-url {shlex.quote(database)}"
+    if isinstance(approvers, list) and len(approvers) > 1:
+        cmd += f"   (approvers: {', '.join(map(str, approvers))})"
+    return cmd + "   (or durapipe reject ...)"
+
+
 def run_tree(tree: RunTree, show_ops: bool = False,
-             logs: dict[tuple[str, str], dict[str, Any]] | None = None) -> Tree:
+             logs: dict[tuple[str, str], dict[str, Any]] | None = None,
+             database: str | None = None) -> Tree:
     r = tree.run
     head = Text(f"run {clean(r.run_id)}  ", style="bold")
     head.append(f"{clean(r.pipeline or '?')}  ")
@@ -138,8 +153,8 @@ def run_tree(tree: RunTree, show_ops: bool = False,
     _add(root, shown, show_ops, t0, logs or {})
     for g in shown:
         if g.kind == "gate" and g.status == "WAITING":
-            root.add(literal(f"answer: durapipe approve {r.run_id} {g.name} --by NAME --app MODULE "
-                             "(or durapipe reject ...)", style="magenta"))
+            root.add(literal("answer: " + answer_command(r.run_id, g.name, g.detail.get("approvers"),
+                                                         database), style="magenta"))
     if r.error:
         root.add(literal(f"error: {r.error}", style="red"))
     return root

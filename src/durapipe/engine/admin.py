@@ -22,10 +22,19 @@ from dbos._utils import INTERNAL_QUEUE_NAME
 
 from ..audit import NodeRecord, RunInfo, RunTree, first_line, model_usage, path_key, redact, split_step_name
 from ..errors import OperatorError, UnknownRun, error_text, from_portable
-from . import executors
+from . import executors, gates
 from .database import normalize_url
 from .dispatch import fate_key, task_status
-from .scope import DURAPIPE_WORKFLOWS, TASK_WORKFLOW, WORKFLOW_NAME, check_name, check_run_id
+from .scope import (
+    DURAPIPE_WORKFLOWS,
+    TASK_WORKFLOW,
+    WORKFLOW_NAME,
+    Owner,
+    app_of,
+    check_name,
+    check_run_id,
+    refuse,
+)
 from .steplogs import LOG_EVENT_PREFIX
 
 # Child workflows durapipe starts: subtrees (|, race, timeout, map, flow) and dispatched tasks.
@@ -246,6 +255,36 @@ class Admin:
         return out
 
     # -- steering -----------------------------------------------------------------------
+    def owner_of(self, run_id: str, app: Owner | None = None) -> Owner:
+        """The app a run belongs to, as recorded on its row (``app``: refuse, as unknown,
+        a run that is not that app's). A run whose row names no app belongs to none:
+        nothing may answer its gates."""
+        run_id = check_run_id(run_id, "")
+        rows = self.client.list_workflows(workflow_ids=[run_id], load_input=False, load_output=False)
+        if not rows or rows[0].name != WORKFLOW_NAME:
+            if app is not None:
+                raise refuse(app.name, run_id)
+            raise UnknownRun(f"no durapipe run with id {run_id!r} in {redact(self.url)}", run_id=run_id)
+        owner = app_of(rows[0])
+        if app is not None:
+            if owner != app.dbos_name:
+                raise refuse(app.name, run_id)
+            return app
+        if owner is None:
+            raise OperatorError(
+                f"run {run_id!r} records no app (its workflow row has no application_name), so "
+                "it belongs to no app and none may answer its gates", run_id=run_id)
+        return Owner(owner, owner)
+
+    def answer(self, run_id: str, gate: str, decision: str, by: str, comment: str | None = None,
+               *, app: Owner | None = None) -> str:
+        """Approve (``decision="approved"``) or reject a gate of a run from the database
+        alone, no App launched: the gate's ``approvers`` check, one decision per request,
+        and the run answered as one of its own app's (``app``: only that app's runs).
+        Returns the id of the workflow answered (the run's, or a branch's)."""
+        owner = self.owner_of(run_id, app)
+        return gates.answer(owner, run_id, gate, decision, by, comment, gates.client_store(self.client))
+
     def cancel(self, run_id: str) -> None:
         """Cancel a run and its child workflows and background tasks. The process executing
         them notices within a fraction of a second: an async step in flight stops at its

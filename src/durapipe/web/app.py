@@ -10,8 +10,9 @@ comma-separated list: ``alice:s3cret`` signs in as alice, a bare ``s3cret`` is a
 whose holder types the name they answer gates as. ``auth`` replaces tokens with the service's
 own dependency, which returns the person's name or raises ``HTTPException``. Whether a person
 may answer a gate is the gate's own ``approvers=`` check. Without tokens and ``auth``,
-the console is read-only. Serve it while the App is launched: answering gates sends
-messages through it.
+the console is read-only. The console needs only the database: it reads runs and answers
+gates through a ``DBOSClient`` (``Admin``), so it serves whether or not ``app`` is launched
+in its process (``durapipe ui`` never launches it, so it never recovers or runs anything).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from ..audit import RunTree
 from ..engine.admin import Admin, parse_since
 from ..engine.app import App
-from ..engine.scope import belongs_to
+from ..engine.scope import Owner, belongs_to
 from ..errors import ApprovalRefused, DurapipeError, OperatorError, UnknownGate, UnknownRun
 from ..runview import node_statuses
 from . import pages
@@ -260,9 +261,9 @@ def create_console(app: App, *, token: str | None = None,
         name = (by or "").strip() if who[1] else who[0]
         if not name:
             raise HTTPException(400, "give the name you answer as (by)")
-        answer = app.approve if approve else app.reject
         try:
-            answer(run_id, gate, by=name, comment=comment or None)
+            admin().answer(run_id, gate, "approved" if approve else "rejected", name,
+                           comment or None, app=Owner(app.name, app.dbos_name))
         except (UnknownRun, UnknownGate) as exc:
             raise HTTPException(404, str(exc)) from None
         except DurapipeError as exc:

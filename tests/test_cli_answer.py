@@ -1,0 +1,107 @@
+"""`durapipe approve` / `reject` without `--app`: a gate is answered from the database alone,
+as the run's own app, with the gate's approver check; no App is launched for it, so an answer
+given while no process runs the run waits for the next one that resumes it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from typer.testing import CliRunner
+
+from dbutil import sql, wait_for
+from durapipe import App, fn, gate
+from durapipe.cli import cli
+from durapipe.errors import GateRejected
+
+S = dict[str, Any]
+
+
+def publish(state: S) -> S:
+    return {"published": True}
+
+
+def review(app: App) -> Any:
+    return app.pipeline("review", gate("legal", "Publish {title}?", approvers=["alice"]) >> fn(publish))
+
+
+def durapipe(*args: str, env: dict[str, str] | None = None) -> Any:
+    return CliRunner().invoke(cli, list(args), env={"COLUMNS": "200", **(env or {})})
+
+
+def gate_event(url: str, run_id: str) -> Any:
+    [(value,)] = sql(url, "SELECT value FROM dbos.workflow_events WHERE workflow_uuid = %s "
+                          "AND key = 'gate:legal'", run_id)
+    return json.loads(value)
+
+
+def test_approve_without_app_answers_as_the_runs_own_app(make_app: Callable[..., App],
+                                                         database_url: str) -> None:
+    app = make_app("press-desk")
+    pipeline = review(app)
+    with app:
+        handle = pipeline.start({"title": "T"}, run_id="cli-ans-1")
+        wait_for(lambda: bool(app.pending("cli-ans-1")), what="the gate")
+        shown = durapipe("show", "cli-ans-1", "--database-url", database_url)
+        assert ("answer: durapipe approve cli-ans-1 legal --by alice --database-url "
+                f"{database_url}") in shown.output, shown.output
+
+        refusals = {
+            ("--by", "mallory"): "'mallory' may not answer gate 'legal'",  # the gate's approvers
+            ("--by", "alice", "--database-url", ""): "no database given",
+            ("--by", "alice", "--run", "nope"): "no durapipe run with id 'nope'",
+            ("--by", "alice", "--gate", "budget"): "is waiting at ['legal']",
+        }
+        for args, why in refusals.items():
+            run_id = args[3] if "--run" in args else "cli-ans-1"
+            gate_name = args[3] if "--gate" in args else "legal"
+            url = args[3] if "--database-url" in args else database_url
+            res = durapipe("approve", run_id, gate_name, *args[:2], env={"DURAPIPE_DATABASE_URL": url})
+            assert res.exit_code == 1 and why in res.output, (args, res.output)
+            assert "Traceback" not in res.output
+        # A run whose row names no app belongs to none: nothing answers its gates.
+        sql(database_url, "UPDATE dbos.workflow_status SET application_name = NULL "
+                          "WHERE workflow_uuid = 'cli-ans-1'")
+        orphan = durapipe("approve", "cli-ans-1", "legal", "--by", "alice", "--database-url", database_url)
+        assert orphan.exit_code == 1 and "records no app" in orphan.output, orphan.output
+        sql(database_url, "UPDATE dbos.workflow_status SET application_name = 'press-desk' "
+                          "WHERE workflow_uuid = 'cli-ans-1'")
+        assert gate_event(database_url, "cli-ans-1")["status"] == "waiting"
+
+        # The command app.pending printed, with the database from the environment.
+        done = durapipe("approve", "cli-ans-1", "legal", "--by", "alice", "--comment", "ship it",
+                        env={"DURAPIPE_DATABASE_URL": database_url})
+        assert done.exit_code == 0, done.output
+        assert "approved gate 'legal' of run cli-ans-1 by alice" in done.output
+        state = handle.result(timeout=30).state
+    assert state["published"] is True and state["legal"]["by"] == "alice"
+    assert state["legal"]["comment"] == "ship it"
+    again = durapipe("reject", "cli-ans-1", "legal", "--by", "alice", "--database-url", database_url)
+    assert again.exit_code == 1 and "already approved by 'alice'" in again.output
+
+
+def test_an_answer_given_while_no_process_runs_the_run_is_applied_on_resume(
+        make_app: Callable[..., App], database_url: str) -> None:
+    app = make_app("press-desk")
+    pipeline = review(app)
+    with app:
+        pipeline.start({"title": "T"}, run_id="cli-ans-2")
+        wait_for(lambda: bool(app.pending("cli-ans-2")), what="the gate")
+    # The app stopped cleanly: the run is PENDING at its gate and no process executes it.
+    res = durapipe("reject", "cli-ans-2", "legal", "--by", "alice", "--comment", "not now",
+                   "--database-url", database_url)
+    assert res.exit_code == 0, res.output
+    assert gate_event(database_url, "cli-ans-2")["status"] == "rejected"
+    assert sql(database_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid = "
+                             "'cli-ans-2'") == [("PENDING",)]
+    again = make_app("press-desk")
+    review(again)
+    with again:  # relaunching resumes the run, which finds the decision waiting for it
+        outcome = again.get_run("cli-ans-2")
+        try:
+            outcome.result(timeout=30)
+            raise AssertionError("the rejected run finished")
+        except GateRejected as exc:
+            assert "rejected by 'alice': not now" in str(exc)
+
