@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from .audit import NodeRecord, RunInfo, RunTree, path_key
+from .audit import NodeRecord, RunInfo, RunTree, log_attempts, path_key
 from .ir import Node
 
 _STYLE = {"SUCCESS": "green", "ERROR": "red", "CANCELLED": "yellow", "PENDING": "cyan",
@@ -197,16 +197,24 @@ def _add(parent: Tree, nodes: list[NodeRecord], show_ops: bool, t0: int | None,
 
 
 def step_log_text(logged: dict[str, Any]) -> Text:
-    """A step's captured log records and, when it failed, its user-code frames."""
+    """A step's captured log records and, when it failed, its user-code frames; a retried
+    step's attempts one after the other, each failed one with its error."""
     text = Text()
-    for rec in logged.get("records") or []:
-        text.append(f"{rec.get('level', '?'):<7} ", style="yellow" if rec.get("level") == "WARNING" else "dim")
-        text.append(clean(f"{rec.get('logger')}: {rec.get('message')}\n"))
-        if rec.get("dropped"):
-            text.append(f"        ({rec['dropped']} more records dropped)\n", style="dim")
-    for fr in logged.get("traceback") or []:
-        text.append(clean(f"  at {fr.get('file')}:{fr.get('line')} in {fr.get('function')}"), style="red")
-        text.append(clean(f"  {fr.get('code')}\n" if fr.get("code") else "\n"), style="dim")
+    attempts = log_attempts(logged)
+    if logged.get("dropped"):
+        text.append(f"({logged['dropped']} record(s) of earlier attempts dropped)\n", style="dim")
+    for a in attempts:
+        if len(attempts) > 1 or a["attempt"] > 1:
+            text.append(f"attempt {a['attempt']}" + (f" failed: {clean(a['error'])}\n" if a.get("error")
+                                                       else "\n"), style="bold")
+        for rec in a["records"]:
+            text.append(f"{rec.get('level', '?'):<7} ", style="yellow" if rec.get("level") == "WARNING" else "dim")
+            text.append(clean(f"{rec.get('logger')}: {rec.get('message')}\n"))
+            if rec.get("dropped"):
+                text.append(f"        ({rec['dropped']} more records dropped)\n", style="dim")
+        for fr in a.get("traceback") or []:
+            text.append(clean(f"  at {fr.get('file')}:{fr.get('line')} in {fr.get('function')}"), style="red")
+            text.append(clean(f"  {fr.get('code')}\n" if fr.get("code") else "\n"), style="dim")
     text.rstrip()
     return text
 

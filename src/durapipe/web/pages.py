@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from .._render import duration, one_line_gates, when
-from ..audit import NodeRecord, RunInfo, RunTree
+from ..audit import NodeRecord, RunInfo, RunTree, log_attempts
 from ..ir import Dispatch, Fallback, Gate, Join, Loop, MapOver, Node, Parallel, Race, Route, Seq, Timeout
 from ..planner import Flow, Step
 from ..runview import timeline
@@ -155,12 +155,20 @@ def _json(value: Any, limit: int = 4000) -> str:
 def _logs(logged: dict[str, Any] | None) -> str:
     if not logged:
         return ""
-    lines = [f'<div class="log log-{e(str(r.get("level", "")).lower())}">{e(r.get("level"))} '
-             f'{e(r.get("logger"))}: {e(r.get("message"))}</div>' for r in logged.get("records") or []]
-    frames = [f'<div class="frame">at {e(f.get("file"))}:{e(f.get("line"))} in {e(f.get("function"))}'
-              f'<code>{e(f.get("code"))}</code></div>' for f in logged.get("traceback") or []]
-    trace = f'<div class="traceback">{"".join(frames)}</div>' if frames else ""
-    return f'<div class="logs">{"".join(lines)}{trace}</div>'
+    attempts = log_attempts(logged)
+    parts = [f'<div class="muted">{e(logged["dropped"])} record(s) of earlier attempts dropped</div>'
+             if logged.get("dropped") else ""]
+    for a in attempts:
+        if len(attempts) > 1 or a["attempt"] > 1:
+            failed = f' failed: {e(a["error"])}' if a.get("error") else ""
+            parts.append(f'<div class="attempt" data-attempt="{e(a["attempt"])}">attempt '
+                         f'{e(a["attempt"])}{failed}</div>')
+        parts += [f'<div class="log log-{e(str(r.get("level", "")).lower())}">{e(r.get("level"))} '
+                  f'{e(r.get("logger"))}: {e(r.get("message"))}</div>' for r in a["records"]]
+        frames = [f'<div class="frame">at {e(f.get("file"))}:{e(f.get("line"))} in {e(f.get("function"))}'
+                  f'<code>{e(f.get("code"))}</code></div>' for f in a.get("traceback") or []]
+        parts.append(f'<div class="traceback">{"".join(frames)}</div>' if frames else "")
+    return f'<div class="logs">{"".join(parts)}</div>'
 
 
 def _node_row(n: NodeRecord, t0: int, outputs: dict[tuple[str, str], Any],
