@@ -5,13 +5,14 @@ given while no process runs the run waits for the next one that resumes it."""
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Callable
 from typing import Any
 
 from typer.testing import CliRunner
 
 from dbutil import sql, wait_for
-from durapipe import App, fn, gate
+from durapipe import App, fn, gate, map_over
 from durapipe.cli import cli
 from durapipe.errors import GateRejected
 
@@ -40,6 +41,7 @@ def test_approve_without_app_answers_as_the_runs_own_app(make_app: Callable[...,
                                                          database_url: str) -> None:
     app = make_app("press-desk")
     pipeline = review(app)
+    each = app.pipeline("each", map_over("titles", gate("check", "Check {item}?"), "checks"))
     with app:
         handle = pipeline.start({"title": "T"}, run_id="cli-ans-1")
         wait_for(lambda: bool(app.pending("cli-ans-1")), what="the gate")
@@ -75,10 +77,24 @@ def test_approve_without_app_answers_as_the_runs_own_app(make_app: Callable[...,
         assert done.exit_code == 0, done.output
         assert "approved gate 'legal' of run cli-ans-1 by alice" in done.output
         state = handle.result(timeout=30).state
-    assert state["published"] is True and state["legal"]["by"] == "alice"
-    assert state["legal"]["comment"] == "ship it"
-    again = durapipe("reject", "cli-ans-1", "legal", "--by", "alice", "--database-url", database_url)
-    assert again.exit_code == 1 and "already approved by 'alice'" in again.output
+        assert state["published"] is True and state["legal"]["by"] == "alice"
+        assert state["legal"]["comment"] == "ship it"
+        again = durapipe("reject", "cli-ans-1", "legal", "--by", "alice", "--database-url", database_url)
+        assert again.exit_code == 1 and "already approved by 'alice'" in again.output
+
+        # Two items wait at gate 'check': the run id alone is ambiguous; each has its own id.
+        many = each.start({"titles": ["a", "b"]}, run_id="cli-ans-map")
+        wait_for(lambda: len(app.pending("cli-ans-map")) == 2, what="both items' gates")
+        vague = durapipe("approve", "cli-ans-map", "check", "--by", "bob", "--database-url", database_url)
+        assert vague.exit_code == 1 and "waits at gate 'check' in 2 places" in vague.output, vague.output
+        listed = durapipe("pending", "--database-url", database_url)
+        commands = [line.split("answer: ", 1)[1].split("   (")[0] for line in listed.output.splitlines()
+                    if line.startswith("answer: durapipe approve 'cli-ans-map/")]
+        assert len(commands) == 2, listed.output
+        for command in commands:  # as printed, with the name of who answers filled in
+            res = CliRunner().invoke(cli, shlex.split(command.replace("--by NAME", "--by bob"))[1:])
+            assert res.exit_code == 0 and "approved gate 'check'" in res.output, (command, res.output)
+        assert many.result(timeout=30).status.value == "SUCCESS"
 
 
 def test_an_answer_given_while_no_process_runs_the_run_is_applied_on_resume(

@@ -295,7 +295,7 @@ def _decide(approve: bool, run_id: str, gate: str, by: str, comment: str | None,
                             "or give --app MODULE (the module defining the App names its database)")
     with Admin(url or database_url) as admin:
         answered = admin.answer(run_id, gate, "approved" if approve else "rejected", by, comment,
-                                app=owner)
+                                app=owner, exactly_one=True)
     where = f" (waited at by {answered})" if answered != run_id else ""
     out.print(_render.literal(f"{'approved' if approve else 'rejected'} gate {gate!r} of run "
                               f"{run_id}{where} by {by}"), highlight=False)

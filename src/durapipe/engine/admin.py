@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -277,13 +278,26 @@ class Admin:
         return Owner(owner, owner)
 
     def answer(self, run_id: str, gate: str, decision: str, by: str, comment: str | None = None,
-               *, app: Owner | None = None) -> str:
+               *, app: Owner | None = None, exactly_one: bool = False) -> str:
         """Approve (``decision="approved"``) or reject a gate of a run from the database
         alone, no App launched: the gate's ``approvers`` check, one decision per request,
         and the run answered as one of its own app's (``app``: only that app's runs).
-        Returns the id of the workflow answered (the run's, or a branch's)."""
+        Returns the id of the workflow answered (the run's, or a branch's).
+
+        ``exactly_one`` refuses, changing nothing, when several workflows of the run wait
+        at ``gate`` (a gate inside ``map_over`` or parallel branches), naming them: answer
+        one by its own id. Without it the oldest request is answered (``App.approve``)."""
         owner = self.owner_of(run_id, app)
-        return gates.answer(owner, run_id, gate, decision, by, comment, gates.client_store(self.client))
+        store = gates.client_store(self.client)
+        if exactly_one:
+            waiting = gates.waiting_at(owner, run_id, gate, store)
+            if len(waiting) > 1:
+                raise OperatorError(
+                    f"run {run_id!r} waits at gate {gate!r} in {len(waiting)} places: "
+                    f"{', '.join(waiting)}; answer one by its own id, e.g. `durapipe approve "
+                    f"{shlex.quote(waiting[0])} {shlex.quote(gate)} --by {shlex.quote(by)}`. "
+                    "Nothing was changed", run_id=run_id, gate=gate, waiting=waiting)
+        return gates.answer(owner, run_id, gate, decision, by, comment, store)
 
     def cancel(self, run_id: str) -> None:
         """Cancel a run and its child workflows and background tasks. The process executing

@@ -213,6 +213,11 @@ def _waiting(owner: Owner, run_id: str | None, store: Store) -> list[tuple[str, 
     return found
 
 
+def waiting_at(owner: Owner, run_id: str, gate: str, store: Store) -> list[str]:
+    """The ids of the run's workflows (its own, its branches') waiting at ``gate``."""
+    return [wf for wf, _, ev in _waiting(owner, run_id, store) if ev.get("gate") == gate]
+
+
 def pending(owner: Owner, run_id: str | None = None, store: Store | None = None) -> list[PendingGate]:
     """The gates waiting for an answer, of one run or of every run of the app."""
     store = store or runtime_store()
