@@ -121,3 +121,32 @@ def test_an_answer_given_while_no_process_runs_the_run_is_applied_on_resume(
         except GateRejected as exc:
             assert "rejected by 'alice': not now" in str(exc)
 
+
+
+def test_on_an_untested_dbos_release_answers_take_dbos_public_calls(
+        make_app: Callable[..., App], database_url: str, monkeypatch: Any) -> None:
+    from durapipe.engine import gates
+    from durapipe.engine.admin import Admin
+    from durapipe.errors import ApprovalRefused, UnknownGate
+
+    monkeypatch.setattr(gates, "dbos_release", lambda: "99.0.0")  # no private tables touched
+    app = make_app("press-desk")
+    pipeline = review(app)
+    with app:
+        handle = pipeline.start({"title": "T"}, run_id="cli-ans-pub")
+        wait_for(lambda: bool(app.pending("cli-ans-pub")), what="the gate")
+        with Admin(database_url) as admin:
+            try:
+                admin.answer("cli-ans-pub", "legal", "approved", "mallory")
+                raise AssertionError("mallory answered")
+            except ApprovalRefused:
+                pass
+            assert gate_event(database_url, "cli-ans-pub")["status"] == "waiting"
+            assert admin.answer("cli-ans-pub", "legal", "approved", "alice", "ok") == "cli-ans-pub"
+            try:  # the same request again: dropped, or refused once the run recorded the first
+                admin.answer("cli-ans-pub", "legal", "rejected", "alice")
+            except UnknownGate:
+                pass
+        state = handle.result(timeout=30).state
+    assert state["legal"]["by"] == "alice" and state["legal"]["comment"] == "ok"
+    assert gate_event(database_url, "cli-ans-pub")["status"] == "approved"
