@@ -42,7 +42,11 @@ def duration(ms: int | float | None) -> str:
         return f"{ms:.0f}ms"
     if ms < 60_000:
         return f"{ms / 1000:.1f}s"
-    return f"{ms / 60_000:.1f}m"
+    if ms < 3_600_000:
+        return f"{ms / 60_000:.1f}m"
+    if ms < 86_400_000:
+        return f"{ms / 3_600_000:.1f}h"
+    return f"{ms / 86_400_000:.1f}d"
 
 
 def when(ms: int | None) -> str:
