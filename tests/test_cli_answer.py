@@ -5,16 +5,19 @@ given while no process runs the run waits for the next one that resumes it."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from collections.abc import Callable
 from typing import Any
 
+from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from dbutil import sql, wait_for
 from durapipe import App, fn, gate, map_over
 from durapipe.cli import cli
 from durapipe.errors import GateRejected
+from durapipe.web import create_console
 
 S = dict[str, Any]
 
@@ -87,10 +90,22 @@ def test_approve_without_app_answers_as_the_runs_own_app(make_app: Callable[...,
         wait_for(lambda: len(app.pending("cli-ans-map")) == 2, what="both items' gates")
         vague = durapipe("approve", "cli-ans-map", "check", "--by", "bob", "--database-url", database_url)
         assert vague.exit_code == 1 and "waits at gate 'check' in 2 places" in vague.output, vague.output
+        # The console's run page offers each item's gate, and answers the one it names.
+        with TestClient(create_console(app, token="bob:b-secret")) as console:
+            page = console.get("/runs/cli-ans-map").text
+            waiting = re.findall(r'data-workflow="(cli-ans-map/[^"]+)"', page)
+            assert len(waiting) == 2 and "durapipe approve" in page, page
+            auth = {"authorization": "Bearer b-secret"}
+            elsewhere = console.post("/runs/cli-ans-1/gates/check/approve", data={"workflow": waiting[0]},
+                                     headers=auth, follow_redirects=False)
+            assert elsewhere.status_code == 400  # a workflow of another run: refused
+            done_one = console.post("/runs/cli-ans-map/gates/check/approve", data={"workflow": waiting[0]},
+                                    headers=auth, follow_redirects=False)
+            assert done_one.status_code == 303, done_one.text
         listed = durapipe("pending", "--database-url", database_url)
         commands = [line.split("answer: ", 1)[1].split("   (")[0] for line in listed.output.splitlines()
                     if line.startswith("answer: durapipe approve 'cli-ans-map/")]
-        assert len(commands) == 2, listed.output
+        assert len(commands) == 1 and waiting[1] in commands[0], listed.output
         for command in commands:  # as printed, with the name of who answers filled in
             res = CliRunner().invoke(cli, shlex.split(command.replace("--by NAME", "--by bob"))[1:])
             assert res.exit_code == 0 and "approved gate 'check'" in res.output, (command, res.output)

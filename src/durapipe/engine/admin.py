@@ -241,18 +241,23 @@ class Admin:
         return found
 
     def waiting_gates(self, run_id: str | None = None) -> list[dict[str, Any]]:
-        """Gates some active run is waiting at (from the ``gate:<name>`` events)."""
+        """Gates some active run is waiting at (from the ``gate:<name>`` events), also those
+        a branch's child workflow or a background task waits at: ``run_id`` of each entry is
+        the workflow that waits (answering that id answers exactly that gate), ``root`` the
+        run it belongs to."""
+        opts: dict[str, Any] = {"name": list(DURAPIPE_WORKFLOWS), "status": list(ACTIVE),
+                                "load_input": True, "load_output": False}
         if run_id is not None:
             self.run(run_id)
-            ids = [run_id]
+            rows = (self.client.list_workflows(workflow_ids=[run_id], **opts)
+                    + self.client.list_workflows(workflow_id_prefix=f"{run_id}/", **opts))
         else:
-            ids = [st.workflow_id for st in self.client.list_workflows(
-                name=WORKFLOW_NAME, status=list(ACTIVE), load_input=False, load_output=False)]
+            rows = self.client.list_workflows(**opts)
         out = []
-        for wid in ids:
-            for key, value in self._events(wid).items():
+        for st in rows:
+            for key, value in self._events(st.workflow_id).items():
                 if key.startswith("gate:") and isinstance(value, dict) and value.get("status") == "waiting":
-                    out.append({"run_id": wid, **value})
+                    out.append({"run_id": st.workflow_id, "root": gates.root_of(st), **value})
         return out
 
     # -- steering -----------------------------------------------------------------------
@@ -262,7 +267,7 @@ class Admin:
         nothing may answer its gates."""
         run_id = check_run_id(run_id, "")
         rows = self.client.list_workflows(workflow_ids=[run_id], load_input=False, load_output=False)
-        if not rows or rows[0].name != WORKFLOW_NAME:
+        if not rows or rows[0].name not in DURAPIPE_WORKFLOWS:
             if app is not None:
                 raise refuse(app.name, run_id)
             raise UnknownRun(f"no durapipe run with id {run_id!r} in {redact(self.url)}", run_id=run_id)

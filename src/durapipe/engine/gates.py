@@ -186,7 +186,8 @@ def _idempotency_key(workflow_id: str, key: str, requested_at: Any) -> str:
     return f"durapipe:{workflow_id}:{key}:{requested_at}"
 
 
-def _root_of(status: Any) -> str:
+def root_of(status: Any) -> str:
+    """The run a workflow belongs to: its own id for a run, the run's for a child or task."""
     args = (status.input or {}).get("args") if isinstance(status.input, dict) else None
     if isinstance(args, (list, tuple)) and len(args) >= 5 and isinstance(args[4], str) and args[4]:
         return args[4]
@@ -208,7 +209,7 @@ def _waiting(owner: Owner, run_id: str | None, store: Store) -> list[tuple[str, 
         for key, value in store.all_events(st.workflow_id).items():
             if (key.startswith("gate:") and isinstance(value, dict)
                     and value.get("status") == "waiting"):
-                found.append((st.workflow_id, _root_of(st), value))
+                found.append((st.workflow_id, root_of(st), value))
     found.sort(key=lambda f: (f[2].get("requested_at") or 0, f[0]))
     return found
 

@@ -257,12 +257,14 @@ def create_console(app: App, *, token: str | None = None,
         return RedirectResponse(f"/runs/{run_id}?note={note.replace(' ', '+')}", 303)
 
     def decide(approve: bool, run_id: str, gate: str, who: Person, by: str | None,
-               comment: str | None) -> RedirectResponse:
+               comment: str | None, workflow: str | None) -> RedirectResponse:
         name = (by or "").strip() if who[1] else who[0]
         if not name:
             raise HTTPException(400, "give the name you answer as (by)")
-        try:
-            admin().answer(run_id, gate, "approved" if approve else "rejected", name,
+        if workflow and not workflow.startswith(f"{run_id}/"):
+            raise HTTPException(400, f"workflow {workflow!r} is not one of run {run_id!r}'s")
+        try:  # the form names the workflow that waits when it is a branch's or a task's
+            admin().answer(workflow or run_id, gate, "approved" if approve else "rejected", name,
                            comment or None, app=Owner(app.name, app.dbos_name))
         except (UnknownRun, UnknownGate) as exc:
             raise HTTPException(404, str(exc)) from None
@@ -272,13 +274,15 @@ def create_console(app: App, *, token: str | None = None,
 
     @api.post("/runs/{run_id}/gates/{gate}/approve")
     def approve(run_id: str, gate: str, who: Person = Depends(person),  # noqa: B008
-                by: str | None = Form(None), comment: str | None = Form(None)) -> Response:  # noqa: B008
-        return decide(True, run_id, gate, who, by, comment)
+                by: str | None = Form(None), comment: str | None = Form(None),  # noqa: B008
+                workflow: str | None = Form(None)) -> Response:  # noqa: B008
+        return decide(True, run_id, gate, who, by, comment, workflow)
 
     @api.post("/runs/{run_id}/gates/{gate}/reject")
     def reject(run_id: str, gate: str, who: Person = Depends(person),  # noqa: B008
-               by: str | None = Form(None), comment: str | None = Form(None)) -> Response:  # noqa: B008
-        return decide(False, run_id, gate, who, by, comment)
+               by: str | None = Form(None), comment: str | None = Form(None),  # noqa: B008
+               workflow: str | None = Form(None)) -> Response:  # noqa: B008
+        return decide(False, run_id, gate, who, by, comment, workflow)
 
     def steer(run_id: str, action: Callable[[], str | None], note: str) -> RedirectResponse:
         """Run an operator action on one of this app's runs, then show the run it returns
