@@ -1,6 +1,7 @@
 """`durapipe approve` / `reject` without `--app`: a gate is answered from the database alone,
-as the run's own app, with the gate's approver check; no App is launched for it, so an answer
-given while no process runs the run waits for the next one that resumes it."""
+as the run's own app, with the gate's approver check; no App is launched for it. (An answer
+given while the run's worker is dead, SIGKILLed, and the resumed run going on from it:
+`test_control_crash.py`.)"""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from typer.testing import CliRunner
 from dbutil import sql, wait_for
 from durapipe import App, fn, gate, map_over
 from durapipe.cli import cli
-from durapipe.errors import GateRejected
 from durapipe.web import create_console
 
 S = dict[str, Any]
@@ -110,32 +110,6 @@ def test_approve_without_app_answers_as_the_runs_own_app(make_app: Callable[...,
             res = CliRunner().invoke(cli, shlex.split(command.replace("--by NAME", "--by bob"))[1:])
             assert res.exit_code == 0 and "approved gate 'check'" in res.output, (command, res.output)
         assert many.result(timeout=30).status.value == "SUCCESS"
-
-
-def test_an_answer_given_while_no_process_runs_the_run_is_applied_on_resume(
-        make_app: Callable[..., App], database_url: str) -> None:
-    app = make_app("press-desk")
-    pipeline = review(app)
-    with app:
-        pipeline.start({"title": "T"}, run_id="cli-ans-2")
-        wait_for(lambda: bool(app.pending("cli-ans-2")), what="the gate")
-    # The app stopped cleanly: the run is PENDING at its gate and no process executes it.
-    res = durapipe("reject", "cli-ans-2", "legal", "--by", "alice", "--comment", "not now",
-                   "--database-url", database_url)
-    assert res.exit_code == 0, res.output
-    assert gate_event(database_url, "cli-ans-2")["status"] == "rejected"
-    assert sql(database_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid = "
-                             "'cli-ans-2'") == [("PENDING",)]
-    again = make_app("press-desk")
-    review(again)
-    with again:  # relaunching resumes the run, which finds the decision waiting for it
-        outcome = again.get_run("cli-ans-2")
-        try:
-            outcome.result(timeout=30)
-            raise AssertionError("the rejected run finished")
-        except GateRejected as exc:
-            assert "rejected by 'alice': not now" in str(exc)
-
 
 
 def test_on_an_untested_dbos_release_answers_take_dbos_public_calls(
