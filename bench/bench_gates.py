@@ -1,6 +1,8 @@
 """Gate benchmark: latency from ``app.approve`` to the next node starting, beside DBOS's own
 ``send`` -> ``recv`` round trip (a workflow that sets an event, waits in ``recv`` and then
-starts a step), measured interleaved in one process on one Postgres.
+starts a step), and beside ``Admin.answer`` (the answer from the database alone, through a
+``DBOSClient``, as ``durapipe approve`` and the console give it), measured interleaved in one
+process on one Postgres.
 
 Run alone: ``python bench/bench_gates.py postgresql://...`` (a database it may write to).
 """
@@ -17,8 +19,9 @@ from typing import Any
 from dbos import DBOS, SetWorkflowID
 
 from durapipe import App, fn, gate
+from durapipe.engine.admin import Admin
 
-ROUNDS = 150
+ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 150
 WARMUP = 5
 PARK_SECONDS = 0.03  # let the waiter settle in recv before the answer is sent
 
@@ -73,6 +76,17 @@ def _round_durapipe(app: App, pipeline: Any) -> tuple[float, float]:
     return ms, returned
 
 
+def _round_client(admin: Admin, pipeline: Any) -> float:
+    key = f"cl-{uuid.uuid4().hex[:12]}"
+    handle = pipeline.start({"key": key}, run_id=key)
+    _wait_event(key)
+    t0 = time.perf_counter()
+    admin.answer(key, "g", "approved", "bench")
+    ms = (_wait_mark(key) - t0) * 1000
+    handle.result(timeout=30)
+    return ms
+
+
 def _round_raw() -> float:
     key = f"raw-{uuid.uuid4().hex[:12]}"
     with SetWorkflowID(key):
@@ -92,14 +106,16 @@ def section(database_url: str) -> str:
     durapipe: list[float] = []
     in_approve: list[float] = []
     raw: list[float] = []
-    with app:
+    client: list[float] = []
+    with app, Admin(database_url) as admin:
         for i in range(WARMUP + ROUNDS):
-            (d, a), r = _round_durapipe(app, pipeline), _round_raw()
+            (d, a), r, c = _round_durapipe(app, pipeline), _round_raw(), _round_client(admin, pipeline)
             if i >= WARMUP:
                 durapipe.append(d)
                 in_approve.append(a)
                 raw.append(r)
-    dm, rm = statistics.median(durapipe), statistics.median(raw)
+                client.append(c)
+    dm, rm, cm = statistics.median(durapipe), statistics.median(raw), statistics.median(client)
 
     def p95(xs: list[float]) -> float:
         return sorted(xs)[int(round(0.95 * (len(xs) - 1)))]
@@ -120,6 +136,10 @@ def section(database_url: str) -> str:
         f"| raw DBOS `send` -> `recv` -> next step | {rm:.2f} | {p95(raw):.2f} |",
         f"| (of durapipe: until `app.approve` returns) | {statistics.median(in_approve):.2f} "
         f"| {p95(in_approve):.2f} |",
+        f"| durapipe `Admin.answer` (database alone: CLI, console) -> next node | {cm:.2f} "
+        f"| {p95(client):.2f} |",
+        "",
+        f"`Admin.answer` / `app.approve`: {cm / dm:.2f}x (it also reads the run's owner first).",
         "",
         f"Ratio of medians: {dm / rm:.2f}x (target: within 1.2x). What durapipe adds: the "
         "UPDATE in `app.approve`'s transaction (an unknown run, a gate not waited at, a gate "

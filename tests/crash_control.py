@@ -2,7 +2,8 @@
 
 Usage: crash_control.py DATABASE_URL MODE LOG PHASE
 MODE is gate | gate-answered | gate-answered-now | sleep | timeout | race; PHASE is "first" (the process that gets killed),
-"second" (the restarted process, which recovers the run and finishes it) or "third"
+"second" (the restarted process, which recovers the run and finishes it), "resume" (the same
+without answering the gate, which was answered while no process ran) or "third"
 (one more restart, to see that nothing comes back). Every step appends
 ``<what> <epoch seconds>`` to LOG, so the test reads what ran, how often and when.
 """
@@ -90,8 +91,8 @@ with app:
                 time.sleep(0.02)
             app.approve("crash-1", "legal", by="alice", comment="go")
         time.sleep(3600)  # killed here
-    elif phase == "second":
-        if mode == "gate":
+    elif phase in ("second", "resume"):  # resume: the gate was answered while no process ran
+        if mode == "gate" and phase == "second":
             while not app.pending("crash-1"):
                 time.sleep(0.02)
             app.approve("crash-1", "legal", by="alice")

@@ -48,4 +48,11 @@ def test_pending_prints_human_times_and_the_answer_command(database_url: str) ->
     assert res.exit_code == 0, res.output
     assert re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(\d+(ms|\.\ds) ago\)", res.output), res.output
     assert not re.search(r"\b1\d{12}\b", res.output)  # no epoch milliseconds
-    assert "answer: durapipe approve pend-1 legal --by NAME --app MODULE" in res.output
+    assert "answer: durapipe approve pend-1 legal --by alice --database-url" in res.output
+
+
+def test_durations_read_as_a_person_would_say_them() -> None:
+    from durapipe._render import duration
+
+    assert [duration(ms) for ms in (5, 5_400, 400_000, 4 * 3_600_000, 3 * 86_400_000)] == [
+        "5ms", "5.4s", "6.7m", "4.0h", "3.0d"]

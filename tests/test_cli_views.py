@@ -82,7 +82,8 @@ def test_live_table_and_show_at_each_moment(make_app: Callable[..., App], databa
         res = CliRunner().invoke(cli, ["show", "v1", "--database-url", database_url], env={"COLUMNS": "200"})
         gate_lines = [line for line in res.output.splitlines() if "[gate]" in line]
         assert len(gate_lines) == 1 and "WAITING" in gate_lines[0]  # the gate, once
-        assert "answer: durapipe approve v1 ok --by NAME --app MODULE" in res.output
+        # the exact command: the gate's only approver, the database given to show
+        assert f"answer: durapipe approve v1 ok --by alice --database-url {database_url}" in res.output
         app.approve("v1", "ok", by="alice")
         handle.result(timeout=30)
         # moment 3: finished: every node done, the join and gate resolved

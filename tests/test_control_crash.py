@@ -49,6 +49,32 @@ def test_gate_survives_a_kill_and_continues_on_approval(database_url: str, tmp_p
     assert any(k.startswith("result ") and "legal" in k and "publish" in k for k in seen)
 
 
+def test_a_gate_answered_from_the_cli_while_its_worker_is_dead(database_url: str, tmp_path: Path) -> None:
+    """SIGKILL while the run waits at its gate; `durapipe approve` answers from the database
+    alone while no process runs the run; the restarted worker resumes it from the answer,
+    and nothing recorded before the kill runs again."""
+    from typer.testing import CliRunner
+
+    from durapipe.cli import cli
+
+    log = tmp_path / "log"
+    first = spawn(SCRIPT, database_url, "gate", str(log), "first")
+    try:
+        wait_for(lambda: "waiting" in stamps(log), timeout=60, what="the gate")
+    finally:
+        first.kill()
+        first.wait()
+    res = CliRunner().invoke(cli, ["approve", "crash-1", "legal", "--by", "alice", "--database-url", database_url])
+    assert res.exit_code == 0 and "approved gate 'legal' of run crash-1 by alice" in res.output, res.output
+    second = spawn(SCRIPT, database_url, "gate", str(log), "resume")
+    out, _ = second.communicate(timeout=90)
+    assert second.returncode == 0, out
+    seen = stamps(log)
+    assert len(seen["draft"]) == 1 and len(seen["publish"]) == 1
+    assert seen["publish"][0] > seen["process-resume"][0]
+    assert any(k.startswith("result ") and "legal" in k and "publish" in k for k in seen)
+
+
 def test_an_answered_gate_survives_a_kill_before_the_run_recorded_the_decision(
     database_url: str, tmp_path: Path
 ) -> None:

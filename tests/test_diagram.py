@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
+from xml.etree import ElementTree
 
 import pytest
 from typer.testing import CliRunner
@@ -29,6 +31,7 @@ from durapipe import (
 )
 from durapipe.cli import cli
 from durapipe.diagram import drawn_paths, mermaid, node_id
+from durapipe.diagram_svg import svg
 from durapipe.ir import Dispatch, Join, Node, Seq
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
@@ -96,6 +99,10 @@ def test_example_diagram_matches_ir(name: str, node: Node) -> None:
         assert node_id(path) in ids, f"{name}: node {path} missing from\n{text}"
     assert reachable(edges, "start") >= ids - {i for i in ids if text.count(f"subgraph {i}[")}
     assert "finish" in reachable(edges, "start")
+    # durapipe's own SVG (graph --format svg without mmdc) draws the same nodes
+    picture = ElementTree.fromstring(svg(node))
+    drawn = {g.get("data-path") for g in picture.iter("{http://www.w3.org/2000/svg}g")}
+    assert set(drawn_paths(node)) <= drawn, f"{name}: {set(drawn_paths(node)) - drawn} missing from the SVG"
     joined: dict[str, list[str]] = {}
     for path, n in node.walk():
         if isinstance(n, Seq):  # a sequence links each node to the next, in order
@@ -176,10 +183,23 @@ def test_graph_command_prints_the_registered_pipeline() -> None:
     assert 'n0_0["content_writer' in result.output
 
 
-def test_graph_svg_without_renderer_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("PATH", str(tmp_path))  # no mmdc anywhere
-    result = CliRunner().invoke(cli, ["graph", f"{EXAMPLES / 'demo.py'}:publish", "--format", "svg",
-                                      "-o", str(tmp_path / "x.svg")], catch_exceptions=False)
-    assert result.exit_code == 1
-    assert "no Mermaid renderer for --format svg" in result.output and "mmdc" in result.output
-    assert not (tmp_path / "x.svg").exists()
+def test_graph_images_without_mmdc(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no mmdc, no chromium anywhere
+    target = f"{EXAMPLES / 'demo.py'}:publish"
+    drawn = CliRunner().invoke(cli, ["graph", target, "--format", "svg", "-o", str(tmp_path / "x.svg")])
+    assert drawn.exit_code == 0 and "durapipe's SVG drawing" in drawn.output, drawn.output
+    picture = ElementTree.parse(tmp_path / "x.svg").getroot()
+    labels = "".join(picture.itertext())
+    assert all(n in labels for n in ("content_writer", "dispatch (background): email, seo", "join seo"))
+    refused = CliRunner().invoke(cli, ["graph", target, "--format", "png", "-o", str(tmp_path / "x.png")])
+    assert refused.exit_code == 1 and "no renderer for --format png" in refused.output
+    assert "chromium" in refused.output and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("chromium") or bool(shutil.which("mmdc")), reason="needs chromium, no mmdc")
+def test_graph_png_through_headless_chromium(tmp_path: Path) -> None:
+    out = tmp_path / "demo.png"
+    done = CliRunner().invoke(cli, ["graph", f"{EXAMPLES / 'demo.py'}:publish", "--format", "png", "-o", str(out)])
+    assert done.exit_code == 0 and "photographed by headless Chromium" in done.output, done.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000

@@ -1,5 +1,7 @@
 """`durapipe ui` as a user starts it: a process serving the console on 127.0.0.1 for the
-App of a module, read-only without DURAPIPE_UI_TOKEN, changes allowed with it."""
+App of a module, read-only without DURAPIPE_UI_TOKEN, changes allowed with it. It never
+launches the App: it answers a gate from the database alone, also while no process runs the
+run, and the next process that resumes the run goes on from that answer."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from dbutil import wait_for
+from dbutil import sql, wait_for
 from durapipe import App
 
 TESTS = Path(__file__).parent
@@ -46,10 +48,14 @@ def test_durapipe_ui_serves_the_apps_runs(database_url: str) -> None:
 
     app: App = gates_app.app
     app.database_url = database_url
-    with app:  # the worker the run waits in, while the console answers its gate
+    with app:
         gates_app.review.start({"title": "T"}, run_id="ui-1")
         wait_for(lambda: app.pending("ui-1"), what="the gate")
-        check_console(database_url)
+    # Stopped cleanly: the run is PENDING at its gate and no process executes it.
+    check_console(database_url)
+    assert sql(database_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid = 'ui-1'") \
+        == [("PENDING",)]  # the console recovered nothing
+    with app:
         assert app.get_run("ui-1").result(timeout=30).state["published"] is True
 
 

@@ -126,8 +126,11 @@ def graph(target: Annotated[str, typer.Argument(help="MODULE:PIPELINE, e.g. exam
           fmt: Annotated[str, typer.Option("--format", help="mermaid (text), svg or png")] = "mermaid",
           output: Annotated[Path | None, typer.Option("--output", "-o", help="file for svg/png")] = None,
           ) -> None:
-    """Draw a pipeline as a Mermaid flowchart (SVG/PNG through mmdc when it is installed)."""
-    from . import diagram
+    """Draw a pipeline: a Mermaid flowchart, or an SVG/PNG image (Mermaid's mmdc when it is
+    installed; else durapipe's own SVG, and PNG through a headless Chromium)."""
+    import shutil
+
+    from . import diagram, diagram_svg
 
     _, pipeline = load_target(target)
     text = pipeline.mermaid()
@@ -137,5 +140,13 @@ def graph(target: Annotated[str, typer.Argument(help="MODULE:PIPELINE, e.g. exam
     if fmt not in ("svg", "png"):
         raise OperatorError(f"--format {fmt!r}: use mermaid, svg or png")
     dest = output or Path(f"{pipeline.name}.{fmt}")
-    diagram.render(text, fmt, str(dest))
-    out.print(_render.literal(f"wrote {dest}"), highlight=False)
+    if shutil.which("mmdc"):
+        diagram.render(text, fmt, str(dest))
+        how = "Mermaid's mmdc"
+    elif fmt == "svg":
+        dest.write_text(diagram_svg.svg(pipeline.node, title=pipeline.name))
+        how = "durapipe's SVG drawing (install mmdc for Mermaid's layout)"
+    else:
+        diagram_svg.write_png(diagram_svg.svg(pipeline.node, title=pipeline.name), str(dest))
+        how = "durapipe's SVG drawing, photographed by headless Chromium"
+    out.print(_render.literal(f"wrote {dest} with {how}"), highlight=False)

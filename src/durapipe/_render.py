@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
@@ -11,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from .audit import NodeRecord, RunInfo, RunTree, path_key
+from .audit import NodeRecord, RunInfo, RunTree, log_attempts, path_key
 from .ir import Node
 
 _STYLE = {"SUCCESS": "green", "ERROR": "red", "CANCELLED": "yellow", "PENDING": "cyan",
@@ -41,7 +42,11 @@ def duration(ms: int | float | None) -> str:
         return f"{ms:.0f}ms"
     if ms < 60_000:
         return f"{ms / 1000:.1f}s"
-    return f"{ms / 60_000:.1f}m"
+    if ms < 3_600_000:
+        return f"{ms / 60_000:.1f}m"
+    if ms < 86_400_000:
+        return f"{ms / 3_600_000:.1f}h"
+    return f"{ms / 86_400_000:.1f}d"
 
 
 def when(ms: int | None) -> str:
@@ -125,8 +130,22 @@ def _label(n: NodeRecord) -> Text:
     return text
 
 
+def answer_command(run_id: str, gate: str, approvers: Any = None, database: str | None = None) -> str:
+    """The exact ``durapipe approve`` command that answers a waiting gate (``--by`` is the
+    gate's only approver when it has one; ``database`` when DURAPIPE_DATABASE_URL is unset)."""
+    only = approvers[0] if isinstance(approvers, list) and len(approvers) == 1 else None
+    by = shlex.quote(str(only)) if only is not None else "NAME"
+    cmd = f"durapipe approve {shlex.quote(run_id)} {shlex.quote(gate)} --by {by}"
+    if database:
+        cmd += f" --database-url {shlex.quote(database)}"
+    if isinstance(approvers, list) and len(approvers) > 1:
+        cmd += f"   (approvers: {', '.join(map(str, approvers))})"
+    return cmd + "   (or durapipe reject ...)"
+
+
 def run_tree(tree: RunTree, show_ops: bool = False,
-             logs: dict[tuple[str, str], dict[str, Any]] | None = None) -> Tree:
+             logs: dict[tuple[str, str], dict[str, Any]] | None = None,
+             database: str | None = None) -> Tree:
     r = tree.run
     head = Text(f"run {clean(r.run_id)}  ", style="bold")
     head.append(f"{clean(r.pipeline or '?')}  ")
@@ -141,8 +160,8 @@ def run_tree(tree: RunTree, show_ops: bool = False,
     _add(root, shown, show_ops, t0, logs or {})
     for g in shown:
         if g.kind == "gate" and g.status == "WAITING":
-            root.add(literal(f"answer: durapipe approve {r.run_id} {g.name} --by NAME --app MODULE "
-                             "(or durapipe reject ...)", style="magenta"))
+            root.add(literal("answer: " + answer_command(r.run_id, g.name, g.detail.get("approvers"),
+                                                         database), style="magenta"))
     if r.error:
         root.add(literal(f"error: {r.error}", style="red"))
     return root
@@ -185,16 +204,24 @@ def _add(parent: Tree, nodes: list[NodeRecord], show_ops: bool, t0: int | None,
 
 
 def step_log_text(logged: dict[str, Any]) -> Text:
-    """A step's captured log records and, when it failed, its user-code frames."""
+    """A step's captured log records and, when it failed, its user-code frames; a retried
+    step's attempts one after the other, each failed one with its error."""
     text = Text()
-    for rec in logged.get("records") or []:
-        text.append(f"{rec.get('level', '?'):<7} ", style="yellow" if rec.get("level") == "WARNING" else "dim")
-        text.append(clean(f"{rec.get('logger')}: {rec.get('message')}\n"))
-        if rec.get("dropped"):
-            text.append(f"        ({rec['dropped']} more records dropped)\n", style="dim")
-    for fr in logged.get("traceback") or []:
-        text.append(clean(f"  at {fr.get('file')}:{fr.get('line')} in {fr.get('function')}"), style="red")
-        text.append(clean(f"  {fr.get('code')}\n" if fr.get("code") else "\n"), style="dim")
+    attempts = log_attempts(logged)
+    if logged.get("dropped"):
+        text.append(f"({logged['dropped']} record(s) of earlier attempts dropped)\n", style="dim")
+    for a in attempts:
+        if len(attempts) > 1 or a["attempt"] > 1:
+            text.append(f"attempt {a['attempt']}" + (f" failed: {clean(a['error'])}\n" if a.get("error")
+                                                       else "\n"), style="bold")
+        for rec in a["records"]:
+            text.append(f"{rec.get('level', '?'):<7} ", style="yellow" if rec.get("level") == "WARNING" else "dim")
+            text.append(clean(f"{rec.get('logger')}: {rec.get('message')}\n"))
+            if rec.get("dropped"):
+                text.append(f"        ({rec['dropped']} more records dropped)\n", style="dim")
+        for fr in a.get("traceback") or []:
+            text.append(clean(f"  at {fr.get('file')}:{fr.get('line')} in {fr.get('function')}"), style="red")
+            text.append(clean(f"  {fr.get('code')}\n" if fr.get("code") else "\n"), style="dim")
     text.rstrip()
     return text
 

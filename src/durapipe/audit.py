@@ -75,6 +75,26 @@ def redact(url: str) -> str:
 
 # -- records ---------------------------------------------------------------------------
 
+def log_attempts(logged: dict[str, Any]) -> list[dict[str, Any]]:
+    """A step's ``log:<step>`` event as one entry per attempt, oldest first: ``attempt``,
+    ``records``, and ``error``/``traceback`` when that attempt failed (see
+    ``engine/steplogs.py``). An event of a step run once is one attempt."""
+    last = int(logged.get("attempt") or 1)
+    failed = {int(f.get("attempt") or 0): f for f in logged.get("attempts") or [] if isinstance(f, dict)}
+    if logged.get("error") is not None:
+        failed[last] = {"error": logged.get("error"), "traceback": logged.get("traceback") or []}
+    by_attempt: dict[int, list[dict[str, Any]]] = {}
+    for rec in logged.get("records") or []:
+        by_attempt.setdefault(int(rec.get("attempt") or last), []).append(rec)
+    out = []
+    for n in sorted(set(by_attempt) | set(failed)):
+        entry: dict[str, Any] = {"attempt": n, "records": by_attempt.get(n, [])}
+        if n in failed:
+            entry.update(error=failed[n].get("error"), traceback=failed[n].get("traceback") or [])
+        out.append(entry)
+    return out
+
+
 @dataclass
 class RunInfo:
     """One run as ``durapipe runs`` lists it."""

@@ -44,7 +44,7 @@ from .engine.admin import Admin, database_url_or_env, parse_since
 from .engine.app import App
 from .engine.eventread import EventReader
 from .engine.runs import RunHandle, RunStatus
-from .engine.scope import belongs_to, refuse
+from .engine.scope import Owner, belongs_to, refuse
 from .errors import DurapipeError, OperatorError, UnknownRun
 from .ir import Node
 
@@ -285,7 +285,7 @@ def show(
             logs = admin.step_logs(tree)
         if node is not None:
             out.print(_render.live_table(node, tree, tree.run.status))
-        out.print(_render.run_tree(tree, ops, logs))
+        out.print(_render.run_tree(tree, ops, logs, _db_hint(database_url)))
         out.print(_render.text_timeline(tree, int(time.time() * 1000)))
 
 
@@ -312,22 +312,21 @@ def _show_view(node: Node | None, tree: Any, ops: bool) -> Any:
 
 def _decide(approve: bool, run_id: str, gate: str, by: str, comment: str | None,
             app_module: str | None, database_url: str | None) -> None:
-    if not app_module:
-        raise OperatorError("give --app MODULE (or set DURAPIPE_APP): the module defining the App")
-    os.environ.setdefault("DURAPIPE_LOG_LEVEL", "CRITICAL")
-    app = find_app(load_module(app_module))
-    with Admin(database_url or app.database_url) as admin:
-        admin.run(run_id)
-    # A short-lived process of its own, so it never recovers a live worker's runs.
-    _prepare(app, database_url, f"durapipe-cli-{uuid.uuid4().hex[:8]}")
-    _launch(app)
-    try:
-        decide = app.approve if approve else app.reject
-        decide(run_id, gate, by=by, comment=comment)
-    finally:
-        app.shutdown()
-    out.print(_render.literal(f"{'approved' if approve else 'rejected'} gate {gate!r} of run {run_id} by {by}"),
-              highlight=False)
+    """Answer from the database alone (no App is launched, so nothing is recovered): the
+    run's own app, or with ``--app`` only a run of that module's App."""
+    owner = url = None
+    if app_module:
+        app = find_app(load_module(app_module))
+        owner, url = Owner(app.name, app.dbos_name), database_url or app.database_url
+    elif not (database_url or os.environ.get("DURAPIPE_DATABASE_URL")):
+        raise OperatorError("no database given: pass --database-url, set DURAPIPE_DATABASE_URL, "
+                            "or give --app MODULE (the module defining the App names its database)")
+    with Admin(url or database_url) as admin:
+        answered = admin.answer(run_id, gate, "approved" if approve else "rejected", by, comment,
+                                app=owner, exactly_one=True)
+    where = f" (waited at by {answered})" if answered != run_id else ""
+    out.print(_render.literal(f"{'approved' if approve else 'rejected'} gate {gate!r} of run "
+                              f"{run_id}{where} by {by}"), highlight=False)
 
 
 @cli.command()
@@ -336,7 +335,7 @@ def approve(run_id: str, gate: str,
             by: Annotated[str, typer.Option("--by", help="who decides")],
             comment: Annotated[str | None, typer.Option("--comment")] = None,
             app_module: AppModule = None, database_url: DbUrl = None) -> None:
-    """Approve a gate a run is waiting at."""
+    """Approve a gate a run is waiting at (from the database alone; --app: only that App's runs)."""
     _decide(True, run_id, gate, by, comment, app_module, database_url)
 
 
@@ -369,8 +368,16 @@ def pending(run_id: Annotated[str | None, typer.Option("--run")] = None,
             ", ".join(map(str, g.get("approvers") or [])) or "anyone", _render.requested(g.get("requested_at")))))
     out.print(table)
     for g in gates:
-        out.print(_render.literal(f"answer: durapipe approve {g['run_id']} {g.get('gate')} --by NAME "
-                                  "--app MODULE   (or durapipe reject ...)"), highlight=False)
+        out.print(_render.literal("answer: " + _render.answer_command(
+            g["run_id"], str(g.get("gate")), g.get("approvers"), _db_hint(database_url))),
+            highlight=False, soft_wrap=True)
+
+
+def _db_hint(database_url: str | None) -> str | None:
+    """The ``--database-url`` an answer command needs: none when the environment names it."""
+    if not database_url or database_url == os.environ.get("DURAPIPE_DATABASE_URL"):
+        return None
+    return audit.redact(database_url)
 
 
 @cli.command()
@@ -478,18 +485,19 @@ def ui(app_module: AppModule = None,
     except ImportError as exc:
         raise OperatorError(f"durapipe ui needs FastAPI and uvicorn ({exc.name} is missing): "
                             "pip install 'durapipe[service]'") from None
+    # The App's registry draws the pipelines; runs are read and gates answered from the
+    # database alone, so the App is never launched here (nothing is recovered or run).
     app = find_app(load_module(app_module))
-    _prepare(app, database_url, f"durapipe-ui-{uuid.uuid4().hex[:8]}")
-    _launch(app)
-    try:
-        local = host in ("127.0.0.1", "localhost", "::1")
-        console = create_console(app, allowed_hosts=["127.0.0.1", "localhost", "[::1]"] if local else None)
-        mode = "" if os.environ.get("DURAPIPE_UI_TOKEN") else " (read-only: set DURAPIPE_UI_TOKEN to allow changes)"
-        out.print(_render.literal(f"durapipe console for app {app.name!r} on http://{host}:{port}/{mode}"),
-                  highlight=False, soft_wrap=True)
-        uvicorn.run(console, host=host, port=port, log_level="warning")
-    finally:
-        app.shutdown()
+    url = database_url_or_env(database_url or app.database_url)
+    with Admin(url):  # one line naming the database when it cannot be reached
+        pass
+    local = host in ("127.0.0.1", "localhost", "::1")
+    console = create_console(app, database_url=url,
+                             allowed_hosts=["127.0.0.1", "localhost", "[::1]"] if local else None)
+    mode = "" if os.environ.get("DURAPIPE_UI_TOKEN") else " (read-only: set DURAPIPE_UI_TOKEN to allow changes)"
+    out.print(_render.literal(f"durapipe console for app {app.name!r} on http://{host}:{port}/{mode}"),
+              highlight=False, soft_wrap=True)
+    uvicorn.run(console, host=host, port=port, log_level="warning")
 
 
 def main() -> None:

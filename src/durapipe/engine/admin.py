@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -22,7 +23,7 @@ from dbos._utils import INTERNAL_QUEUE_NAME
 
 from ..audit import NodeRecord, RunInfo, RunTree, first_line, model_usage, path_key, redact, split_step_name
 from ..errors import OperatorError, UnknownRun, error_text, from_portable
-from . import executors, runlist
+from . import executors, gates, runlist
 from .admission import TENANT
 from .database import normalize_url
 from .dispatch import DETACHED_ATTRIBUTE, fate_key, find_task_in, task_query, task_status
@@ -30,10 +31,13 @@ from .scope import (
     DURAPIPE_WORKFLOWS,
     TASK_WORKFLOW,
     WORKFLOW_NAME,
+    Owner,
+    app_of,
     check_name,
     check_run_id,
     is_run_workflow,
     named_one_of,
+    refuse,
     run_workflow_name,
 )
 from .steplogs import LOG_EVENT_PREFIX
@@ -257,22 +261,70 @@ class Admin:
         return found
 
     def waiting_gates(self, run_id: str | None = None) -> list[dict[str, Any]]:
-        """Gates some active run is waiting at (from the ``gate:<name>`` events)."""
+        """Gates some active run is waiting at (from the ``gate:<name>`` events), also those
+        a branch's child workflow or a background task waits at: ``run_id`` of each entry is
+        the workflow that waits (answering that id answers exactly that gate), ``root`` the
+        run it belongs to."""
+        opts: dict[str, Any] = {"status": list(ACTIVE), "load_input": True, "load_output": False}
         if run_id is not None:
             self.run(run_id)
-            ids = [run_id]
+            rows = (self.client.list_workflows(workflow_ids=[run_id], **opts)
+                    + self.client.list_workflows(workflow_id_prefix=f"{run_id}/", **opts))
         else:
-            ids = [st.workflow_id for st in self.client.list_workflows(
-                status=list(ACTIVE), load_input=False, load_output=False)
-                if is_run_workflow(st.name)]
+            rows = self.client.list_workflows(**opts)
+        # Runs are durapipe.run:<pipeline> (or durapipe.run before that), tasks durapipe.task.
+        rows = [st for st in rows if is_run_workflow(st.name) or st.name == TASK_WORKFLOW]
         out = []
-        for wid in ids:
-            for key, value in self._events(wid).items():
+        for st in rows:
+            for key, value in self._events(st.workflow_id).items():
                 if key.startswith("gate:") and isinstance(value, dict) and value.get("status") == "waiting":
-                    out.append({"run_id": wid, **value})
+                    out.append({"run_id": st.workflow_id, "root": gates.root_of(st), **value})
         return out
 
     # -- steering -----------------------------------------------------------------------
+    def owner_of(self, run_id: str, app: Owner | None = None) -> Owner:
+        """The app a run belongs to, as recorded on its row (``app``: refuse, as unknown,
+        a run that is not that app's). A run whose row names no app belongs to none:
+        nothing may answer its gates."""
+        run_id = check_run_id(run_id, "")
+        rows = self.client.list_workflows(workflow_ids=[run_id], load_input=False, load_output=False)
+        if not rows or not named_one_of(rows[0].name, DURAPIPE_WORKFLOWS):
+            if app is not None:
+                raise refuse(app.name, run_id)
+            raise UnknownRun(f"no durapipe run with id {run_id!r} in {redact(self.url)}", run_id=run_id)
+        owner = app_of(rows[0])
+        if app is not None:
+            if owner != app.dbos_name:
+                raise refuse(app.name, run_id)
+            return app
+        if owner is None:
+            raise OperatorError(
+                f"run {run_id!r} records no app (its workflow row has no application_name), so "
+                "it belongs to no app and none may answer its gates", run_id=run_id)
+        return Owner(owner, owner)
+
+    def answer(self, run_id: str, gate: str, decision: str, by: str, comment: str | None = None,
+               *, app: Owner | None = None, exactly_one: bool = False) -> str:
+        """Approve (``decision="approved"``) or reject a gate of a run from the database
+        alone, no App launched: the gate's ``approvers`` check, one decision per request,
+        and the run answered as one of its own app's (``app``: only that app's runs).
+        Returns the id of the workflow answered (the run's, or a branch's).
+
+        ``exactly_one`` refuses, changing nothing, when several workflows of the run wait
+        at ``gate`` (a gate inside ``map_over`` or parallel branches), naming them: answer
+        one by its own id. Without it the oldest request is answered (``App.approve``)."""
+        owner = self.owner_of(run_id, app)
+        store = gates.client_store(self.client)
+        if exactly_one:
+            waiting = gates.waiting_at(owner, run_id, gate, store)
+            if len(waiting) > 1:
+                raise OperatorError(
+                    f"run {run_id!r} waits at gate {gate!r} in {len(waiting)} places: "
+                    f"{', '.join(waiting)}; answer one by its own id, e.g. `durapipe approve "
+                    f"{shlex.quote(waiting[0])} {shlex.quote(gate)} --by {shlex.quote(by)}`. "
+                    "Nothing was changed", run_id=run_id, gate=gate, waiting=waiting)
+        return gates.answer(owner, run_id, gate, decision, by, comment, store)
+
     def cancel(self, run_id: str) -> None:
         """Cancel a run and its child workflows and background tasks. The process executing
         them notices within a fraction of a second: an async step in flight stops at its

@@ -21,14 +21,19 @@ The contract other parts (CLI, SQL views, HTTP service) build on:
 A gate inside a branch that runs as a child workflow (race, timeout, parallel, map) is
 waited on by that child; :func:`answer` and :func:`pending` look at a run and all the
 child workflows below it, so callers always use the run id they started.
+
+Answers need only the database: :func:`answer` and :func:`pending` work on a
+:class:`Store`, the launched DBOS runtime (``App.approve``) or a ``DBOSClient``
+(``Admin.answer``: ``durapipe approve`` and the console, with no App launched).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import sqlalchemy as sa
 from dbos import DBOS
@@ -56,6 +61,7 @@ from .scope import (
     owned_by,
     run_names_sql,
 )
+from .steps import TESTED_DBOS, dbos_release
 
 # recv needs a finite timeout; a gate without one waits ten years.
 FOREVER_SECONDS = 10 * 365 * 24 * 3600.0
@@ -152,40 +158,86 @@ async def run_gate(ctx: RunContext, node: Gate, path: str, state: State) -> Stat
 
 # -- answers on recorded runs (the App calls these with its scope.Owner) --------------
 
-def _root_of(status: Any) -> str:
+@dataclass(frozen=True)
+class Store:
+    """Where gates are read and answered: the launched DBOS runtime or a ``DBOSClient``.
+
+    ``sys_db`` is DBOS's system database, used (on the DBOS releases in ``TESTED_DBOS``) to
+    check and record a decision in the transaction that sends it; elsewhere answers go
+    through the public calls alone (see :func:`_answer_public`)."""
+
+    sys_db: Any
+    list_workflows: Callable[..., list[Any]]
+    all_events: Callable[[str], dict[str, Any]]
+    get_event: Callable[[str, str], Any]
+    send: Callable[[str, Any, str, str], None]
+
+
+def runtime_store() -> Store:
+    """The launched DBOS runtime's store (what ``App.approve`` answers through)."""
+    return Store(
+        sys_db=_get_dbos_instance()._sys_db, list_workflows=DBOS.list_workflows,
+        all_events=DBOS.get_all_events,
+        get_event=lambda wf, key: DBOS.get_event(wf, key, timeout_seconds=0),
+        send=lambda wf, msg, topic, key: DBOS.send(wf, msg, topic, idempotency_key=key))
+
+
+def client_store(client: Any) -> Store:
+    """A ``DBOSClient``'s store: answers from the database alone, no App launched."""
+    sys_db = client._sys_db
+    return Store(
+        sys_db=sys_db, list_workflows=client.list_workflows,
+        all_events=lambda wf: dict(sys_db.get_all_events(wf)),
+        get_event=lambda wf, key: client.get_event(wf, key, timeout_seconds=0),
+        send=lambda wf, msg, topic, key: client.send(wf, msg, topic, idempotency_key=key))
+
+
+def _idempotency_key(workflow_id: str, key: str, requested_at: Any) -> str:
+    return f"durapipe:{workflow_id}:{key}:{requested_at}"
+
+
+def root_of(status: Any) -> str:
+    """The run a workflow belongs to: its own id for a run, the run's for a child or task."""
     args = (status.input or {}).get("args") if isinstance(status.input, dict) else None
     if isinstance(args, (list, tuple)) and len(args) >= 5 and isinstance(args[4], str) and args[4]:
         return args[4]
     return str(status.workflow_id)
 
 
-def _waiting(owner: Owner, run_id: str | None) -> list[tuple[str, str, dict[str, Any]]]:
+def _waiting(owner: Owner, run_id: str | None, store: Store) -> list[tuple[str, str, dict[str, Any]]]:
     """(workflow id, run id, event) of every gate being waited at, oldest request first."""
     opts: dict[str, Any] = {"status": "PENDING", "load_output": False}
     if run_id is None:
-        statuses = DBOS.list_workflows(**opts)
+        statuses = store.list_workflows(**opts)
     else:
-        statuses = (DBOS.list_workflows(workflow_ids=[run_id], **opts)
-                    + DBOS.list_workflows(workflow_id_prefix=f"{run_id}/", **opts))
+        statuses = (store.list_workflows(workflow_ids=[run_id], **opts)
+                    + store.list_workflows(workflow_id_prefix=f"{run_id}/", **opts))
     found: list[tuple[str, str, dict[str, Any]]] = []
     for st in statuses:
         if not named_one_of(st.name, DURAPIPE_WORKFLOWS) or not belongs_to(owner.dbos_name, st):
             continue
-        for key, value in DBOS.get_all_events(st.workflow_id).items():
+        for key, value in store.all_events(st.workflow_id).items():
             if (key.startswith("gate:") and isinstance(value, dict)
                     and value.get("status") == "waiting"):
-                found.append((st.workflow_id, _root_of(st), value))
+                found.append((st.workflow_id, root_of(st), value))
     found.sort(key=lambda f: (f[2].get("requested_at") or 0, f[0]))
     return found
 
 
-def pending(owner: Owner, run_id: str | None = None) -> list[PendingGate]:
+def waiting_at(owner: Owner, run_id: str, gate: str, store: Store) -> list[str]:
+    """The ids of the run's workflows (its own, its branches') waiting at ``gate``."""
+    return [wf for wf, _, ev in _waiting(owner, run_id, store) if ev.get("gate") == gate]
+
+
+def pending(owner: Owner, run_id: str | None = None, store: Store | None = None) -> list[PendingGate]:
     """The gates waiting for an answer, of one run or of every run of the app."""
+    store = store or runtime_store()
     if run_id is not None:
         run_id = check_run_id(run_id, f"app {owner.name!r}.pending")
-        check_run(owner, run_id, DBOS.get_workflow_status(run_id))
+        rows = store.list_workflows(workflow_ids=[run_id], load_input=False, load_output=False)
+        check_run(owner, run_id, rows[0] if rows else None)
     return [PendingGate(root, ev["gate"], ev["message"], ev.get("approvers"), ev["requested_at"])
-            for _, root, ev in _waiting(owner, run_id)]
+            for _, root, ev in _waiting(owner, run_id, store)]
 
 
 @dataclass(frozen=True)
@@ -202,10 +254,20 @@ def _is_waiting(event: Any) -> bool:
     return isinstance(event, dict) and event.get("status") == "waiting"
 
 
+def _check_approver(event: dict[str, Any], gate: str, by: str, run_id: str) -> None:
+    approvers = event.get("approvers")
+    if approvers is not None and by not in approvers:
+        raise ApprovalRefused(
+            f"{by!r} may not answer gate {gate!r} of run {run_id!r}; its approvers are "
+            f"{approvers}. Nothing was changed", run_id=run_id, gate=gate, by=by,
+            approvers=approvers,
+        )
+
+
 def _send(c: Any, sys_db: Any, workflow_id: str, key: str, message: dict[str, Any]) -> None:
     sys_db.send_bulk_with_connection(
         [SendMessage(workflow_id, message, key,
-                     f"durapipe:{workflow_id}:{key}:{message['requested_at']}")],
+                     _idempotency_key(workflow_id, key, message["requested_at"]))],
         c, serialization_type=WorkflowSerializationFormat.DEFAULT,
         function_name="DBOS.send", send_to_forks=False)
 
@@ -250,14 +312,14 @@ def _claim_statement(sys_db: Any) -> Any:
 
 
 def _send_at_once(owner: Owner, workflow_id: str, gate: str, decision: str, by: str,
-                  comment: str | None) -> bool:
+                  comment: str | None, store: Store) -> bool:
     """Postgres: check and record the decision in one statement, then send; False if not.
 
     The event turns into the decision only when the workflow is PENDING, the event says
     waiting and ``by`` is among its approvers (if it lists any); anything else changes
     nothing and :func:`_send_if_waiting` finds out why.
     """
-    sys_db = _get_dbos_instance()._sys_db
+    sys_db = store.sys_db
     if sys_db.engine.dialect.name != "postgresql":
         return False
     key, at = event_key(gate), now_ms()
@@ -273,7 +335,7 @@ def _send_at_once(owner: Owner, workflow_id: str, gate: str, decision: str, by: 
 
 
 def _send_if_waiting(owner: Owner, workflow_id: str, gate: str, decision: str, by: str,
-                     comment: str | None, run_id: str) -> _Found | None:
+                     comment: str | None, run_id: str, store: Store) -> _Found | None:
     """Answer ``gate`` of one workflow in one transaction, or say what is there instead.
 
     Reads the workflow's status and the gate's event together; when the workflow waits at
@@ -282,7 +344,7 @@ def _send_if_waiting(owner: Owner, workflow_id: str, gate: str, decision: str, b
     the answer. The waiting workflow wakes on commit. Returns None once sent, else what
     was found; raises UnknownRun for a workflow that is not one of the app's.
     """
-    sys_db = _get_dbos_instance()._sys_db
+    sys_db = store.sys_db
     ws, we = sys_db.tables.workflow_status, sys_db.tables.workflow_events
     key = event_key(gate)
     query = (sa.select(ws.c.status, ws.c.name, ws.c.application_name, we.c.value,
@@ -300,13 +362,7 @@ def _send_if_waiting(owner: Owner, workflow_id: str, gate: str, decision: str, b
         found = _Found(row.status, row.name, row.application_name, event)
         if row.status != "PENDING" or not _is_waiting(event):
             return found
-        approvers = event.get("approvers")
-        if approvers is not None and by not in approvers:
-            raise ApprovalRefused(
-                f"{by!r} may not answer gate {gate!r} of run {run_id!r}; its approvers are "
-                f"{approvers}. Nothing was changed", run_id=run_id, gate=gate, by=by,
-                approvers=approvers,
-            )
+        _check_approver(event, gate, by, run_id)
         requested_at, at = event["requested_at"], now_ms()
         value, serialization = serialize_value(
             decided_event(event, decision, by, comment, at),
@@ -326,11 +382,14 @@ def _send_if_waiting(owner: Owner, workflow_id: str, gate: str, decision: str, b
 
 
 def answer(owner: Owner, run_id: str, gate: str, decision: str, by: str,
-           comment: str | None) -> None:
+           comment: str | None, store: Store | None = None) -> str:
     """Send a decision to a run waiting at ``gate``; validate everything before sending.
+    Returns the id of the workflow answered: the run's, or a branch's child workflow's.
 
     The usual case (the run itself waits at the gate) takes one transaction; a gate waited
-    at by a branch's child workflow is looked for only when the run has none waiting.
+    at by a branch's child workflow is looked for only when the run has none waiting. When
+    several workflows of the run wait at ``gate`` (a gate inside ``map_over``), the oldest
+    request is answered.
     """
     verb = "approve" if decision == "approved" else "reject"
     where = f"app {owner.name!r}.{verb}"
@@ -338,23 +397,59 @@ def answer(owner: Owner, run_id: str, gate: str, decision: str, by: str,
     check_name(gate, "gate name", where)
     check_name(by, "by= (who answers)", where)
     check_name(comment, "comment", where, MAX_COMMENT, optional=True)
-    if _send_at_once(owner, run_id, gate, decision, by, comment):
-        return
-    found = _send_if_waiting(owner, run_id, gate, decision, by, comment, run_id)
+    store = store or runtime_store()
+    if dbos_release() not in TESTED_DBOS:
+        return _answer_public(owner, run_id, gate, decision, by, comment, store)
+    if _send_at_once(owner, run_id, gate, decision, by, comment, store):
+        return run_id
+    found = _send_if_waiting(owner, run_id, gate, decision, by, comment, run_id, store)
     if found is None:
-        return
-    waiting = _waiting(owner, run_id)
+        return run_id
+    waiting = _waiting(owner, run_id, store)
     for workflow_id, _, _ in (w for w in waiting if w[2].get("gate") == gate):
-        if _send_if_waiting(owner, workflow_id, gate, decision, by, comment, run_id) is None:
-            return
+        if _send_if_waiting(owner, workflow_id, gate, decision, by, comment, run_id, store) is None:
+            return workflow_id
+    _not_waiting(run_id, gate, found.status, found.event, waiting)
+
+
+def _not_waiting(run_id: str, gate: str, status: str, ev: Any,
+                 waiting: list[tuple[str, str, dict[str, Any]]]) -> NoReturn:
     others = sorted({str(w[2].get("gate")) for w in waiting if w[2].get("gate") != gate})
-    ev = found.event
     if isinstance(ev, dict) and ev.get("status") not in (None, "waiting"):
         where = f"it was already {ev['status']}" + (f" by {ev['by']!r}" if ev.get("by") else "")
         where += f" (and is waiting at {others})" if others else ""
     elif others:
         where = f"it is waiting at {others}"
     else:
-        where = f"it is not waiting at any gate (status {found.status})"
+        where = f"it is not waiting at any gate (status {status})"
     raise UnknownGate(f"run {run_id!r} is not waiting at gate {gate!r}: {where}",
                       run_id=run_id, gate=gate, waiting=others)
+
+
+def _answer_public(owner: Owner, run_id: str, gate: str, decision: str, by: str,
+                   comment: str | None, store: Store) -> str:
+    """:func:`answer` through DBOS's public calls only (a DBOS release durapipe is not
+    tested with): the same checks, then a message whose idempotency key is the request's,
+    so a request is decided once. The gate's event turns into the decision when the
+    waiting workflow receives it, and an answer that loses a race is dropped silently
+    instead of refused."""
+    key = event_key(gate)
+    rows = store.list_workflows(workflow_ids=[run_id], load_input=False, load_output=False)
+    check_run(owner, run_id, rows[0] if rows else None, DURAPIPE_WORKFLOWS)
+    children = store.list_workflows(workflow_id_prefix=f"{run_id}/", status="PENDING",
+                                    load_input=False, load_output=False)
+    first_event: Any = None
+    for st in [rows[0], *sorted(children, key=lambda c: str(c.workflow_id))]:
+        if not named_one_of(st.name, DURAPIPE_WORKFLOWS) or not belongs_to(owner.dbos_name, st):
+            continue
+        event = store.get_event(st.workflow_id, key)
+        first_event = event if st is rows[0] else first_event
+        if st.status != "PENDING" or not _is_waiting(event):
+            continue
+        _check_approver(event, gate, by, run_id)
+        message = {"decision": decision, "by": by, "comment": comment, "at": now_ms(),
+                   "requested_at": event["requested_at"]}
+        store.send(st.workflow_id, message, key,
+                   _idempotency_key(st.workflow_id, key, event["requested_at"]))
+        return str(st.workflow_id)
+    _not_waiting(run_id, gate, rows[0].status, first_event, [])

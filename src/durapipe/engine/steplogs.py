@@ -6,9 +6,15 @@ bounded (:data:`MAX_RECORDS` records of at most :data:`MAX_MESSAGE` characters).
 body logged anything or failed, they are stored with the step as the run's DBOS event
 ``log:<step name>`` (``log:0.2:writer``), together with the failure's traceback: the
 ``file:line`` frames of the user's code, durapipe's and DBOS's own frames left out. A step
-that logs nothing and succeeds writes nothing more. With retries, the last attempt's
-records are kept. ``durapipe show``, the console and the view ``durapipe.step_logs``
-read them.
+that logs nothing and succeeds writes nothing more.
+
+A retried step keeps every attempt: each record names its ``attempt`` (1, 2, ...), and
+``attempts`` lists the failed attempts with their error and traceback (at most
+:data:`MAX_ATTEMPTS`, the latest). The bound holds for the step as a whole: when the
+attempts logged more than :data:`MAX_RECORDS` records, the earliest attempts' records go
+first (``dropped`` counts them). ``error``/``traceback`` at the top are the last attempt's,
+so a step that succeeded on a retry has none. ``durapipe show``, the console and the view
+``durapipe.step_logs`` read them.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ LOG_EVENT_PREFIX = "log:"
 MAX_RECORDS = 200
 MAX_MESSAGE = 2000
 MAX_FRAMES = 20
+MAX_ATTEMPTS = 10
 _buffer: ContextVar[list[dict[str, Any]] | None] = ContextVar("durapipe_step_logs", default=None)
 _OWN_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,       # durapipe/
              os.path.dirname(os.path.abspath(inspect.getfile(_dbos_set_event))) + os.sep)  # dbos/
@@ -102,13 +109,42 @@ def user_frames(exc: BaseException) -> list[dict[str, Any]]:
     return frames[-MAX_FRAMES:]
 
 
-def _publish(where: str, records: list[dict[str, Any]], exc: BaseException | None) -> None:
-    if not records and exc is None:
-        return
-    value: dict[str, Any] = {"step": where, "records": records}
-    if exc is not None:
-        value["error"] = error_text(exc)
-        value["traceback"] = user_frames(exc)
+class _Attempts:
+    """What the attempts of one step execution logged so far, kept within the bounds."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.count = 0
+        self.records: list[dict[str, Any]] = []
+        self.failures: list[dict[str, Any]] = []
+        self.dropped = 0
+
+    def publish(self, records: list[dict[str, Any]], exc: BaseException | None) -> None:
+        """Store this attempt's records and outcome with the earlier attempts'."""
+        attempt = self.count
+        if not records and exc is None and not self.records and not self.failures:
+            return  # a quiet success (also after quiet attempts): nothing to store
+        for rec in records:
+            rec["attempt"] = attempt
+        self.records.extend(records)
+        while len(self.records) > MAX_RECORDS and self.records[0]["attempt"] < attempt:
+            gone = self.records.pop(0)  # the earliest attempts' records go first
+            self.dropped += 1 + int(gone.get("dropped", 0))
+        value: dict[str, Any] = {"step": self.where, "attempt": attempt, "records": self.records}
+        if self.dropped:
+            value["dropped"] = self.dropped
+        if exc is not None:
+            value["error"] = error_text(exc)
+            value["traceback"] = user_frames(exc)
+        if self.failures:
+            value["attempts"] = self.failures
+        _store(self.where, value)
+        if exc is not None:
+            self.failures = [*self.failures, {"attempt": attempt, "error": value["error"],
+                                              "traceback": value["traceback"]}][-MAX_ATTEMPTS:]
+
+
+def _store(where: str, value: dict[str, Any]) -> None:
     try:
         _dbos_set_event(_get_dbos_instance(), snapshot_step_context(), LOG_EVENT_PREFIX + where, value,
                         serialization_type=WorkflowSerializationFormat.DEFAULT)
@@ -117,36 +153,40 @@ def _publish(where: str, records: list[dict[str, Any]], exc: BaseException | Non
 
 
 def capturing(where: str, body: Callable[[], Any]) -> Callable[[], Any]:
-    """``body`` (sync or async) that stores its logs and traceback as the step ``where``'s."""
+    """``body`` (sync or async) that stores its logs and traceback as the step ``where``'s;
+    called once per attempt, it keeps the earlier attempts' too."""
     _install()
+    attempts = _Attempts(where)
     if inspect.iscoroutinefunction(body):
         @functools.wraps(body)
         async def run_async() -> Any:
             records: list[dict[str, Any]] = []
+            attempts.count += 1
             token = _buffer.set(records)
             try:
                 out = await body()
             except BaseException as exc:
-                _publish(where, records, exc)
+                attempts.publish(records, exc)
                 raise
             finally:
                 _buffer.reset(token)
-            _publish(where, records, None)
+            attempts.publish(records, None)
             return out
         return run_async
 
     @functools.wraps(body)
     def run_sync() -> Any:
         records: list[dict[str, Any]] = []
+        attempts.count += 1
         token = _buffer.set(records)
         try:
             out = body()
         except BaseException as exc:
-            _publish(where, records, exc)
+            attempts.publish(records, exc)
             raise
         finally:
             _buffer.reset(token)
-        _publish(where, records, None)
+        attempts.publish(records, None)
         return out
     return run_sync
 

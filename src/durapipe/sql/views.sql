@@ -197,6 +197,8 @@ WHERE e.key LIKE 'gate:%';
 
 -- One row per log record a step emitted (DBOS event "log:<step name>", written when the
 -- step logged or failed); a failed step without records has one row with its traceback.
+-- A retried step's records name their attempt; error and traceback are that attempt's, and
+-- failed_attempts lists every failed attempt but the last (error, traceback).
 CREATE OR REPLACE VIEW durapipe.step_logs AS
 SELECT w.run_id, w.pipeline,
        e.workflow_uuid                                        AS workflow_id,
@@ -207,12 +209,28 @@ SELECT w.run_id, w.pipeline,
        r.rec->>'level'                                        AS level,
        r.rec->>'logger'                                       AS logger,
        r.rec->>'message'                                      AS message,
-       v.v->>'error'                                          AS error,
-       v.v->'traceback'                                       AS traceback
+       CASE WHEN x.attempt = x.last THEN v.v->>'error' ELSE fa.f->>'error' END AS error,
+       CASE WHEN x.attempt = x.last THEN v.v->'traceback' ELSE fa.f->'traceback' END AS traceback,
+       x.attempt                                              AS attempt,
+       CASE WHEN jsonb_typeof(v.v->'attempts') = 'array' THEN v.v->'attempts' ELSE '[]'::jsonb END
+                                                              AS failed_attempts
 FROM dbos.workflow_events e
 JOIN durapipe.workflows w ON w.workflow_id = e.workflow_uuid
 CROSS JOIN LATERAL (SELECT durapipe.jsonb_or_null(e.value) AS v) v
 LEFT JOIN LATERAL jsonb_array_elements(
   CASE WHEN jsonb_typeof(v.v->'records') = 'array' THEN v.v->'records' ELSE '[]'::jsonb END
 ) WITH ORDINALITY AS r(rec, ord) ON true
+CROSS JOIN LATERAL (
+  SELECT CASE WHEN jsonb_typeof(v.v->'attempt') = 'number' THEN (v.v->>'attempt')::numeric::int ELSE 1 END AS last
+) l
+CROSS JOIN LATERAL (
+  SELECT l.last,
+         CASE WHEN jsonb_typeof(r.rec->'attempt') = 'number' THEN (r.rec->>'attempt')::numeric::int
+              ELSE l.last END AS attempt
+) x
+LEFT JOIN LATERAL (
+  SELECT a.f FROM jsonb_array_elements(
+    CASE WHEN jsonb_typeof(v.v->'attempts') = 'array' THEN v.v->'attempts' ELSE '[]'::jsonb END) AS a(f)
+  WHERE a.f->>'attempt' = x.attempt::text LIMIT 1
+) fa ON true
 WHERE e.key LIKE 'log:%';

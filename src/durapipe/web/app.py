@@ -10,8 +10,9 @@ comma-separated list: ``alice:s3cret`` signs in as alice, a bare ``s3cret`` is a
 whose holder types the name they answer gates as. ``auth`` replaces tokens with the service's
 own dependency, which returns the person's name or raises ``HTTPException``. Whether a person
 may answer a gate is the gate's own ``approvers=`` check. Without tokens and ``auth``,
-the console is read-only. Serve it while the App is launched: answering gates sends
-messages through it.
+the console is read-only. The console needs only the database: it reads runs and answers
+gates through a ``DBOSClient`` (``Admin``), so it serves whether or not ``app`` is launched
+in its process (``durapipe ui`` never launches it, so it never recovers or runs anything).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..audit import RunTree
 from ..engine.admin import Admin, parse_since
 from ..engine.app import App
 from ..engine.eventread import EventType, follow_async
-from ..engine.scope import belongs_to
+from ..engine.scope import Owner, belongs_to
 from ..errors import ApprovalRefused, DurapipeError, OperatorError, UnknownGate, UnknownRun
 from ..runview import node_statuses
 from . import pages
@@ -272,13 +273,15 @@ def create_console(app: App, *, token: str | None = None,
         return RedirectResponse(f"/runs/{run_id}?note={note.replace(' ', '+')}", 303)
 
     def decide(approve: bool, run_id: str, gate: str, who: Person, by: str | None,
-               comment: str | None) -> RedirectResponse:
+               comment: str | None, workflow: str | None) -> RedirectResponse:
         name = (by or "").strip() if who[1] else who[0]
         if not name:
             raise HTTPException(400, "give the name you answer as (by)")
-        answer = app.approve if approve else app.reject
-        try:
-            answer(run_id, gate, by=name, comment=comment or None)
+        if workflow and not workflow.startswith(f"{run_id}/"):
+            raise HTTPException(400, f"workflow {workflow!r} is not one of run {run_id!r}'s")
+        try:  # the form names the workflow that waits when it is a branch's or a task's
+            admin().answer(workflow or run_id, gate, "approved" if approve else "rejected", name,
+                           comment or None, app=Owner(app.name, app.dbos_name))
         except (UnknownRun, UnknownGate) as exc:
             raise HTTPException(404, str(exc)) from None
         except DurapipeError as exc:
@@ -287,13 +290,15 @@ def create_console(app: App, *, token: str | None = None,
 
     @api.post("/runs/{run_id}/gates/{gate}/approve")
     def approve(run_id: str, gate: str, who: Person = Depends(person),  # noqa: B008
-                by: str | None = Form(None), comment: str | None = Form(None)) -> Response:  # noqa: B008
-        return decide(True, run_id, gate, who, by, comment)
+                by: str | None = Form(None), comment: str | None = Form(None),  # noqa: B008
+                workflow: str | None = Form(None)) -> Response:  # noqa: B008
+        return decide(True, run_id, gate, who, by, comment, workflow)
 
     @api.post("/runs/{run_id}/gates/{gate}/reject")
     def reject(run_id: str, gate: str, who: Person = Depends(person),  # noqa: B008
-               by: str | None = Form(None), comment: str | None = Form(None)) -> Response:  # noqa: B008
-        return decide(False, run_id, gate, who, by, comment)
+               by: str | None = Form(None), comment: str | None = Form(None),  # noqa: B008
+               workflow: str | None = Form(None)) -> Response:  # noqa: B008
+        return decide(False, run_id, gate, who, by, comment, workflow)
 
     def steer(run_id: str, action: Callable[[], str | None], note: str) -> RedirectResponse:
         """Run an operator action on one of this app's runs, then show the run it returns

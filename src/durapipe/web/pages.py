@@ -12,8 +12,8 @@ from html import escape
 from typing import Any
 from urllib.parse import urlencode
 
-from .._render import duration, one_line_gates, when
-from ..audit import NodeRecord, RunInfo, RunTree
+from .._render import answer_command, duration, one_line_gates, when
+from ..audit import NodeRecord, RunInfo, RunTree, log_attempts
 from ..ir import (
     Dispatch,
     Fallback,
@@ -170,12 +170,20 @@ def _json(value: Any, limit: int = 4000) -> str:
 def _logs(logged: dict[str, Any] | None) -> str:
     if not logged:
         return ""
-    lines = [f'<div class="log log-{e(str(r.get("level", "")).lower())}">{e(r.get("level"))} '
-             f'{e(r.get("logger"))}: {e(r.get("message"))}</div>' for r in logged.get("records") or []]
-    frames = [f'<div class="frame">at {e(f.get("file"))}:{e(f.get("line"))} in {e(f.get("function"))}'
-              f'<code>{e(f.get("code"))}</code></div>' for f in logged.get("traceback") or []]
-    trace = f'<div class="traceback">{"".join(frames)}</div>' if frames else ""
-    return f'<div class="logs">{"".join(lines)}{trace}</div>'
+    attempts = log_attempts(logged)
+    parts = [f'<div class="muted">{e(logged["dropped"])} record(s) of earlier attempts dropped</div>'
+             if logged.get("dropped") else ""]
+    for a in attempts:
+        if len(attempts) > 1 or a["attempt"] > 1:
+            failed = f' failed: {e(a["error"])}' if a.get("error") else ""
+            parts.append(f'<div class="attempt" data-attempt="{e(a["attempt"])}">attempt '
+                         f'{e(a["attempt"])}{failed}</div>')
+        parts += [f'<div class="log log-{e(str(r.get("level", "")).lower())}">{e(r.get("level"))} '
+                  f'{e(r.get("logger"))}: {e(r.get("message"))}</div>' for r in a["records"]]
+        frames = [f'<div class="frame">at {e(f.get("file"))}:{e(f.get("line"))} in {e(f.get("function"))}'
+                  f'<code>{e(f.get("code"))}</code></div>' for f in a.get("traceback") or []]
+        parts.append(f'<div class="traceback">{"".join(frames)}</div>' if frames else "")
+    return f'<div class="logs">{"".join(parts)}</div>'
 
 
 def _node_row(n: NodeRecord, t0: int, outputs: dict[tuple[str, str], Any],
@@ -202,12 +210,17 @@ def gate_forms(run_id: str, gates: list[dict[str, Any]], ask_name: bool) -> str:
         name = str(g.get("gate"))
         who = ('<input name="by" placeholder="your name" required>' if ask_name else "")
         base = f"/runs/{e(run_id)}/gates/{e(name)}"
+        waits = str(g.get("run_id") or run_id)  # the run's own workflow, or a branch's or task's
+        where = (f'<input type="hidden" name="workflow" value="{e(waits)}">'
+                 f'<span class="muted">in {e(waits[len(run_id) + 1:])}</span> ' if waits != run_id else "")
         items.append(
-            f'<div class="gate" data-gate="{e(name)}"><b>gate {e(name)}</b> {e(g.get("message"))} '
+            f'<div class="gate" data-gate="{e(name)}" data-workflow="{e(waits)}"><b>gate {e(name)}</b> '
+            f'{e(g.get("message"))} '
             f'<span class="muted">approvers: {e(", ".join(map(str, g.get("approvers") or [])) or "anyone")}</span>'
-            f'<form method="post" action="{base}/approve">{who}<input name="comment" placeholder="comment">'
+            f'<form method="post" action="{base}/approve">{where}{who}<input name="comment" placeholder="comment">'
             f'<button class="approve" type="submit">approve</button>'
-            f'<button class="reject" type="submit" formaction="{base}/reject">reject</button></form></div>')
+            f'<button class="reject" type="submit" formaction="{base}/reject">reject</button></form>'
+            f'<code class="cli">{e(answer_command(waits, name, g.get("approvers")))}</code></div>')
     return '<section class="gates"><h2>Waiting for approval</h2>' + "".join(items) + "</section>"
 
 
@@ -266,8 +279,9 @@ def approvals_page(gates: list[dict[str, Any]], ask_name: bool) -> str:
         return '<h1>Approvals</h1><p class="empty">no gate is waiting</p>'
     parts = []
     for g in gates:
-        parts.append(f'<h2><a href="/runs/{e(g["run_id"])}">{e(g["run_id"])}</a> · requested '
-                     f'{e(when(g.get("requested_at")))} UTC</h2>' + gate_forms(str(g["run_id"]), [g], ask_name))
+        root = str(g.get("root") or g["run_id"])
+        parts.append(f'<h2><a href="/runs/{e(root)}">{e(root)}</a> · requested '
+                     f'{e(when(g.get("requested_at")))} UTC</h2>' + gate_forms(root, [g], ask_name))
     return "<h1>Approvals</h1>" + "".join(parts)
 
 
