@@ -100,6 +100,7 @@ class EventLog:
         self._emitted = 0
         self._written = 0
         self._stopped = False
+        self._failing = False  # the last write found the database away
         self._urgent = False  # someone waits for what is buffered: write it now
         self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._thread = threading.Thread(target=self._loop, name="durapipe-events", daemon=True)
@@ -159,7 +160,10 @@ class EventLog:
         """:meth:`wait_written` for a coroutine: the writer wakes it, no thread waits."""
         loop = asyncio.get_running_loop()
         with self._lock:
-            if self._written >= self._emitted or self._stopped:
+            # While the database is away the workflow's end cannot be recorded either: do
+            # not hold it until the database is back (it would then record an outage's error
+            # as the run's end); the events stay queued and are written when it is back.
+            if self._written >= self._emitted or self._stopped or self._failing:
                 return
             done: asyncio.Future[None] = loop.create_future()
             self._waiters.append((self._emitted, loop, done))
@@ -169,6 +173,13 @@ class EventLog:
             await asyncio.wait_for(done, timeout)
         except asyncio.TimeoutError:
             log.warning("durapipe: run events not written within %s s; going on", timeout)
+
+    def _wake_all(self) -> None:
+        """Resolve every waiting flush (called holding the lock): the database is away."""
+        for _, loop, done in self._waiters:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_resolve, done)
+        self._waiters = []
 
     def _wake(self) -> None:
         """Resolve the flushes whose events are written (called holding the lock)."""
@@ -196,11 +207,15 @@ class EventLog:
             while True:
                 try:
                     self._write(batch)
+                    self._failing = False
                     break
                 except Exception as exc:
                     if not _retriable(exc):  # a value the database refuses: never retried
                         self._one_by_one(batch, exc)
                         break
+                    with self._lock:
+                        self._failing = True
+                        self._wake_all()
                     if self._stopped:  # the database is away: keep the batch, retry
                         log.warning("durapipe: %d run events not written at stop: %s",
                                     len(batch), exc)
