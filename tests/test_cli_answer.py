@@ -50,7 +50,7 @@ def test_approve_without_app_answers_as_the_runs_own_app(make_app: Callable[...,
         wait_for(lambda: bool(app.pending("cli-ans-1")), what="the gate")
         shown = durapipe("show", "cli-ans-1", "--database-url", database_url)
         assert ("answer: durapipe approve cli-ans-1 legal --by alice --database-url "
-                f"{database_url}") in shown.output, shown.output
+                f"{shlex.quote(database_url)}") in shown.output, shown.output
 
         refusals = {
             ("--by", "mallory"): "'mallory' may not answer gate 'legal'",  # the gate's approvers

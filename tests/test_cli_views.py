@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import re
+import shlex
 import sys
 import threading
 from collections.abc import Callable
@@ -83,7 +84,7 @@ def test_live_table_and_show_at_each_moment(make_app: Callable[..., App], databa
         gate_lines = [line for line in res.output.splitlines() if "[gate]" in line]
         assert len(gate_lines) == 1 and "WAITING" in gate_lines[0]  # the gate, once
         # the exact command: the gate's only approver, the database given to show
-        assert f"answer: durapipe approve v1 ok --by alice --database-url {database_url}" in res.output
+        assert f"answer: durapipe approve v1 ok --by alice --database-url {shlex.quote(database_url)}" in res.output
         app.approve("v1", "ok", by="alice")
         handle.result(timeout=30)
         # moment 3: finished: every node done, the join and gate resolved

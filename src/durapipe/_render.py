@@ -35,6 +35,11 @@ def literal(value: object, style: str = "") -> Text:
     return Text(clean(value), style=style)
 
 
+def command(value: str, style: str = "magenta") -> Text:
+    """A command to copy: one line however narrow the terminal (never wrapped or cut)."""
+    return Text(clean(value), style=style, no_wrap=True, overflow="ignore")
+
+
 def duration(ms: int | float | None) -> str:
     if ms is None:
         return "-"
@@ -160,8 +165,8 @@ def run_tree(tree: RunTree, show_ops: bool = False,
     _add(root, shown, show_ops, t0, logs or {})
     for g in shown:
         if g.kind == "gate" and g.status == "WAITING":
-            root.add(literal("answer: " + answer_command(r.run_id, g.name, g.detail.get("approvers"),
-                                                         database), style="magenta"))
+            root.add(command("answer: " + answer_command(r.run_id, g.name, g.detail.get("approvers"),
+                                                         database)))
     if r.error:
         root.add(literal(f"error: {r.error}", style="red"))
     return root

@@ -70,7 +70,7 @@ def first_line(exc: BaseException) -> str:
 
 
 def redact(url: str) -> str:
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    return re.sub(r"(://[^:/@]+):[^@]+@", r"\1:***@", url)  # an empty password hides nothing
 
 
 # -- records ---------------------------------------------------------------------------
