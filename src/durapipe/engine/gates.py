@@ -65,6 +65,9 @@ from .steps import TESTED_DBOS, dbos_release
 
 # recv needs a finite timeout; a gate without one waits ten years.
 FOREVER_SECONDS = 10 * 365 * 24 * 3600.0
+# A run waiting at a gate is PENDING; one handed to another worker (a deploy's drain, a
+# recovery through a queue) is ENQUEUED until a worker takes it: the answer waits for it.
+ANSWERABLE = ("PENDING", "ENQUEUED")
 
 
 def event_key(gate: str) -> str:
@@ -206,7 +209,7 @@ def root_of(status: Any) -> str:
 
 def _waiting(owner: Owner, run_id: str | None, store: Store) -> list[tuple[str, str, dict[str, Any]]]:
     """(workflow id, run id, event) of every gate being waited at, oldest request first."""
-    opts: dict[str, Any] = {"status": "PENDING", "load_output": False}
+    opts: dict[str, Any] = {"status": list(ANSWERABLE), "load_output": False}
     if run_id is None:
         statuses = store.list_workflows(**opts)
     else:
@@ -299,7 +302,7 @@ def _claim_statement(sys_db: Any) -> Any:
     stmt = (sa.update(we)
             .where(we.c.workflow_uuid == sa.bindparam("wf", type_=sa.Text),
                    we.c.key == sa.bindparam("gate_key", type_=sa.Text),
-                   ws.c.workflow_uuid == we.c.workflow_uuid, ws.c.status == "PENDING",
+                   ws.c.workflow_uuid == we.c.workflow_uuid, ws.c.status.in_(ANSWERABLE),
                    sa.or_(ws.c.name.in_(DURAPIPE_WORKFLOWS), run_names_sql(ws.c.name)),
                    owned_by(ws.c.application_name, sa.bindparam("app", type_=sa.Text)),
                    _field(ev, "->>", "status") == "waiting",
@@ -360,7 +363,7 @@ def _send_if_waiting(owner: Owner, workflow_id: str, gate: str, decision: str, b
         event: Any = (deserialize_value(row.value, row.serialization, sys_db.serializer)
                       if row.value is not None else None)
         found = _Found(row.status, row.name, row.application_name, event)
-        if row.status != "PENDING" or not _is_waiting(event):
+        if row.status not in ANSWERABLE or not _is_waiting(event):
             return found
         _check_approver(event, gate, by, run_id)
         requested_at, at = event["requested_at"], now_ms()
@@ -436,7 +439,7 @@ def _answer_public(owner: Owner, run_id: str, gate: str, decision: str, by: str,
     key = event_key(gate)
     rows = store.list_workflows(workflow_ids=[run_id], load_input=False, load_output=False)
     check_run(owner, run_id, rows[0] if rows else None, DURAPIPE_WORKFLOWS)
-    children = store.list_workflows(workflow_id_prefix=f"{run_id}/", status="PENDING",
+    children = store.list_workflows(workflow_id_prefix=f"{run_id}/", status=list(ANSWERABLE),
                                     load_input=False, load_output=False)
     first_event: Any = None
     for st in [rows[0], *sorted(children, key=lambda c: str(c.workflow_id))]:
@@ -444,7 +447,7 @@ def _answer_public(owner: Owner, run_id: str, gate: str, decision: str, by: str,
             continue
         event = store.get_event(st.workflow_id, key)
         first_event = event if st is rows[0] else first_event
-        if st.status != "PENDING" or not _is_waiting(event):
+        if st.status not in ANSWERABLE or not _is_waiting(event):
             continue
         _check_approver(event, gate, by, run_id)
         message = {"decision": decision, "by": by, "comment": comment, "at": now_ms(),
