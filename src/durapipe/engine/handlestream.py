@@ -18,7 +18,7 @@ from .eventread import Event, EventReader, follow_async
 
 if TYPE_CHECKING:
     from .app import App
-    from .runs import RunStatus
+    from .runhandle import RunStatus
 
 
 class StreamMixin:
