@@ -27,8 +27,8 @@ from . import (
     executors,
     gates,
     lifecycle,
+    listen,
     outcomes,
-    queues,
     schedules,
     slots,
     slots_pg,
@@ -246,7 +246,7 @@ class App:
         bounds.configure(bounds.pool_size(config))
         DBOS(config=config)
         try:
-            DBOS.listen_queues(queues.to_listen(
+            DBOS.listen_queues(listen.to_listen(
                 self.dbos_name, self._listen, list(self._queues), self._pipelines.values(),
                 bounds.pool_size(self.dbos_config())))
             DBOS.launch()
