@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 class StreamMixin:
-    """The stream methods of :class:`~durapipe.engine.runs.RunHandle`."""
+    """The stream methods of :class:`~durapipe.engine.runhandle.RunHandle`."""
 
     app: App
     run_id: str
