@@ -43,6 +43,17 @@ def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    """The most of these (start, end) spans open at one moment (an end before a start at
+    the same instant)."""
+    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    now = peak = 0
+    for _, d in edges:
+        now += d
+        peak = max(peak, now)
+    return peak
+
+
 @contextmanager
 def scratch_database(server_url: str, prefix: str = "durapipe_test") -> Iterator[str]:
     """A fresh, empty database on the test server, dropped afterwards."""

@@ -26,15 +26,22 @@ def stamps(log: Path) -> dict[str, list[float]]:
     return out
 
 
-def crash_and_recover(url: str, mode: str, log: Path, kill_after: str, delay: float = 0.0) -> None:
+def kill_once_stamped(url: str, mode: str, log: Path, stamp: str, what: str | None = None,
+                      delay: float = 0.0) -> None:
+    """Run the script's first life in ``mode`` and SIGKILL it once it logged ``stamp``
+    (``delay`` seconds later)."""
     first = spawn(SCRIPT, url, mode, str(log), "first")
     try:
-        wait_for(lambda: kill_after in stamps(log), timeout=60, what=kill_after)
+        wait_for(lambda: stamp in stamps(log), timeout=60, what=what or stamp)
         if delay:
             time.sleep(delay)
     finally:
         first.kill()
         first.wait()
+
+
+def crash_and_recover(url: str, mode: str, log: Path, kill_after: str, delay: float = 0.0) -> None:
+    kill_once_stamped(url, mode, log, kill_after, delay=delay)
     second = spawn(SCRIPT, url, mode, str(log), "second")
     out, _ = second.communicate(timeout=90)
     assert second.returncode == 0, out
@@ -58,12 +65,7 @@ def test_a_gate_answered_from_the_cli_while_its_worker_is_dead(database_url: str
     from durapipe.cli import cli
 
     log = tmp_path / "log"
-    first = spawn(SCRIPT, database_url, "gate", str(log), "first")
-    try:
-        wait_for(lambda: "waiting" in stamps(log), timeout=60, what="the gate")
-    finally:
-        first.kill()
-        first.wait()
+    kill_once_stamped(database_url, "gate", log, "waiting", "the gate")
     res = CliRunner().invoke(cli, ["approve", "crash-1", "legal", "--by", "alice", "--database-url", database_url])
     assert res.exit_code == 0 and "approved gate 'legal' of run crash-1 by alice" in res.output, res.output
     second = spawn(SCRIPT, database_url, "gate", str(log), "resume")
@@ -81,12 +83,7 @@ def test_an_answered_gate_survives_a_kill_before_the_run_recorded_the_decision(
     """The run's own record of the decision is held back an hour (``DEFER_SECONDS``), so the
     kill lands between approve's record and the run's every time."""
     log = tmp_path / "log"
-    first = spawn(SCRIPT, database_url, "gate-answered", str(log), "first")
-    try:
-        wait_for(lambda: "held-start" in stamps(log), timeout=60, what="the node after the gate")
-    finally:
-        first.kill()
-        first.wait()
+    kill_once_stamped(database_url, "gate-answered", log, "held-start", "the node after the gate")
     [(answered,)] = sql(database_url, GATE_EVENT.format("", ""))
     history = sql(database_url, GATE_EVENT.format("_history", " ORDER BY function_id"))
     # approve recorded the decision; the run itself had not yet when it was killed

@@ -12,23 +12,13 @@ from typing import Any
 
 import pytest
 
-from dbutil import kill_then_recover, lines, spawn, sql, wait_for
+from dbutil import kill_then_recover, lines, most_at_once, spawn, sql, wait_for
 from durapipe import Agent, App, BuildError, DurapipeError, ModelError, fn, limit
 from durapipe.models.fake import FunctionModel
 from fake_gemini import Error, FakeGemini, text_reply
 
 SCRIPTS = Path(__file__).parent / "scripts"
 WORKER = SCRIPTS / "limit_worker.py"
-
-
-def _max_overlap(intervals: list[tuple[float, float]]) -> int:
-    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals],
-                    key=lambda x: (x[0], x[1]))
-    most = now = 0
-    for _, d in events:
-        now += d
-        most = max(most, now)
-    return most
 
 
 @pytest.mark.slow
@@ -46,7 +36,7 @@ def test_a_limit_of_two_holds_across_two_worker_processes(database_url: str, tmp
     first, second = ((min(s for s, _ in v), max(e for _, e in v)) for v in by_pid.values())
     assert first[0] < second[1] and second[0] < first[1]  # the two workers ran at once
     # Each step logs the span it ran in; the limit of 2 is never exceeded, and is used.
-    assert _max_overlap(intervals) == 2
+    assert most_at_once(intervals) == 2
     assert sql(database_url, "SELECT concurrency, current_limit, in_use FROM durapipe.limit_status "
                              "WHERE app = 'limit-app' AND key = 'shared'") == [(2, 2, 0)]
 
@@ -176,7 +166,7 @@ def test_a_limit_on_sqlite_holds_within_the_process(tmp_path: Path) -> None:
             h.result(timeout=60)
         assert app.limits() == [{"key": "work", "concurrency": 2, "adaptive": False, "limit": 2,
                                  "in_use": 0}]
-    assert len(spans) == 6 and _max_overlap(spans) == 2
+    assert len(spans) == 6 and most_at_once(spans) == 2
 
 
 def test_limits_are_checked_when_built_and_registered(make_app: Callable[..., App]) -> None:

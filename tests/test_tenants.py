@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from dbutil import lines, sql, wait_for, wait_for_idle_database
+from dbutil import lines, most_at_once, sql, wait_for, wait_for_idle_database
 from durapipe import App, fn
 from ops import tenants_app
 
@@ -42,15 +42,6 @@ def ready(proc: subprocess.Popen[str]) -> None:
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert "ready" in line, line + proc.stdout.read()
-
-
-def most_at_once(spans: list[tuple[float, float]]) -> int:
-    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    now = peak = 0
-    for _, d in edges:
-        now += d
-        peak = max(peak, now)
-    return peak
 
 
 @pytest.mark.slow

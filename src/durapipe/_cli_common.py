@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from . import _render
+from . import _render, audit
 from .engine.app import App
 from .engine.runs import Pipeline
 from .errors import DurapipeError, OperatorError
@@ -111,3 +111,10 @@ def load_target(target: str) -> tuple[App, Pipeline]:
     raise OperatorError(
         f"{module_spec!r} has no pipeline {name!r} (registered: {sorted(app.pipelines)})"
     )
+
+
+def db_hint(database_url: str | None) -> str | None:
+    """The ``--database-url`` an answer command needs: none when the environment names it."""
+    if not database_url or database_url == os.environ.get("DURAPIPE_DATABASE_URL"):
+        return None
+    return audit.redact(database_url)

@@ -11,32 +11,20 @@ step). With KILL_AT = 0 it recovers, starts the same run ids again and waits.
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from side_effects import start_then_die_or_finish
+from side_effects import KillingLog, start_then_die_or_finish
 
 from durapipe import App, dispatch, fn, join, map_over, route, until
 
 url, log, runs, kill_at, steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-lock = threading.Lock()
-written = [0]
+killing = KillingLog(log, kill_at)
 
 
 def effect(state: dict[str, Any], label: str) -> None:
-    time.sleep(0.01)
-    with lock:
-        line = f"{state['run']}:{label}"
-        with log.open("a") as f:
-            f.write(line + "\n")
-        written[0] += 1
-        if kill_at in (line, str(written[0])):
-            os.kill(os.getpid(), signal.SIGKILL)
+    killing.write(f"{state['run']}:{label}")
 
 
 def a(state: dict[str, Any]) -> dict[str, Any]:

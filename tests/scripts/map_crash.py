@@ -10,30 +10,23 @@ recorded snapshot of the state (``engine/handoff.py``), not from a copy.
 
 from __future__ import annotations
 
-import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from side_effects import KillingLog
 
 from durapipe import App, fn, map_over
 
 url, log, runs, kill_at = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 ITEMS = 30
 DOC = "d" * 200_000
-lock = threading.Lock()
+killing = KillingLog(log, kill_at)
 
 
 def note(state: dict[str, Any], label: str) -> None:
-    time.sleep(0.01)
-    with lock:
-        line = f"{state['run']}:{state['item']}.{label}"
-        with log.open("a") as f:
-            f.write(line + "\n")
-        if line == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+    killing.write(f"{state['run']}:{state['item']}.{label}")
 
 
 def a(state: dict[str, Any]) -> dict[str, Any]:

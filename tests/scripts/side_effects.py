@@ -23,16 +23,19 @@ class KillingLog:
         self.lock = threading.Lock()
         self.written = 0
 
+    def write(self, line: str) -> None:
+        """After 10 ms of work, append ``line``; SIGKILL the process if ``kill_at`` names it."""
+        time.sleep(0.01)
+        with self.lock:
+            with self.log.open("a") as f:
+                f.write(line + "\n")
+            self.written += 1
+            if self.kill_at in (line, str(self.written)):
+                os.kill(os.getpid(), signal.SIGKILL)
+
     def step(self, label: str) -> Any:
         def body(state: dict[str, Any]) -> dict[str, Any]:
-            time.sleep(0.01)
-            with self.lock:
-                line = f"{state['run']}:{label}"
-                with self.log.open("a") as f:
-                    f.write(line + "\n")
-                self.written += 1
-                if self.kill_at in (line, str(self.written)):
-                    os.kill(os.getpid(), signal.SIGKILL)
+            self.write(f"{state['run']}:{label}")
             return {label: True}
 
         body.__name__ = label

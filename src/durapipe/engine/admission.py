@@ -276,7 +276,7 @@ def _schema(app: App) -> str:
 async def task_partition(app: App, queue: str, root: str) -> str | None:
     """The partition of a background task on ``queue``: its run's tenant when the queue is
     one of the app's per-tenant queues and the run has a tenant, else None."""
-    spec = app._queues.get(queue)
+    spec = app.queue_spec(queue)
     if spec is None or not spec.per_tenant_limits:
         return None
     attrs = cached_attributes(root)

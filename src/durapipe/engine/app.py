@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 from typing import Any
 
 from dbos import DBOS, DBOSConfig
@@ -20,15 +19,15 @@ from dbos._serialization import DBOSPortableJSONSerializer
 from .. import validate
 from ..audit import redact
 from ..errors import AppStateError, BuildError, DatabaseError, storable_text
-from ..ir import Dispatch, as_node
+from ..ir import as_node
 from . import (
     bounds,
     budget,
-    dispatch,
     events,
     executors,
     gates,
     lifecycle,
+    listen,
     outcomes,
     schedules,
     slots,
@@ -38,33 +37,24 @@ from . import (
 from .admission import start_queue
 from .batch import Batch
 from .current import set_current_app
-from .database import check_postgres, check_url, launch_error, resolve_url, sqlite_problem
+from .database import (
+    check_postgres,
+    check_url,
+    dbos_app_name,
+    launch_error,
+    prepare_sqlite,
+    resolve_url,
+    sqlite_problem,
+    sqlite_url,
+)
 from .executors import ExecutorLock
 from .queues import QueueSpec, register_queues
 from .runs import Pipeline, Registered, RunHandle
-from .scope import WORKFLOW_NAME, Owner, check_name, check_run, check_run_id
+from .scope import WORKFLOW_NAME, Owner, check_run, check_run_id
 from .steps import StepLog
 from .tracing import Tracing
 
 log = logging.getLogger("durapipe")
-_NAME_RE = re.compile(r"^[a-z0-9_-]{3,256}$")
-
-
-def _dbos_name(name: str) -> str:
-    if not isinstance(name, str):
-        raise AppStateError(f"App({name!r}): the app name must be a string, as App('blog')", app=repr(name))
-    slug = re.sub(r"[^a-z0-9_-]", "-", name.lower())
-    if not _NAME_RE.match(slug):
-        raise AppStateError(
-            f"App({name!r}): an app name needs 3 to 256 letters, digits, '-' or '_'", app=name
-        )
-    return slug
-
-
-def _sqlite_url(name: str) -> str:
-    return f"sqlite:///{name.replace('-', '_')}.sqlite"
-
-
 class App:
     """A durapipe application: a registry of pipelines plus one DBOS runtime.
 
@@ -122,9 +112,9 @@ class App:
             )
         self.steps = steps
         self._step_log: StepLog | bool | None = None
-        self.dbos_name = _dbos_name(name)
+        self.dbos_name = dbos_app_name(name)
         self.database_url, self._database_warning = resolve_url(
-            database_url, name, _sqlite_url(self.dbos_name))
+            database_url, name, sqlite_url(self.dbos_name))
         self.model = model
         self.version = version
         self.executor_id = executor_id
@@ -236,10 +226,10 @@ class App:
             problem = sqlite_problem()
             if problem:
                 raise DatabaseError(f"App({self.name!r}): {problem}", url=url)
-            _prepare_sqlite(url)
+            prepare_sqlite(url)
         else:
             exists = check_postgres(url)
-        if self._database_warning and url == _sqlite_url(self.dbos_name):
+        if self._database_warning and url == sqlite_url(self.dbos_name):
             log.warning("%s", self._database_warning)
         log.info("app %r records to %s", self.name, redact(url))
         outcomes.install()
@@ -256,7 +246,9 @@ class App:
         bounds.configure(bounds.pool_size(config))
         DBOS(config=config)
         try:
-            DBOS.listen_queues(self._queues_to_listen())
+            DBOS.listen_queues(listen.to_listen(
+                self.dbos_name, self._listen, list(self._queues), self._pipelines.values(),
+                bounds.pool_size(self.dbos_config())))
             DBOS.launch()
             versions.on_launch(self)
         except Exception as exc:
@@ -281,22 +273,6 @@ class App:
             self.dbos_config().get("dbos_system_schema") or "dbos"))
         self.step_log()  # looked up once here rather than by the first step, on the loop
         lifecycle.start_watcher(_cancelled_of)
-
-    def _queues_to_listen(self) -> list[str]:
-        """The queues this process dequeues from: those its pipelines use (or the ones given
-        to :meth:`listen_queues`), plus the hand-over queues of its own shapes only, so a
-        run waiting for another shape never lands here (see :mod:`.versions`)."""
-        if self._listen is not None:
-            base = list(self._listen)
-        else:
-            width = bounds.pool_size(self.dbos_config())
-            used = (dispatch.queue_name(self.dbos_name, node, width)
-                    for reg in self._pipelines.values()
-                    for _, node in reg.node.walk() if isinstance(node, Dispatch))
-            base = list(dict.fromkeys([*self._queues, *(q for q in used if q is not None)]))
-        return base + [start_queue(self.dbos_name)] + [
-                       versions.shape_queue(self.dbos_name, reg.version)
-                       for reg in self._pipelines.values()]
 
     @property
     def running_executor_id(self) -> str:
@@ -350,24 +326,42 @@ class App:
     async def __aexit__(self, *exc: Any) -> None:
         await asyncio.to_thread(self.shutdown)
 
-    def _require_launched(self, what: str) -> None:
+    @property
+    def launched(self) -> bool:
+        """Whether :meth:`launch` ran (and :meth:`shutdown` has not since)."""
+        return self._launched
+
+    def require_launched(self, what: str) -> None:
+        """Raise AppStateError naming ``what`` unless the app is launched."""
         if not self._launched:
             raise AppStateError(
                 f"{what}: app {self.name!r} is not launched; use `with app:` (or app.launch())",
                 app=self.name,
             )
 
+    def queue_spec(self, name: str, where: str | None = None) -> QueueSpec | None:
+        """The queue ``name`` declared with :meth:`queue` (None when there is none, or,
+        given ``where``, AppStateError naming it and the declared queues)."""
+        spec = self._queues.get(name)
+        if spec is None and where is not None:
+            raise AppStateError(
+                f"{where}: app {self.name!r} has no queue {name!r} "
+                f"(declared: {sorted(self._queues)}); declare it with app.queue({name!r}) "
+                "before launch", queue=name,
+            )
+        return spec
+
     # -- runs ---------------------------------------------------------------------------
     def get_run(self, run_id: str) -> RunHandle:
         """A handle for any run of this app, also one started by an earlier process."""
-        self._require_launched("get_run")
+        self.require_launched("get_run")
         run_id = check_run_id(run_id, f"app {self.name!r}.get_run")
         status = DBOS.get_workflow_status(run_id)
         self._check_run(run_id, status)
         return RunHandle(self, run_id)
 
     async def get_run_async(self, run_id: str) -> RunHandle:
-        self._require_launched("get_run")
+        self.require_launched("get_run")
         run_id = check_run_id(run_id, f"app {self.name!r}.get_run_async")
         status = await DBOS.get_workflow_status_async(run_id)
         self._check_run(run_id, status)
@@ -394,22 +388,22 @@ class App:
     # -- gates --------------------------------------------------------------------------
     def approve(self, run_id: str, gate: str, *, by: str, comment: str | None = None) -> None:
         """Approve the gate ``gate`` a run is waiting at. An answer sent twice applies once."""
-        self._require_launched("approve")
+        self.require_launched("approve")
         gates.answer(self._owner(), run_id, gate, "approved", by, comment)
 
     def reject(self, run_id: str, gate: str, *, by: str, comment: str | None = None) -> None:
         """Reject the gate ``gate`` a run is waiting at: the run raises GateRejected there."""
-        self._require_launched("reject")
+        self.require_launched("reject")
         gates.answer(self._owner(), run_id, gate, "rejected", by, comment)
 
     async def approve_async(self, run_id: str, gate: str, *, by: str,
                             comment: str | None = None) -> None:
-        self._require_launched("approve")
+        self.require_launched("approve")
         await asyncio.to_thread(gates.answer, self._owner(), run_id, gate, "approved", by, comment)
 
     async def reject_async(self, run_id: str, gate: str, *, by: str,
                            comment: str | None = None) -> None:
-        self._require_launched("reject")
+        self.require_launched("reject")
         await asyncio.to_thread(gates.answer, self._owner(), run_id, gate, "rejected", by, comment)
 
     def batch(self) -> Batch:
@@ -420,21 +414,21 @@ class App:
     def limits(self) -> list[dict[str, Any]]:
         """Each ``limit`` key of this app: ``concurrency`` (the bound), ``adaptive``, the
         ``limit`` in force and the slots ``in_use`` across all its processes."""
-        self._require_launched("limits")
+        self.require_launched("limits")
         return self.limiter.status()
 
     def limit_changes(self, key: str) -> list[dict[str, Any]]:
         """Every change of an adaptive limit's whole value, oldest first, with the reason."""
-        self._require_launched("limit_changes")
+        self.require_launched("limit_changes")
         return self.limiter.changes_of(key)
 
     def pending(self, run_id: str | None = None) -> list[gates.PendingGate]:
         """The gates waiting for an answer: of one run (and its branches) or of every run."""
-        self._require_launched("pending")
+        self.require_launched("pending")
         return gates.pending(self._owner(), run_id)
 
     async def pending_async(self, run_id: str | None = None) -> list[gates.PendingGate]:
-        self._require_launched("pending")
+        self.require_launched("pending")
         return await asyncio.to_thread(gates.pending, self._owner(), run_id)
 
     # -- operations ---------------------------------------------------------------------
@@ -470,18 +464,8 @@ class App:
         picks it up and replays it from its last checkpoint. Only name executors whose
         process is gone: a live one would lose ownership of its work mid-step.
         """
-        self._require_launched("recover")
-        for executor in executor_ids:
-            check_name(executor, "executor id", f"app {self.name!r}.recover")
-        live = [e for e in executor_ids if executors.alive(self.database_url, self.dbos_name, e)]
-        if live and not force:
-            raise AppStateError(
-                f"app {self.name!r}: executor {live[0]!r} is held by a live process that is "
-                "executing its runs; recover only executors whose process is gone "
-                "(force=True overrides)", app=self.name, executor_id=live[0],
-            )
-        handles = DBOS._recover_pending_workflows(list(executor_ids))
-        return [h.workflow_id for h in handles]
+        self.require_launched("recover")
+        return executors.recover(self.name, self.database_url, self.dbos_name, executor_ids, force)
 
 
 def _cancelled_of(workflow_ids: list[str]) -> list[str]:
@@ -489,19 +473,3 @@ def _cancelled_of(workflow_ids: list[str]) -> list[str]:
     found = DBOS.list_workflows(workflow_ids=workflow_ids, status="CANCELLED",
                                 load_input=False, load_output=False)
     return [st.workflow_id for st in found]
-
-
-def _prepare_sqlite(url: str) -> None:
-    """Create the SQLite file in WAL mode so waiters are not stalled by journal locks."""
-    import sqlite3
-
-    path = url.split("sqlite:///", 1)[-1]
-    if not path or path == ":memory:":
-        return
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    con = sqlite3.connect(path)
-    try:
-        con.execute("PRAGMA journal_mode=WAL")
-    finally:
-        con.close()

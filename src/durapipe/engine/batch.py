@@ -106,7 +106,7 @@ class Batch:
 
     def start(self) -> list[RunHandle]:
         """Start every run not started yet; return one handle per item, in order."""
-        self.app._require_launched("batch start")
+        self.app.require_launched("batch start")
         ids = list(dict.fromkeys(item.run_id for item in self._items))
         found = DBOS.list_workflows(workflow_ids=ids, load_output=False) if ids else []
         _, new = self._plan(found)
@@ -125,7 +125,7 @@ class Batch:
 
     async def start_async(self) -> list[RunHandle]:
         """:meth:`start` from async code, on the caller's event loop."""
-        self.app._require_launched("batch start")
+        self.app.require_launched("batch start")
         ids = list(dict.fromkeys(item.run_id for item in self._items))
         found = await DBOS.list_workflows_async(workflow_ids=ids, load_output=False) if ids else []
         _, new = self._plan(found)

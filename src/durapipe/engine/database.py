@@ -133,3 +133,36 @@ def launch_error(exc: BaseException, url: str) -> DatabaseError | None:
         text = first_line(getattr(exc, "orig", None) or exc)
         return DatabaseError(f"cannot use database {redact(url)}: {text}", url=redact(url))
     return None
+
+
+_NAME_RE = re.compile(r"^[a-z0-9_-]{3,256}$")
+
+
+def dbos_app_name(name: str) -> str:
+    """The name DBOS records for App ``name``: lower case, other characters as '-'."""
+    if not isinstance(name, str):
+        raise AppStateError(f"App({name!r}): the app name must be a string, as App('blog')", app=repr(name))
+    slug = re.sub(r"[^a-z0-9_-]", "-", name.lower())
+    if not _NAME_RE.match(slug):
+        raise AppStateError(
+            f"App({name!r}): an app name needs 3 to 256 letters, digits, '-' or '_'", app=name
+        )
+    return slug
+
+
+def sqlite_url(name: str) -> str:
+    return f"sqlite:///{name.replace('-', '_')}.sqlite"
+
+
+def prepare_sqlite(url: str) -> None:
+    """Create the SQLite file in WAL mode so waiters are not stalled by journal locks."""
+    path = url.split("sqlite:///", 1)[-1]
+    if not path or path == ":memory:":
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    con = sqlite3.connect(path)
+    try:
+        con.execute("PRAGMA journal_mode=WAL")
+    finally:
+        con.close()

@@ -32,7 +32,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -403,13 +403,14 @@ async def flush() -> None:
         await event_log.flush()
 
 
-async def observe(node: Any, path: str, run: Callable[[], Any]) -> Any:
-    """Run a node between its started and finished (or failed) events."""
+@contextlib.contextmanager
+def _observed(node: Any, path: str) -> Iterator[None]:
+    """Write a node's started event, then its finished or failed one (with the duration)."""
     label = node.label
     emit("node_started", path=path, name=label, kind=node.kind, key=f"started:{path}")
     began = time.perf_counter()
     try:
-        out = await run()
+        yield
     except BaseException as exc:
         emit("node_failed", path=path, name=label, kind=node.kind, key=f"ended:{path}",
              data={"error": _text(exc),
@@ -417,26 +418,20 @@ async def observe(node: Any, path: str, run: Callable[[], Any]) -> Any:
         raise
     emit("node_finished", path=path, name=label, kind=node.kind, key=f"ended:{path}",
          data={"duration_ms": _ms(began)})
-    return out
+
+
+async def observe(node: Any, path: str, run: Callable[[], Any]) -> Any:
+    """Run a node between its started and finished (or failed) events."""
+    with _observed(node, path):
+        return await run()
 
 
 def observe_sync(node: Any, path: str, run: Callable[[], Any]) -> Any:
     """:func:`observe` for a node run on a worker thread."""
     if _log.get("log") is None:
         return run()
-    label = node.label
-    emit("node_started", path=path, name=label, kind=node.kind, key=f"started:{path}")
-    began = time.perf_counter()
-    try:
-        out = run()
-    except BaseException as exc:
-        emit("node_failed", path=path, name=label, kind=node.kind, key=f"ended:{path}",
-             data={"error": _text(exc),
-                   "duration_ms": _ms(began)})
-        raise
-    emit("node_finished", path=path, name=label, kind=node.kind, key=f"ended:{path}",
-         data={"duration_ms": _ms(began)})
-    return out
+    with _observed(node, path):
+        return run()
 
 
 def attempts(where: str, body: Callable[[], Any]) -> Callable[[], Any]:

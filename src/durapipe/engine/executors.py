@@ -15,6 +15,10 @@ import logging
 from typing import Any
 
 import psycopg
+from dbos import DBOS
+
+from ..errors import AppStateError
+from .scope import check_name
 
 log = logging.getLogger("durapipe")
 
@@ -82,3 +86,20 @@ def alive(url: str, app: str, executor_id: str) -> bool:
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute(_HELD, (_NAMESPACE, _key(app, executor_id))).fetchone()
     return bool(row and row[0])
+
+
+def recover(app_name: str, url: str, dbos_name: str, executor_ids: list[str],
+            force: bool) -> list[str]:
+    """``App.recover``: hand the PENDING runs of dead executors back to their queues;
+    refuse (unless ``force``) an executor a live process holds."""
+    for executor in executor_ids:
+        check_name(executor, "executor id", f"app {app_name!r}.recover")
+    live = [e for e in executor_ids if alive(url, dbos_name, e)]
+    if live and not force:
+        raise AppStateError(
+            f"app {app_name!r}: executor {live[0]!r} is held by a live process that is "
+            "executing its runs; recover only executors whose process is gone "
+            "(force=True overrides)", app=app_name, executor_id=live[0],
+        )
+    handles = DBOS._recover_pending_workflows(list(executor_ids))
+    return [h.workflow_id for h in handles]

@@ -18,11 +18,11 @@ from .eventread import Event, EventReader, follow_async
 
 if TYPE_CHECKING:
     from .app import App
-    from .runs import RunStatus
+    from .runhandle import RunStatus
 
 
 class StreamMixin:
-    """The stream methods of :class:`~durapipe.engine.runs.RunHandle`."""
+    """The stream methods of :class:`~durapipe.engine.runhandle.RunHandle`."""
 
     app: App
     run_id: str

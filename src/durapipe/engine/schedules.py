@@ -74,7 +74,7 @@ def declare(app: App, pipeline: str, cron: Any, inputs: Any, name: str | None,
     check_name(name, "schedule name", where)
     spec = ScheduleSpec(name, pipeline, cron, state, bool(backfill))
     _declared.setdefault(app, {})[name] = spec
-    if app._launched:
+    if app.launched:
         _write(app, spec)
     return name
 

@@ -31,13 +31,14 @@ counters, and ``App.limits()`` / ``App.limit_changes(key)`` report them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,31 +183,27 @@ def observing(body: Callable[[], Any]) -> Callable[[], Any]:
         for g in guards:
             g.report(RetriedOverload(why))
 
-    if inspect.iscoroutinefunction(body):
-        async def run_async() -> Any:
-            token = listen_for_overloads(retried)
-            try:
-                out = await body()
-            except Exception as exc:
-                report(exc)
-                raise
-            finally:
-                stop_listening(token)
-            report(None)
-            return out
-        return run_async
-
-    def run() -> Any:
+    @contextlib.contextmanager
+    def reporting() -> Iterator[None]:
         token = listen_for_overloads(retried)
         try:
-            out = body()
+            yield
         except Exception as exc:
             report(exc)
             raise
         finally:
             stop_listening(token)
         report(None)
-        return out
+
+    if inspect.iscoroutinefunction(body):
+        async def run_async() -> Any:
+            with reporting():
+                return await body()
+        return run_async
+
+    def run() -> Any:
+        with reporting():
+            return body()
     return run
 
 

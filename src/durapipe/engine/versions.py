@@ -15,7 +15,7 @@ At launch (:func:`on_launch`) a process records its shapes in ``durapipe.shapes`
 over the waiting runs it can run: their shape is its own, or they are compatible with it.
 It claims each one only while the execution that parked it still owns it, and puts it on
 a queue only processes with that shape listen to (:func:`shape_queue`; every App names
-the queues it listens to, see ``App._queues_to_listen``).
+the queues it listens to, see ``listen.to_listen``).
 
 The records live in Postgres (``sql/versions.sql``). On SQLite nothing is recorded: a run
 of another shape is left PENDING, and a process with its shape and executor id resumes it.
