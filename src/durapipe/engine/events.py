@@ -33,9 +33,8 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
@@ -44,8 +43,12 @@ from ..errors import storable_text
 log = logging.getLogger("durapipe")
 
 CHANNEL = "durapipe_events"
-# How long the writer lets events gather into one batch, unless a workflow waits for them.
-COALESCE = 0.005
+# When the writer writes a batch (unless a workflow waits for it: then at once): once no
+# event came for QUIET seconds, or LINGER seconds after the batch's first event. A run busy
+# emitting (a short pipeline, a token stream) costs one write per LINGER or one at its end;
+# an event after which the run goes quiet (a slow node finishing) is written QUIET later.
+QUIET = 0.002
+LINGER = 0.025
 
 def pg_ddl() -> str:
     """The Postgres table ``durapipe.events`` and its append function (``sql/events.sql``)."""
@@ -65,9 +68,8 @@ def table_name(postgres: bool) -> str:
     return "durapipe.events" if postgres else "durapipe_events"
 
 
-@dataclass(frozen=True)
-class Pending:
-    """An event waiting to be written."""
+class Pending(NamedTuple):
+    """An event waiting to be written (a tuple: built once per event on the run's thread)."""
 
     run_id: str
     type: str
@@ -199,8 +201,7 @@ class EventLog:
                 self._lock.wait_for(lambda: bool(self._buffer) or self._stopped)
                 if self._stopped and not self._buffer:
                     return
-                if not (self._urgent or self._stopped):  # let a few more events join the batch
-                    self._lock.wait_for(lambda: self._urgent or self._stopped, timeout=COALESCE)
+                self._gather()
                 self._urgent = False
                 batch, self._buffer = self._buffer, []
             delay = 0.05
@@ -228,6 +229,19 @@ class EventLog:
                 self._wake()
                 self._lock.notify_all()
 
+    def _gather(self) -> None:
+        """Let more events join the batch (holding the lock): see QUIET and LINGER."""
+        until = time.monotonic() + LINGER
+        seen = self._emitted
+        while not (self._urgent or self._stopped):
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            self._lock.wait(timeout=min(QUIET, left))
+            if self._emitted == seen:
+                return  # quiet: nothing came since the last look
+            seen = self._emitted
+
     def _one_by_one(self, batch: list[Pending], exc: Exception) -> None:
         """Write a refused batch event by event, so only the refused ones are lost."""
         for event in batch if len(batch) > 1 else ():
@@ -247,12 +261,9 @@ class EventLog:
         for e in batch:
             by_run.setdefault(e.run_id, []).append(e)
         if self.postgres:  # one statement, one round trip (autocommit)
-            payload = {run: [{"type": e.type, "path": e.path, "name": e.name, "kind": e.kind,
-                              "data": e.data, "at": e.at, "key": e.key,
-                              "on_repeat": e.on_repeat} for e in evs]
-                       for run, evs in by_run.items()}
-            self._pg_connection().execute("SELECT durapipe.append_events(%s::jsonb)",
-                                          (json.dumps(payload),))
+            payload = {run: _rows(evs) for run, evs in by_run.items()}
+            self._pg_connection().execute("SELECT durapipe.append_event_rows(%s::jsonb)",
+                                          (json.dumps(payload, separators=(",", ":")),))
             return
         assert self.engine is not None
         with self.engine.begin() as con:
@@ -296,6 +307,24 @@ class EventLog:
         con.execute(sa.text(
             f"INSERT INTO {t} (run_id, seq, key, type, path, name, kind, data, at) "
             "VALUES (:run, :seq, :key, :type, :path, :name, :kind, :data, :at)"), rows)
+
+
+def _rows(events: list[Pending]) -> list[list[Any]]:
+    """One run's events as ``append_event_rows`` takes them: lists, in order; a key repeated
+    within the batch already turns into its ``on_repeat`` marker (or is dropped) here."""
+    rows: list[list[Any]] = []
+    keys: set[str] = set()
+    for e in events:
+        key, kind_of = e.key, e.type
+        if key is not None:
+            if key in keys:
+                if e.on_repeat is None:
+                    continue
+                key, kind_of = None, e.on_repeat
+            else:
+                keys.add(key)
+        rows.append([kind_of, e.path, e.name, e.kind, e.data, e.at, key, e.on_repeat])
+    return rows
 
 
 def _resolve(done: asyncio.Future[None]) -> None:
