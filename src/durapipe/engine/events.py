@@ -98,7 +98,7 @@ class EventLog:
         self._pg: Any = None  # the writer thread's own connection (Postgres)
         self._ready = False
         self._buffer: list[Pending] = []
-        self._lock = threading.Condition()
+        self._lock = threading.Condition(threading.Lock())  # not re-entrant: cheaper per emit
         self._emitted = 0
         self._written = 0
         self._stopped = False
