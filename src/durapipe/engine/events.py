@@ -9,7 +9,8 @@ Why a table of our own rather than ``DBOS.write_stream``: a write from the workf
 DBOS operation with its own number, which would shift the number of every step after it
 (the engine reserves step numbers for parallel branches, and a deploy compares a run's
 recorded steps to the new code), and costs a round trip on the run's critical path. Here
-events are buffered and written by one thread per process in batches, off that path
+events are buffered and written by one thread per process in batches, one statement each
+(``QUIET``/``LINGER`` below: a short run's events go in one batch at its end), off that path
 (``bench/bench_stream.py`` measures both).
 
 Exactly once from the workflow: an event the workflow writes has a ``key`` (``started:0.2``),
