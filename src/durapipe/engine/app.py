@@ -243,12 +243,13 @@ class App:
         self._executor_lock.acquire()
         events.start_log(url if self.events else None)  # before DBOS recovers any run
         config = self.dbos_config()
-        bounds.configure(bounds.pool_size(config))
+        width = bounds.pool_size(config)
+        bounds.configure(width)
         DBOS(config=config)
         try:
             DBOS.listen_queues(listen.to_listen(
                 self.dbos_name, self._listen, list(self._queues), self._pipelines.values(),
-                bounds.pool_size(self.dbos_config())))
+                width))
             DBOS.launch()
             versions.on_launch(self)
         except Exception as exc:
@@ -266,11 +267,11 @@ class App:
                         "a typo, fix the URL (runs recorded there are not in the database meant)",
                         self.name, redact(url))
         self._launched = True
-        register_queues({**self._queues, start_queue(self.dbos_name): QueueSpec(
-            start_queue(self.dbos_name))})
+        starts = start_queue(self.dbos_name)
+        register_queues({**self._queues, starts: QueueSpec(starts)})
         schedules.apply_declared(self)
         self.limiter = slots_pg.new_limiter(self.name, self._limits, url, str(
-            self.dbos_config().get("dbos_system_schema") or "dbos"))
+            config.get("dbos_system_schema") or "dbos"))
         self.step_log()  # looked up once here rather than by the first step, on the loop
         lifecycle.start_watcher(_cancelled_of)
 
