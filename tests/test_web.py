@@ -95,7 +95,7 @@ def test_run_page_shows_diagram_timeline_and_steps(app: App) -> None:
         page = client.get("/runs/r1", headers=HTML).text
         assert statuses(page) == {"0.0": "SUCCESS", "0.1": "WAITING", "0.2": "PENDING"}
         assert 'class="tl-bar st-success" data-path="0.0"' in page  # the finished step's bar
-        assert re.search(r'<span class="tl-label">gate legal</span><div class="tl-track">'
+        assert re.search(r'<span class="tl-label">0.1 gate legal</span><div class="tl-track">'
                          r'<div class="tl-bar st-waiting"', page)  # the wait for a person, so far
         assert "about durable AI" in page                            # its output
         assert 'data-gate="legal"' in page and "approvers: alice" in page
