@@ -56,6 +56,9 @@ def test_start_run_status_result_and_events_over_http(database_url: str) -> None
                                         "run_id": "s1"}).json()["status"] == "SUCCESS"
         assert http.get("/runs/none").status_code == 404
         assert http.get("/runs/none/events").status_code == 404
+        # a gate the run does not wait at: UnknownGate, a 404 naming it (never a 500)
+        res = http.post("/runs/s1/gates/nope/approve", json={}, headers={"Authorization": "Bearer s3cret"})
+        assert res.status_code == 404 and "nope" in res.json()["detail"], res.text
         assert http.post("/runs", json={"pipeline": "nope"}).status_code == 404
         res = http.post("/runs", json={"pipeline": "publish", "inputs": {}})
         assert res.status_code == 422 and "topic" in res.json()["detail"]
