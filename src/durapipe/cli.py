@@ -39,6 +39,7 @@ from ._cli_common import (
     load_target,
     out,
     print_json,
+    unwrap_help,
 )
 from .engine.admin import Admin, database_url_or_env, parse_since
 from .engine.app import App
@@ -433,6 +434,9 @@ def ui(app_module: AppModule = None,
     out.print(_render.literal(f"durapipe console for app {app.name!r} on http://{host}:{port}/{mode}"),
               highlight=False, soft_wrap=True)
     uvicorn.run(console, host=host, port=port, log_level="warning")
+
+
+unwrap_help(cli)
 
 
 def main() -> None:
