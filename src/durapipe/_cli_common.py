@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import functools
 import importlib
-import inspect
 import importlib.util
+import inspect
 import json
 import os
 import re
