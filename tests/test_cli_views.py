@@ -110,6 +110,7 @@ def test_live_table_and_show_at_each_moment(make_app: Callable[..., App], databa
     # the gate is one bar too, from its request to the approval
     assert len(re.findall(r"^0\.3 gate ok +█", res.output, re.M)) == 1
     assert not re.search(r"^(0\.3 ok|gate ok) ", res.output, re.M)
+    assert len(re.findall(r"^0\.4 join +█", res.output, re.M)) == 1  # the join: its start and end events
 
 
 def test_show_with_the_app_marks_the_step_in_flight(database_url: str, tmp_path: Path) -> None:

@@ -143,6 +143,7 @@ def test_run_page_shows_parallel_work_tokens_and_tasks(app: App) -> None:
     assert set(statuses(page).values()) == {"SUCCESS"}  # the join that ends the run included
     (a0, a1), (b0, b1) = bars(page)["0.2.0"], bars(page)["0.2.1"]
     assert a0 < b1 and b0 < a1  # the branches' bars overlap: they ran at the same time
+    assert "0.3" in bars(page)  # the join's wait for its task, from the run's events
     assert re.search(r"<td>0\.0</td><td>writer</td>.*?<td>fake \d+→\d+ tok</td>", page, re.S)
     assert re.search(r"<td>0\.1\.0</td><td>summarizer</td><td>step</td>.*?fake \d+→\d+ tok", page, re.S)
     assert re.search(r"<h2>Background tasks</h2><ul><li>sum: .*?SUCCESS.*? task sum: joined</li>", page)

@@ -210,9 +210,11 @@ def step_log_text(logged: dict[str, Any]) -> Text:
     return text
 
 
-def text_timeline(tree: RunTree, now_ms: int, width: int = 40) -> Text:
-    """One bar per recorded step, child workflow and task on the run's time axis."""
-    t0, end, bars = timeline(tree, now_ms)
+def text_timeline(tree: RunTree, now_ms: int, width: int = 40,
+                  waits: list[dict[str, Any]] | None = None) -> Text:
+    """One bar per recorded step, child workflow, task, gate, join and sleep on the run's
+    time axis (``waits``: :func:`runview.wait_bars`)."""
+    t0, end, bars = timeline(tree, now_ms, waits)
     span = max(end - t0, 1)
     text = Text(f"timeline 0 → {duration(span)}\n", style="dim")
     labels = [f"{b['path'] or ''} {b['name']}".strip() for b in bars]

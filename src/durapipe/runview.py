@@ -194,10 +194,28 @@ def task_note(rec: NodeRecord) -> str:
     return f"task {rec.detail.get('task')}: {status}"
 
 
-def timeline(tree: RunTree, now_ms: int) -> tuple[int, int, list[dict[str, Any]]]:
+def wait_bars(events: list[Any], now_ms: int) -> list[dict[str, Any]]:
+    """Timeline bars of the joins and sleeps of a run from their start and end events
+    (:meth:`EventReader.waits`); one still waiting lasts until ``now_ms``."""
+    bars: dict[str, dict[str, Any]] = {}
+    for ev in events:
+        key = ev.path or ""
+        kind = ev.kind or ""
+        if ev.type.value == "node_started":
+            bars[key] = {"path": ev.path, "name": ev.name or kind, "kind": kind, "status": "RUNNING",
+                         "start_ms": int(ev.at * 1000), "end_ms": now_ms, "depth": 0}
+        elif key in bars:
+            bars[key]["status"] = "SUCCESS" if ev.type.value == "node_finished" else "ERROR"
+            bars[key]["end_ms"] = max(int(ev.at * 1000), bars[key]["start_ms"])
+    return list(bars.values())
+
+
+def timeline(tree: RunTree, now_ms: int, waits: list[dict[str, Any]] | None = None
+             ) -> tuple[int, int, list[dict[str, Any]]]:
     """The run's start, its end (``now_ms`` while active) and one bar per recorded
     operation with a start time; a gate's bar runs from its request to its answer (to now
-    while it waits): ``{path, name, kind, status, start_ms, end_ms, depth}``."""
+    while it waits), and ``waits`` (:func:`wait_bars`) add the joins and sleeps, in path
+    order: ``{path, name, kind, status, start_ms, end_ms, depth}``."""
     t0 = tree.run.created_ms or now_ms
     end = t0 + tree.run.duration_ms if tree.run.duration_ms is not None else now_ms
     bars: list[dict[str, Any]] = []
@@ -216,8 +234,16 @@ def timeline(tree: RunTree, now_ms: int) -> tuple[int, int, list[dict[str, Any]]
             add(rec.children, depth + 1)
 
     add(one_line_gates(tree.nodes, tree.run.status), 0)
+    for w in sorted(waits or [], key=lambda b: path_key(b["path"])):
+        if tree.run.status not in ACTIVE_RUN and w["status"] == "RUNNING":
+            w = {**w, "status": "CANCELLED" if tree.run.status == "CANCELLED" else "ERROR",
+                 "end_ms": w["start_ms"]}
+        at = next((i for i, b in enumerate(bars) if b["depth"] == 0 and b["path"] is not None
+                   and path_key(b["path"]) > path_key(w["path"])), len(bars))
+        bars.insert(at, w)
     end = max([end, *(b["end_ms"] for b in bars)])
     return t0, end, bars
 
 
-__all__ = ["base_path", "node_statuses", "one_line_gates", "recorded_statuses", "task_note", "timeline"]
+__all__ = ["base_path", "node_statuses", "one_line_gates", "recorded_statuses", "task_note", "timeline",
+           "wait_bars"]

@@ -140,8 +140,8 @@ def _offset(ms: int | None, t0: int) -> str:
     return "-" if ms is None else f"+{duration(max(ms - t0, 0))}"
 
 
-def timeline_html(tree: RunTree, now_ms: int) -> str:
-    t0, end, bars = timeline(tree, now_ms)
+def timeline_html(tree: RunTree, now_ms: int, waits: list[dict[str, Any]] | None = None) -> str:
+    t0, end, bars = timeline(tree, now_ms, waits)
     span = max(end - t0, 1)
     rows = []
     for b in bars:
@@ -226,7 +226,8 @@ def gate_forms(run_id: str, gates: list[dict[str, Any]], ask_name: bool) -> str:
 
 def run_live(tree: RunTree, node: Node | None, statuses: dict[str, str], now_ms: int,
              outputs: dict[tuple[str, str], Any], gates: list[dict[str, Any]], ask_name: bool,
-             logs: dict[tuple[str, str], dict[str, Any]]) -> str:
+             logs: dict[tuple[str, str], dict[str, Any]],
+             waits: list[dict[str, Any]] | None = None) -> str:
     """The part of the run page the script refreshes while the run is active."""
     r = tree.run
     t0 = r.created_ms or now_ms
@@ -247,7 +248,7 @@ def run_live(tree: RunTree, node: Node | None, statuses: dict[str, str], now_ms:
     task_list = "".join(f"<li>{e(n.name)}: {badge(n.status)} {e(task_note(n))}</li>"
                         for n in tasks)
     return (head + err + gate_forms(r.run_id, gates, ask_name)
-            + f"<h2>Pipeline</h2>{dia}<h2>Timeline</h2>{timeline_html(tree, now_ms)}"
+            + f"<h2>Pipeline</h2>{dia}<h2>Timeline</h2>{timeline_html(tree, now_ms, waits)}"
             + (f"<h2>Background tasks</h2><ul>{task_list}</ul>" if tasks else "")
             + '<h2>Steps</h2><table class="nodes"><thead><tr><th>path</th><th>name</th><th>kind</th>'
               "<th>status</th><th>start</th><th>duration</th><th>model / tokens</th><th>detail</th></tr>"
