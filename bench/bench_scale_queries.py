@@ -118,6 +118,10 @@ def section(database_url: str) -> str:
             done = size
             one = f"r{size // 2}"
             page = RunQuery(pipeline="alpha", status="SUCCESS").params(51)
+            # The console's text filter reads the recorded inputs of every run the other
+            # filters leave (no index on the text): one run's topic, and a text no run has.
+            found = RunQuery(text=f"item {size // 2}\"").params(51)
+            absent = RunQuery(text="no run has this").params(51)
             cases: dict[str, Any] = {
                 "DBOS primary key (workflow_status)": lambda one=one: con.execute(
                     "SELECT * FROM dbos.workflow_status WHERE workflow_uuid = %s", (one,)).fetchall(),
@@ -135,6 +139,8 @@ def section(database_url: str) -> str:
                                           "tokens per run (join your prices per model)",
                                           "runs that failed today") else cases
                 into[f"README: {title}"] = (lambda q=query: con.execute(q).fetchall())
+            heavy["runs list: text in inputs, one run has it"] = lambda p=found: con.execute(PAGE_SQL, p).fetchall()
+            heavy["runs list: text in inputs, no run has it"] = lambda p=absent: con.execute(PAGE_SQL, p).fetchall()
             times = interleave(cases, rounds=50, warmup=5)
             times.update(interleave(heavy, rounds=10 if size <= 10_000 else 3, warmup=1))
             for name, xs in times.items():

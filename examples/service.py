@@ -9,8 +9,13 @@ list the gates runs wait at, and approve or reject them as a person named by a b
          -d '{"pipeline": "publish", "inputs": {"topic": "durable AI"}, "run_id": "post-1"}'
     curl -N localhost:8000/runs/post-1/events          # live, until the run ends
     curl localhost:8000/runs/post-1/result
-    curl -X POST localhost:8000/runs/post-1/gates/legal/approve \\
-         -H 'authorization: Bearer s3cret' -d '{"comment": "ok"}'      # answered by alice
+    # "reviewed" waits at the gate "legal" until a person answers
+    curl -X POST localhost:8000/runs -H 'content-type: application/json' \\
+         -d '{"pipeline": "reviewed", "inputs": {"topic": "durable AI"}, "run_id": "post-2"}'
+    curl localhost:8000/gates
+    curl -X POST localhost:8000/runs/post-2/gates/legal/approve \\
+         -H 'authorization: Bearer s3cret' -H 'content-type: application/json' \\
+         -d '{"comment": "ok"}'                                        # answered by alice
 
 The durapipe App launches in the lifespan (recovering unfinished runs) and shuts down
 with the server. ``create_service(app)`` serves any App.
@@ -24,7 +29,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from durapipe import Agent, App, FakeModel, fn
+from durapipe import Agent, App, FakeModel, fn, gate
 from durapipe.fastapi import bearer_approver, durapipe_router, lifespan
 
 
@@ -50,8 +55,10 @@ def _stamp(state: dict[str, Any]) -> dict[str, Any]:
 # The demo app: offline (FakeModel) so `dbos start` works without an API key.
 demo = App("service-demo", model=FakeModel({"writer": lambda r: f"A post about {r.prompt}",
                                             "editor": "Ship it."}))
-demo.pipeline("publish", Agent("writer").instruct("{topic}").writes("draft").stream_tokens()
-              >> Agent("editor").instruct("Review: {draft}").writes("review") >> fn(_stamp))
+write = (Agent("writer").instruct("{topic}").writes("draft").stream_tokens()
+         >> Agent("editor").instruct("Review: {draft}").writes("review"))
+demo.pipeline("publish", write >> fn(_stamp))
+demo.pipeline("reviewed", write >> gate("legal", "Publish {draft}?") >> fn(_stamp))
 api = create_service(demo)
 
 

@@ -1,4 +1,4 @@
-"""The CLI's small truths: `--version`, human request times and the answer command in
+"""The CLI's small truths: `--version`, help text wrapped to the terminal, human request times and the answer command in
 `durapipe pending`, and the errors a service catches importable from `durapipe`."""
 
 from __future__ import annotations
@@ -22,6 +22,12 @@ def test_version() -> None:
     res = CliRunner().invoke(cli, ["--version"])
     assert res.exit_code == 0
     assert res.output.strip() == f"durapipe {version('durapipe')}"
+
+
+def test_help_prose_wraps_to_the_terminal() -> None:
+    # a docstring's own line breaks are not kept: a paragraph wraps where the terminal ends
+    res = CliRunner().invoke(cli, ["run", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "says how to resume or follow it; a second Ctrl-C" in res.output, res.output
 
 
 def test_unknown_ids_are_exported() -> None:

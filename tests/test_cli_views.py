@@ -6,14 +6,19 @@ its outcome, start offsets, a text timeline)."""
 from __future__ import annotations
 
 import io
+import os
+import pty
 import re
+import select
 import shlex
+import subprocess
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -83,6 +88,7 @@ def test_live_table_and_show_at_each_moment(make_app: Callable[..., App], databa
         res = CliRunner().invoke(cli, ["show", "v1", "--database-url", database_url], env={"COLUMNS": "200"})
         gate_lines = [line for line in res.output.splitlines() if "[gate]" in line]
         assert len(gate_lines) == 1 and "WAITING" in gate_lines[0]  # the gate, once
+        assert "task sum: success, not joined yet" in res.output     # done, its join not reached
         # the exact command: the gate's only approver, the database given to show
         assert f"answer: durapipe approve v1 ok --by alice --database-url {shlex.quote(database_url)}" in res.output
         app.approve("v1", "ok", by="alice")
@@ -101,8 +107,10 @@ def test_live_table_and_show_at_each_moment(make_app: Callable[..., App], databa
     assert re.search(r"0\.1 hold .*@\+\d", res.output)                 # start offsets
     assert re.search(r"timeline 0 → \S+\n", res.output)
     assert re.search(r"0\.1 hold\s+ *█", res.output)                   # a bar per step
-    assert len(re.findall(r"^0\.3 ok +█", res.output, re.M)) == 1
-    assert len(re.findall(r"^gate ok +█", res.output, re.M)) == 1  # the wait for the approval
+    # the gate is one bar too, from its request to the approval
+    assert len(re.findall(r"^0\.3 gate ok +█", res.output, re.M)) == 1
+    assert not re.search(r"^(0\.3 ok|gate ok) ", res.output, re.M)
+    assert len(re.findall(r"^0\.4 join +█", res.output, re.M)) == 1  # the join: its start and end events
 
 
 def test_show_with_the_app_marks_the_step_in_flight(database_url: str, tmp_path: Path) -> None:
@@ -128,3 +136,47 @@ def test_show_with_the_app_marks_the_step_in_flight(database_url: str, tmp_path:
     assert re.search(r"0/2 nodes done · run PENDING", res.output)
     assert re.search(r"0\.0 +│ wait_for_release +│ … RUNNING", res.output), res.output
     assert re.search(r"0\.1 +│ finish +│ · pending", res.output)
+
+
+@pytest.mark.slow
+def test_show_follow_lists_the_step_in_flight(database_url: str, tmp_path: Path) -> None:
+    """`durapipe show --follow` in a terminal (a pty) lists the step at work while it works."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ops import blog_app
+
+    app = blog_app.app
+    app.database_url = database_url
+    blog_app.release.clear()
+    log = tmp_path / "log"
+    main, child = pty.openpty()
+    seen = b""
+
+    def read_until(pattern: bytes) -> bool:
+        nonlocal seen
+        while select.select([main], [], [], 0.2)[0]:
+            try:
+                seen += os.read(main, 65536)
+            except OSError:  # the follower exited and closed the terminal
+                break
+        return re.search(pattern, seen) is not None
+
+    try:
+        with app:
+            handle = blog_app.hold.start({"log": str(log)}, run_id="hold-2")
+            wait_for(lambda: log.exists(), what="the held step to start")
+            env = dict(os.environ, COLUMNS="200", TERM="xterm")
+            proc = subprocess.Popen([sys.executable, "-m", "durapipe.cli", "show", "hold-2", "--follow",
+                                     "--database-url", database_url], stdin=child, stdout=child,
+                                    stderr=child, env=env)
+            wait_for(lambda: read_until(rb"running \S*0\.0 wait_for_release \(fn\) \d"), timeout=60,
+                     what="the follower to list the step in flight")
+            blog_app.release.set()
+            handle.result(timeout=30)
+            assert proc.wait(timeout=60) == 0
+            read_until(rb"$")
+    finally:
+        blog_app.release.set()
+        os.close(child)
+        os.close(main)
+        app.shutdown()
+    assert b"SUCCESS" in seen

@@ -51,8 +51,10 @@ def load(name: str) -> ModuleType:
 
 def example_pipelines() -> list[tuple[str, Node]]:
     blog = load("blog_publishing")
+    service = load("service").demo
     return ([("demo", load("demo").pipeline), ("onboarding", load("onboarding").onboarding)]
-            + [(f"blog:{k}", v) for k, v in blog.PATTERNS.items()])
+            + [(f"blog:{k}", v) for k, v in blog.PATTERNS.items()]
+            + [(f"service:{k}", service.registered(k).node) for k in sorted(service.pipelines)])
 
 
 def parse(text: str) -> tuple[set[str], dict[tuple[str, str], tuple[str, str | None]]]:

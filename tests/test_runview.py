@@ -1,6 +1,7 @@
 """One status per node from real runs: a route's branch not taken is SKIPPED once the run
 has ended, loop passes (0.1#2) count for their node, parallel branches resolve, a failed
-node is ERROR and the nodes after it stay PENDING."""
+node is ERROR and the nodes after it stay PENDING; nodes that record nothing (joins,
+transforms) are done once the run has passed them, also at the very end of the run."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from durapipe import App, NodeFailed, Pipeline, fn, route
+from durapipe import App, NodeFailed, Pipeline, dispatch, fn, join, route, transform
 from durapipe.engine.admin import Admin
 from durapipe.runview import node_statuses
 
@@ -48,6 +49,10 @@ def test_statuses_of_routes_loops_parallel_and_failures(make_app: Callable[..., 
         "routed": fn(pick) >> route("kind", {"a": fn(a), "b": fn(b)}) >> (fn(bump) * 3)
         >> (fn(left) | fn(right)),
         "failing": fn(pick) >> fn(boom) >> fn(a),
+        # record-less nodes: a parallel of transforms before a step, a transform and a
+        # route before the join that ends the run (the route's other branch not taken)
+        "quiet": fn(pick) >> dispatch(fn(b), names=["t"]) >> (transform(left) | transform(right))
+        >> fn(a) >> transform(bump) >> route("kind", {"a": fn(bump), "b": transform(a)}) >> join("t"),
     }
     for name, node in shapes.items():
         app.pipeline(name, node)
@@ -55,10 +60,16 @@ def test_statuses_of_routes_loops_parallel_and_failures(make_app: Callable[..., 
         Pipeline(app, app.registered("routed")).run({}, run_id="rv-1")
         with pytest.raises(NodeFailed):
             Pipeline(app, app.registered("failing")).run({}, run_id="rv-2")
+        Pipeline(app, app.registered("quiet")).run({}, run_id="rv-3")
     with Admin(database_url) as admin:
         routed = node_statuses(shapes["routed"], admin.tree("rv-1"))
         failing = node_statuses(shapes["failing"], admin.tree("rv-2"))
+        quiet = node_statuses(shapes["quiet"], admin.tree("rv-3"))
     assert routed == {"0": "SUCCESS", "0.0": "SUCCESS", "0.1": "SUCCESS", "0.1.0": "SUCCESS",
                       "0.1.1": "SKIPPED", "0.2": "SUCCESS", "0.2.0": "SUCCESS",
                       "0.3": "SUCCESS", "0.3.0": "SUCCESS", "0.3.1": "SUCCESS"}
     assert failing == {"0": "ERROR", "0.0": "SUCCESS", "0.1": "ERROR", "0.2": "PENDING"}
+    assert quiet == {"0": "SUCCESS", "0.0": "SUCCESS", "0.1": "SUCCESS", "0.1.0": "SUCCESS",
+                     "0.2": "SUCCESS", "0.2.0": "SUCCESS", "0.2.1": "SUCCESS", "0.3": "SUCCESS",
+                     "0.4": "SUCCESS", "0.5": "SUCCESS", "0.5.0": "SUCCESS", "0.5.1": "SKIPPED",
+                     "0.6": "SUCCESS"}

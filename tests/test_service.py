@@ -18,6 +18,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from dbutil import wait_for
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,7 +46,7 @@ def test_start_run_status_result_and_events_over_http(database_url: str) -> None
     service = load_service()
     service.demo.database_url = database_url
     with TestClient(service.create_service(service.demo, tokens={"s3cret": "alice"})) as http:
-        assert http.get("/health").json()["pipelines"] == ["publish"]
+        assert http.get("/health").json()["pipelines"] == ["publish", "reviewed"]
         res = http.post("/runs", json={"pipeline": "publish", "inputs": {"topic": "AI"}, "run_id": "s1"})
         assert res.status_code == 202 and res.json()["run_id"] == "s1"
         res = http.get("/runs/s1/result", params={"timeout": 30})
@@ -56,6 +58,9 @@ def test_start_run_status_result_and_events_over_http(database_url: str) -> None
                                         "run_id": "s1"}).json()["status"] == "SUCCESS"
         assert http.get("/runs/none").status_code == 404
         assert http.get("/runs/none/events").status_code == 404
+        # a gate the run does not wait at: UnknownGate, a 404 naming it (never a 500)
+        res = http.post("/runs/s1/gates/nope/approve", json={}, headers={"Authorization": "Bearer s3cret"})
+        assert res.status_code == 404 and "nope" in res.json()["detail"], res.text
         assert http.post("/runs", json={"pipeline": "nope"}).status_code == 404
         res = http.post("/runs", json={"pipeline": "publish", "inputs": {}})
         assert res.status_code == 422 and "topic" in res.json()["detail"]
@@ -89,6 +94,14 @@ def test_approvals_name_the_person_from_the_dependency(database_url: str) -> Non
         # the person comes from the token, never from the body
         res = http.post(url, json={"by": "mallory"}, headers={"Authorization": "Bearer s3cret"})
         assert res.status_code == 404 and "mallory" not in res.text  # no such run
+        # the docstring's walk-through: a run of "reviewed" waits at "legal", alice answers
+        http.post("/runs", json={"pipeline": "reviewed", "inputs": {"topic": "AI"}, "run_id": "r1"})
+        wait_for(lambda: http.get("/gates").json(), what="the gate")
+        assert [(g["run_id"], g["gate"]) for g in http.get("/gates").json()] == [("r1", "legal")]
+        res = http.post(url, json={"by": "mallory", "comment": "ok"}, headers={"Authorization": "Bearer s3cret"})
+        assert res.status_code == 200 and res.json()["by"] == "alice", res.text
+        done = http.get("/runs/r1/result", params={"timeout": 30}).json()
+        assert done["state"]["legal"]["by"] == "alice" and done["state"]["published"] is True
     with TestClient(service.create_service(service.demo, tokens={})) as http:
         assert http.post(url, json={}).status_code == 503  # no approver: answers refused
 

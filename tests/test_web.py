@@ -5,6 +5,8 @@ authenticated allowed person can give, and cancel/resume/fork."""
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,7 +15,7 @@ from fastapi import Header, HTTPException
 from fastapi.testclient import TestClient
 
 from dbutil import wait_for
-from durapipe import App, fn, gate
+from durapipe import Agent, App, FakeModel, dispatch, fn, gate, join
 from durapipe.web import create_console
 
 HTML = {"accept": "text/html"}
@@ -32,12 +34,30 @@ def broken(state: dict[str, Any]) -> dict[str, Any]:
     raise KeyError("missing")
 
 
+BOTH = threading.Barrier(2, timeout=30)  # the two branches run at the same time
+
+
+def left(state: dict[str, Any]) -> dict[str, Any]:
+    BOTH.wait()
+    time.sleep(0.05)  # so each bar ends after the other began, whatever the clock's resolution
+    return {"left": 1}
+
+
+def right(state: dict[str, Any]) -> dict[str, Any]:
+    BOTH.wait()
+    time.sleep(0.05)
+    return {"right": 1}
+
+
 def build(make_app: Callable[..., App]) -> App:
-    app = make_app("web-test")
+    app = make_app("web-test", model=FakeModel({"writer": "a short draft", "summarizer": "in short"}))
     app.pipeline("review", fn(draft) >> gate("legal", "Publish {topic}?", approvers=["alice"])
                  >> fn(publish), inputs=["topic"])
     app.pipeline("quick", fn(draft), inputs=["topic"])
     app.pipeline("bad", fn(broken))
+    app.pipeline("fanout", Agent("writer").instruct("Write about {topic}").writes("draft")
+                 >> dispatch(Agent("summarizer").instruct("Sum up {draft}").writes("summary"), names=["sum"])
+                 >> (fn(left) | fn(right)) >> join("sum"), inputs=["topic"])
     return app
 
 
@@ -95,7 +115,7 @@ def test_run_page_shows_diagram_timeline_and_steps(app: App) -> None:
         page = client.get("/runs/r1", headers=HTML).text
         assert statuses(page) == {"0.0": "SUCCESS", "0.1": "WAITING", "0.2": "PENDING"}
         assert 'class="tl-bar st-success" data-path="0.0"' in page  # the finished step's bar
-        assert re.search(r'<span class="tl-label">gate legal</span><div class="tl-track">'
+        assert re.search(r'<span class="tl-label">0.1 gate legal</span><div class="tl-track">'
                          r'<div class="tl-bar st-waiting"', page)  # the wait for a person, so far
         assert "about durable AI" in page                            # its output
         assert 'data-gate="legal"' in page and "approvers: alice" in page
@@ -108,6 +128,26 @@ def test_run_page_shows_diagram_timeline_and_steps(app: App) -> None:
         assert statuses(failed) == {"0": "ERROR"} and "KeyError" in failed
         assert client.get("/runs/nope", headers=HTML).status_code == 404
         assert client.get("/api/runs/r1").json()["statuses"]["0.1"] == "WAITING"
+
+
+def bars(html: str) -> dict[str, tuple[float, float]]:
+    """node path -> (left, right) of its timeline bar, in % of the run's time axis."""
+    found = re.findall(r'class="tl-bar [^"]*" data-path="([\d.]+)" style="left:([\d.]+)%;width:([\d.]+)%"', html)
+    return {p: (float(a), float(a) + float(w)) for p, a, w in found}
+
+
+def test_run_page_shows_parallel_work_tokens_and_tasks(app: App) -> None:
+    _pipeline(app, "fanout").run({"topic": "durable AI"}, run_id="f1")
+    with TestClient(create_console(app)) as client:
+        page = client.get("/runs/f1", headers=HTML).text
+    assert set(statuses(page).values()) == {"SUCCESS"}  # the join that ends the run included
+    (a0, a1), (b0, b1) = bars(page)["0.2.0"], bars(page)["0.2.1"]
+    assert a0 < b1 and b0 < a1  # the branches' bars overlap: they ran at the same time
+    assert "0.3" in bars(page)  # the join's wait for its task, from the run's events
+    assert re.search(r"<td>0\.0</td><td>writer</td>.*?<td>fake \d+→\d+ tok</td>", page, re.S)
+    assert re.search(r"<td>0\.1\.0</td><td>summarizer</td><td>step</td>.*?fake \d+→\d+ tok", page, re.S)
+    assert re.search(r"<h2>Background tasks</h2><ul><li>sum: .*?SUCCESS.*? task sum: joined</li>", page)
+    assert "tokens " in page  # the run's total in its head line
 
 
 def test_approvals_need_an_authenticated_allowed_person(app: App) -> None:

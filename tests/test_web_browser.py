@@ -1,7 +1,8 @@
 """The console in a real headless Chromium (Selenium): runs list and filter, a run page whose
 diagram and timeline update live while the run progresses, an approval refused to a person
 not allowed and to nobody signed in, then given by the allowed person, and the run finishing.
-Screenshots go to tests/artifacts/. Skipped without Chromium, except under CI."""
+Screenshots go to tests/artifacts/ (each step's, and each browser's last page when the test
+ends, passed or failed). Skipped without Chromium, except under CI."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 if not (CHROMIUM and DRIVER):
-    if os.environ.get("CI"):
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
         pytest.fail("browser tests need chromium and chromedriver under CI; .ci/run installs them",
                     pytrace=False)
     pytest.skip("browser tests skipped: no chromium/chromedriver (apt-get install chromium chromium-driver)",
@@ -81,7 +82,7 @@ def served(make_app: Callable[..., App]) -> Iterator[tuple[App, str]]:
 
 
 @pytest.fixture
-def browser_factory(tmp_path: Path) -> Iterator[Callable[[], WebDriver]]:
+def browser_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[[], WebDriver]]:
     drivers: list[WebDriver] = []
 
     def make() -> WebDriver:
@@ -97,8 +98,11 @@ def browser_factory(tmp_path: Path) -> Iterator[Callable[[], WebDriver]]:
         return driver
 
     yield make
-    for d in drivers:
-        d.quit()
+    for i, d in enumerate(drivers):
+        try:  # what each browser showed last: the page to look at when the test failed
+            shot(d, f"{request.node.name}-browser{i}-last")
+        finally:
+            d.quit()
 
 
 def shot(driver: WebDriver, name: str) -> None:

@@ -1,10 +1,12 @@
-"""The console's runs list at 100,000 runs: keyset pages read DBOS's created_at index
-backwards from the cursor (the plan is checked, never a timing), filters and deep pages
-return the right rows, and the newer runs of another app on the database never show."""
+"""The console's runs list at 100,000 runs: keyset pages, a time range among them, read the
+run keys indexes backwards from the cursor (the plan is checked, never a timing), filters
+and deep pages return the right rows, and the newer runs of another app on the database
+never show."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime, timezone
 
 import psycopg
 
@@ -45,7 +47,9 @@ def test_pages_use_the_run_keys_indexes_at_100k_runs(make_app: Callable[..., App
         con.execute("ANALYZE dbos.workflow_input")
         con.execute("ANALYZE durapipe.run_keys")
         deep = RunFilter(APP, status="SUCCESS", pipeline="p1", cursor=f"{T0 + 50_000 * 1000}:bulk-050000")
-        for flt in (RunFilter(APP), deep):
+        hour = RunFilter(APP, since=datetime.fromtimestamp((T0 + 60_000_000) / 1000, timezone.utc),
+                         until=datetime.fromtimestamp((T0 + 63_600_000) / 1000, timezone.utc))
+        for flt in (RunFilter(APP), deep, hour):
             plan = "\n".join(r[0] for r in con.execute("EXPLAIN " + PAGE_SQL, flt.params(51)).fetchall())
             assert "Scan Backward using run_keys_" in plan, plan
             assert "Seq Scan" not in plan, plan
@@ -59,6 +63,8 @@ def test_pages_use_the_run_keys_indexes_at_100k_runs(make_app: Callable[..., App
         assert [r.run_id for r in rows] == ["bulk-049999", "bulk-049996", "bulk-049993", "bulk-049987",
                                             "bulk-049984"]
         assert all(r.pipeline == "p1" and r.status == "SUCCESS" for r in rows) and nxt
+        window, _ = list_page(admin, hour, 50)  # runs 60,000 to 63,599, newest first
+        assert [r.run_id for r in window[:2]] == ["bulk-063599", "bulk-063598"] and len(window) == 50
         found, _ = list_page(admin, RunFilter(APP, text="item-77777"), 5)
         assert [r.run_id for r in found] == ["bulk-077777"]
         eu, _ = list_page(admin, RunFilter("web-scale-eu"), 50)

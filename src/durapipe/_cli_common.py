@@ -6,8 +6,10 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import inspect
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -118,3 +120,15 @@ def db_hint(database_url: str | None) -> str | None:
     if not database_url or database_url == os.environ.get("DURAPIPE_DATABASE_URL"):
         return None
     return audit.redact(database_url)
+
+
+def unwrap_help(app: typer.Typer) -> None:
+    """Join the lines of each paragraph of every command's help: typer keeps a docstring's
+    line breaks, which breaks its prose mid-line in a terminal narrower than the source."""
+    for info in app.registered_commands:
+        doc = info.help or (inspect.getdoc(info.callback) if info.callback else None)
+        if doc:
+            info.help = re.sub(r"(?<=\S)\n(?=\S)", " ", doc)
+    for group in app.registered_groups:
+        if group.typer_instance is not None:
+            unwrap_help(group.typer_instance)

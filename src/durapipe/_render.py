@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -14,6 +13,7 @@ from rich.tree import Tree
 
 from .audit import NodeRecord, RunInfo, RunTree, log_attempts, path_key
 from .ir import Node
+from .runview import base_path, node_statuses, one_line_gates, task_note, timeline
 
 _STYLE = {"SUCCESS": "green", "ERROR": "red", "CANCELLED": "yellow", "PENDING": "cyan",
           "ENQUEUED": "blue", "WAITING": "magenta", "APPROVED": "green", "REJECTED": "red",
@@ -112,7 +112,7 @@ def manifest_verdict(r: dict[str, Any]) -> str:
     return f"{r['pipeline']} {r['shape']} -> {r['new_shape']}: {where}"
 
 
-def _label(n: NodeRecord) -> Text:
+def _label(n: NodeRecord, offset: str = "") -> Text:
     text = Text()
     if n.path:
         text.append(f"{clean(n.path)} ", style="dim")
@@ -124,12 +124,13 @@ def _label(n: NodeRecord) -> Text:
     text.append(f"  {duration(n.duration_ms)}", style="dim")
     if n.model:
         text.append(f"  {n.model} {n.input_tokens or 0}→{n.output_tokens or 0} tok", style="blue")
-    task = n.detail.get("task_status")
-    if task:
-        text.append(clean(f"  task {n.detail.get('task')}: {task}"), style="magenta")
+    if task_note(n):
+        text.append(clean(f"  {task_note(n)}"), style="magenta")
     for key in ("message", "by", "comment"):
         if key in n.detail:
             text.append(clean(f"  {key}={n.detail[key]!s}"), style="magenta")
+    if offset:
+        text.append(f"  {offset}", style="dim")
     if n.error:
         text.append(f"\n    {clean(n.error)}", style="red")
     return text
@@ -172,35 +173,13 @@ def run_tree(tree: RunTree, show_ops: bool = False,
     return root
 
 
-def one_line_gates(nodes: list[NodeRecord], run_status: str) -> list[NodeRecord]:
-    """A gate is one line: its event's decision, at the path and time of its own step.
-    A gate still marked waiting under a finished run was never answered."""
-    gates = {n.name: replace(n) for n in nodes if n.kind == "gate"}
-    out = []
-    for n in nodes:
-        gate = gates.get(n.name)
-        if n.kind == "gate" and gate is not None:
-            continue
-        if n.kind == "step" and gate is not None and gate.path is None:
-            gate.path, gate.started_ms, gate.duration_ms = n.path, n.started_ms, n.duration_ms
-            continue
-        out.append(n)
-    for g in gates.values():
-        if g.status == "WAITING" and run_status not in ("PENDING", "ENQUEUED", "DELAYED"):
-            g.status = "UNANSWERED"
-        out.append(g)
-    out.sort(key=lambda n: (path_key(n.path), n.started_ms or 0))
-    return out
-
-
 def _add(parent: Tree, nodes: list[NodeRecord], show_ops: bool, t0: int | None,
          logs: dict[tuple[str, str], dict[str, Any]]) -> None:
     for n in nodes:
         if n.kind == "dbos-op" and not show_ops:
             continue
-        label = _label(n)
-        if t0 is not None and n.started_ms is not None:
-            label.append(f"  @+{duration(max(n.started_ms - t0, 0))}", style="dim")
+        at = f"@+{duration(max(n.started_ms - t0, 0))}" if t0 is not None and n.started_ms is not None else ""
+        label = _label(n, at)
         branch = parent.add(label)
         logged = logs.get((n.workflow_id or "", f"{n.path}:{n.name}")) if n.kind == "step" else None
         if logged:
@@ -231,11 +210,11 @@ def step_log_text(logged: dict[str, Any]) -> Text:
     return text
 
 
-def text_timeline(tree: RunTree, now_ms: int, width: int = 40) -> Text:
-    """One bar per recorded step, child workflow and task on the run's time axis."""
-    from .runview import timeline
-
-    t0, end, bars = timeline(tree, now_ms)
+def text_timeline(tree: RunTree, now_ms: int, width: int = 40,
+                  waits: list[dict[str, Any]] | None = None) -> Text:
+    """One bar per recorded step, child workflow, task, gate, join and sleep on the run's
+    time axis (``waits``: :func:`runview.wait_bars`)."""
+    t0, end, bars = timeline(tree, now_ms, waits)
     span = max(end - t0, 1)
     text = Text(f"timeline 0 → {duration(span)}\n", style="dim")
     labels = [f"{b['path'] or ''} {b['name']}".strip() for b in bars]
@@ -254,14 +233,13 @@ def text_timeline(tree: RunTree, now_ms: int, width: int = 40) -> Text:
 def live_table(node: Node, tree: RunTree | None, run_status: str) -> Table:
     """The pipeline's leaf nodes with one status each: done, running (the step in flight),
     waiting (a gate), or pending (not reached yet)."""
-    from .runview import base_path, node_statuses
-
     statuses = node_statuses(node, tree)
     recorded: dict[str, NodeRecord] = {}
     usage: dict[str, tuple[str, int, int]] = {}
     if tree is not None:
-        for n in tree.walk():
-            if n.path is not None and n.kind in ("step", "child", "task"):
+        merged = RunTree(tree.run, one_line_gates(tree.nodes, tree.run.status))
+        for n in merged.walk():
+            if n.path is not None and n.kind in ("step", "child", "task", "gate"):
                 recorded.setdefault(base_path(n.path), n)
             if n.path is not None and n.model:
                 m, tin, tout = usage.get(base_path(n.path), (n.model, 0, 0))

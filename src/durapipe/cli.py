@@ -39,6 +39,7 @@ from ._cli_common import (
     load_target,
     out,
     print_json,
+    unwrap_help,
 )
 from .engine.admin import Admin, database_url_or_env, parse_since
 from .engine.app import App
@@ -47,6 +48,7 @@ from .engine.runs import RunHandle, RunStatus
 from .engine.scope import belongs_to, refuse
 from .errors import DurapipeError, OperatorError, UnknownRun
 from .ir import Node
+from .runview import wait_bars
 
 cli = typer.Typer(name="durapipe", help="Run and operate durapipe pipelines.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -286,7 +288,10 @@ def show(
         if node is not None:
             out.print(_render.live_table(node, tree, tree.run.status))
         out.print(_render.run_tree(tree, ops, logs, db_hint(database_url)))
-        out.print(_render.text_timeline(tree, int(time.time() * 1000)))
+        now = int(time.time() * 1000)
+        with EventReader(admin.url) as reader:
+            waits = wait_bars(reader.waits(run_id), now)
+        out.print(_render.text_timeline(tree, now, waits=waits))
 
 
 def _pipeline_node(app_module: str, database_url: str | None, run_id: str) -> Node:
@@ -433,6 +438,9 @@ def ui(app_module: AppModule = None,
     out.print(_render.literal(f"durapipe console for app {app.name!r} on http://{host}:{port}/{mode}"),
               highlight=False, soft_wrap=True)
     uvicorn.run(console, host=host, port=port, log_level="warning")
+
+
+unwrap_help(cli)
 
 
 def main() -> None:

@@ -135,6 +135,17 @@ class EventReader:
             (run_id, int(from_offset), int(limit)))
         return [_event(run_id, r) for r in rows]
 
+    def waits(self, run_id: str, kinds: tuple[str, ...] = ("join", "sleep")) -> list[Event]:
+        """The start and end events of the run's nodes of ``kinds``: the waits that record
+        nothing of their own (a join for its tasks, a durable sleep), for the timeline."""
+        marks = ", ".join(["%s"] * len(kinds))
+        rows = self._query(
+            f"SELECT seq, type, path, name, kind, data, at FROM {table_name(self.postgres)} "
+            f"WHERE run_id = %s AND kind IN ({marks}) "
+            "AND type IN ('node_started', 'node_finished', 'node_failed') ORDER BY seq",
+            (run_id, *kinds))
+        return [_event(run_id, r) for r in rows]
+
     def status(self, run_id: str) -> str | None:
         table = f'"{self.schema}".workflow_status' if self.postgres else "workflow_status"
         rows = self._query(f"SELECT status FROM {table} WHERE workflow_uuid = %s", (run_id,))

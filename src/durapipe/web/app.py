@@ -34,10 +34,10 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from ..audit import RunTree
 from ..engine.admin import Admin, parse_since
 from ..engine.app import App
-from ..engine.eventread import EventType, follow_async
+from ..engine.eventread import EventReader, EventType, follow_async
 from ..engine.scope import Owner, belongs_to
 from ..errors import ApprovalRefused, DurapipeError, OperatorError, UnknownGate, UnknownRun
-from ..runview import node_statuses
+from ..runview import node_statuses, wait_bars
 from . import pages
 from .queries import RunFilter, list_page
 
@@ -192,9 +192,11 @@ def create_console(app: App, *, token: str | None = None,
         now = int(time.time() * 1000)
         statuses = node_statuses(node, tree) if node is not None else {}
         gates = admin().waiting_gates(run_id) if tree.run.status in pages.ACTIVE else []
+        with EventReader(admin().url) as reader:
+            waits = wait_bars(reader.waits(run_id), now)
         html = pages.run_live(tree, node, statuses, now, outputs(tree), gates,
                               ask_name=any(n is None for n in tokens.values()) and auth is None,
-                              logs=admin().step_logs(tree))
+                              logs=admin().step_logs(tree), waits=waits)
         return html, tree, node, inputs
 
     # -- pages --------------------------------------------------------------------------

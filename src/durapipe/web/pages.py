@@ -12,7 +12,7 @@ from html import escape
 from typing import Any
 from urllib.parse import urlencode
 
-from .._render import answer_command, duration, one_line_gates, when
+from .._render import answer_command, duration, when
 from ..audit import NodeRecord, RunInfo, RunTree, log_attempts
 from ..ir import (
     Dispatch,
@@ -30,7 +30,7 @@ from ..ir import (
     Timeout,
 )
 from ..planner import Flow, Step
-from ..runview import timeline
+from ..runview import one_line_gates, task_note, timeline
 from .queries import STATUSES, RunFilter
 
 ACTIVE = ("PENDING", "ENQUEUED", "DELAYED")
@@ -140,8 +140,8 @@ def _offset(ms: int | None, t0: int) -> str:
     return "-" if ms is None else f"+{duration(max(ms - t0, 0))}"
 
 
-def timeline_html(tree: RunTree, now_ms: int) -> str:
-    t0, end, bars = timeline(tree, now_ms)
+def timeline_html(tree: RunTree, now_ms: int, waits: list[dict[str, Any]] | None = None) -> str:
+    t0, end, bars = timeline(tree, now_ms, waits)
     span = max(end - t0, 1)
     rows = []
     for b in bars:
@@ -190,8 +190,8 @@ def _node_row(n: NodeRecord, t0: int, outputs: dict[tuple[str, str], Any],
               logs: dict[tuple[str, str], dict[str, Any]]) -> str:
     usage = f"{n.model} {n.input_tokens or 0}→{n.output_tokens or 0} tok" if n.model else ""
     extra = []
-    if n.detail.get("task_status"):
-        extra.append(f"task {n.detail.get('task')}: {n.detail['task_status']}")
+    if task_note(n):
+        extra.append(task_note(n))
     extra += [f"{k}={n.detail[k]}" for k in ("message", "by", "comment") if k in n.detail]
     out = outputs.get((n.workflow_id or "", f"{n.path}:{n.name}"))
     details = f"<details><summary>output</summary>{_json(out)}</details>" if out is not None else ""
@@ -226,7 +226,8 @@ def gate_forms(run_id: str, gates: list[dict[str, Any]], ask_name: bool) -> str:
 
 def run_live(tree: RunTree, node: Node | None, statuses: dict[str, str], now_ms: int,
              outputs: dict[tuple[str, str], Any], gates: list[dict[str, Any]], ask_name: bool,
-             logs: dict[tuple[str, str], dict[str, Any]]) -> str:
+             logs: dict[tuple[str, str], dict[str, Any]],
+             waits: list[dict[str, Any]] | None = None) -> str:
     """The part of the run page the script refreshes while the run is active."""
     r = tree.run
     t0 = r.created_ms or now_ms
@@ -244,10 +245,10 @@ def run_live(tree: RunTree, node: Node | None, statuses: dict[str, str], now_ms:
     nodes = "".join(_node_row(n, t0, outputs, logs) for top in shown for n in top.walk()
                     if n.kind != "dbos-op")
     tasks = [n for n in tree.walk() if n.kind == "task"]
-    task_list = "".join(f"<li>{e(n.name)}: {badge(n.status)} {e(n.detail.get('task_status'))}</li>"
+    task_list = "".join(f"<li>{e(n.name)}: {badge(n.status)} {e(task_note(n))}</li>"
                         for n in tasks)
     return (head + err + gate_forms(r.run_id, gates, ask_name)
-            + f"<h2>Pipeline</h2>{dia}<h2>Timeline</h2>{timeline_html(tree, now_ms)}"
+            + f"<h2>Pipeline</h2>{dia}<h2>Timeline</h2>{timeline_html(tree, now_ms, waits)}"
             + (f"<h2>Background tasks</h2><ul>{task_list}</ul>" if tasks else "")
             + '<h2>Steps</h2><table class="nodes"><thead><tr><th>path</th><th>name</th><th>kind</th>'
               "<th>status</th><th>start</th><th>duration</th><th>model / tokens</th><th>detail</th></tr>"
