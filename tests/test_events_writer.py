@@ -11,8 +11,8 @@ import pytest
 
 from dbutil import wait_for
 from durapipe import EventType
+from durapipe.engine.eventlog import EventLog, Pending
 from durapipe.engine.eventread import EventReader
-from durapipe.engine.events import EventLog, Pending
 
 
 @pytest.fixture()

@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 
 from ..errors import DurapipeError
-from .events import CHANNEL, table_name
+from .eventlog import CHANNEL, table_name
 
 TERMINAL = frozenset({"SUCCESS", "ERROR", "CANCELLED", "MAX_RECOVERY_ATTEMPTS_EXCEEDED"})
 

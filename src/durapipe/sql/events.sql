@@ -1,4 +1,4 @@
--- The run event streams (engine/events.py): one table, and the function that appends a batch.
+-- The run event streams (engine/eventlog.py writes them): one table, and the function that appends a batch.
 CREATE SCHEMA IF NOT EXISTS durapipe;
 CREATE TABLE IF NOT EXISTS durapipe.events (
     run_id text NOT NULL,
