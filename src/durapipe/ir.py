@@ -119,6 +119,8 @@ class Agent(Node):
         return self._replace(output_key=key)  # type: ignore[no-any-return]
 
     def retries(self, n: int) -> Agent:
+        """Short for ``.retry(Retry(attempts=n + 1, backoff=0.5))``: the whole agent runs again
+        after a failure, each attempt durable. A ``.retry(...)`` policy, when given, wins."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise BuildError(f"Agent {self.name!r}.retries({n!r}): retries must be an int >= 0")
         return self._replace(max_retries=n)  # type: ignore[no-any-return]

@@ -10,6 +10,12 @@ written for an attempt that succeeds beyond its own steps.
 
 The decision is taken once, with the error in hand (its class and base classes), and read
 back afterwards, so a replay decides alike even where the recorded error has lost its class.
+
+``retries=n`` (on ``fn``, ``Agent`` and ``Step``) runs here too, as ``Retry(attempts=n + 1,
+backoff=0.5)``. Before it did, it meant DBOS's retries inside one step, recorded as one
+row; a run recorded then whose step ran out of those retries (``DBOSMaxStepRetriesExceeded``)
+replays that row as the node's final failure, recording nothing new, so its history stays
+as it was written.
 """
 
 from __future__ import annotations
@@ -22,9 +28,17 @@ from typing import Any
 
 from dbos._error import DBOSException
 
-from ..errors import DurapipeError, NodeFailed, PipelineChanged, RunCancelled, error_text, from_portable
+from ..errors import (
+    DurapipeError,
+    ModelError,
+    NodeFailed,
+    PipelineChanged,
+    RunCancelled,
+    error_text,
+    from_portable,
+)
 from ..ir import Node
-from ..retry import Retry
+from ..retry import Retry, policy_of
 from ..state import State
 from .context import Handler, RunContext, node_error, run_step
 
@@ -62,6 +76,9 @@ def decide(policy: Retry, exc: BaseException) -> bool:
     root = _root_error(exc)
     if isinstance(root, DBOSException):
         return False
+    if isinstance(root, ModelError) and root.data.get("status_code") is not None \
+            and "ModelError" not in policy.retry_on:
+        return False  # the provider refused this request (a 4xx): it would refuse it again
     names = _type_names(root)
     if root is not exc:
         names += [n for n in _type_names(exc) if n not in names and n != "NodeFailed"]
@@ -78,6 +95,8 @@ async def run_attempts(ctx: RunContext, policy: Retry, path: str, label: str,
         except Exception as exc:
             if _passes_through(exc):
                 raise  # the run stops or parks here: nothing to record, nothing to retry
+            if _step_retries_ran_out(exc):
+                raise  # recorded before retries=n was durable: that row is the final failure
             where = f"{apath}:{label}"
             err = node_error(exc, where)
             last = k + 1 == policy.attempts
@@ -106,6 +125,18 @@ def _passes_through(exc: BaseException) -> bool:
                                                                                RunCancelled))
 
 
+def _step_retries_ran_out(exc: BaseException) -> bool:
+    """Whether ``exc`` is (or wraps) DBOS's error for a step out of its in-step retries,
+    which only steps recorded before ``retries=n`` became a durable policy hold."""
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 20:
+        if "DBOSMaxStepRetriesExceeded" in (type(cur).__name__, getattr(cur, "name", None)):
+            return True
+        cur, seen = cur.__cause__, seen + 1
+    return False
+
+
 def _given_up(err: BaseException, path: str, label: str, made: int, allowed: int) -> BaseException:
     if not isinstance(err, DurapipeError):
         return err
@@ -115,10 +146,11 @@ def _given_up(err: BaseException, path: str, label: str, made: int, allowed: int
 
 
 def retrying(handler: Handler) -> Handler:
-    """``handler`` for nodes that may carry a durable ``retry_policy`` (fn, agent)."""
+    """``handler`` for nodes that may carry a retry policy (fn, agent): ``retry=Retry(...)``
+    or its short form ``retries=n``."""
 
     async def run(ctx: RunContext, node: Node, path: str, state: State) -> State:
-        policy: Retry | None = getattr(node, "retry_policy", None)
+        policy = policy_of(node)
         if policy is None or policy.attempts == 1:
             return await handler(ctx, node, path, state)
         return await run_attempts(ctx, policy, path, node.label,
