@@ -143,8 +143,13 @@ def test_retries_n_is_the_short_form_of_a_durable_retry(make_app: MakeApp, datab
     assert policy_of(fn(len)) is None and policy_of(fn(len, retries=0)) is None
     with pytest.raises(BuildError, match="give retries=1 or retry=.*not both"):
         fn(len, retries=1, retry=Retry())
-    # The count stays in the shape as it was: pipelines registered with retries= keep their hash.
-    assert fn(len, name="x", retries=2).shape()["max_retries"] == 2
+    # A count means durable attempts now, so a node with one has a new shape (a run recorded
+    # under in-step retries waits for a worker with its own shape); a count of 0 does not.
+    counted = fn(len, name="x", retries=2)
+    as_before = {k: v for k, v in counted.shape().items() if k != "retry_count_means"}
+    assert counted.shape()["max_retries"] == 2 and counted.shape() != as_before
+    assert fn(len, name="x", retries=0).digest() == fn(len, name="x").digest()
+    assert Agent("a").retries(1).digest() != Agent("a").digest() == Agent("a").retries(0).digest()
 
     calls: list[str] = []
 

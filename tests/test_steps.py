@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 from dbos import DBOS
-from dbos._error import DBOSMaxStepRetriesExceeded
 from dbos._serialization import PortableWorkflowError
 from dbos._sys_db import SystemDatabase
 
@@ -161,36 +160,6 @@ def test_recorded_error_is_replayed_not_rerun(steps: str, make_app: Callable[...
         with pytest.raises(PortableWorkflowError, match="disk on fire"):
             forked.get_result()
     assert calls == ["execution", "boom", "boom", "execution"]
-
-
-@pytest.mark.parametrize("steps", MODES)
-def test_a_step_recorded_out_of_its_old_in_step_retries_replays_as_its_final_failure(
-        steps: str, make_app: Callable[..., App], database_url: str) -> None:
-    """Before retries=n was a durable policy it meant DBOS's retries inside one step, and a
-    step out of them recorded DBOSMaxStepRetriesExceeded as its one row. Such a row (written
-    here by a body raising that error, as DBOS did) is the node's final failure under the
-    new code too: nothing new is recorded, so the old history replays as it was written."""
-    calls: list[str] = []
-
-    def old_boom(s: dict[str, Any]) -> None:
-        calls.append("old_boom")
-        raise DBOSMaxStepRetriesExceeded("0.0:old_boom", 3, [ValueError("disk on fire")])
-
-    def fallback(s: dict[str, Any]) -> dict[str, Any]:
-        calls.append("fallback")
-        return {"saved": True}
-
-    app = make_app(steps=steps)
-    p = app.pipeline("p", (fn(old_boom, retries=2) // fn(fallback)) >> transform(lambda s: None))
-    with app:
-        assert p.run({}, run_id="old").state["saved"] is True
-        assert calls == ["old_boom", "fallback"]
-        names = sql(database_url, "SELECT function_name FROM dbos.operation_outputs "
-                                  "WHERE workflow_uuid = 'old' ORDER BY function_id")
-        assert [n for (n,) in names] == ["0.0.0:old_boom", "0.0.1:fallback"]
-        forked = DBOS.fork_workflow("old", len(names) + 1)  # replays both rows
-        assert forked.get_result()["saved"] is True
-    assert calls == ["old_boom", "fallback"]
 
 
 @pytest.mark.parametrize("steps", MODES)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .errors import BuildError, PlanError
-from .ir import OPTION, Agent, Fn, Node, as_node
+from .ir import OPTION, RETRY_COUNT, Agent, Fn, Node, as_node
 from .retry import Retry, as_retry
 
 
@@ -59,7 +59,7 @@ class Step(Node):
     node: Node
     needs: tuple[str, ...]
     outputs: tuple[str, ...]
-    retries: int
+    retries: int = field(metadata=RETRY_COUNT)
     retry: Retry | None = field(default=None, metadata=OPTION)
 
     def __init__(self, name: str, fn: Any, needs: Iterable[str] = (), outputs: Iterable[str] = (),

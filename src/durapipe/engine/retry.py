@@ -12,10 +12,9 @@ The decision is taken once, with the error in hand (its class and base classes),
 back afterwards, so a replay decides alike even where the recorded error has lost its class.
 
 ``retries=n`` (on ``fn``, ``Agent`` and ``Step``) runs here too, as ``Retry(attempts=n + 1,
-backoff=0.5)``. Before it did, it meant DBOS's retries inside one step, recorded as one
-row; a run recorded then whose step ran out of those retries (``DBOSMaxStepRetriesExceeded``)
-replays that row as the node's final failure, recording nothing new, so its history stays
-as it was written.
+backoff=0.5)``. It used to mean DBOS's retries inside one step; a node with a count has a
+new shape since (``_ir_core.RETRY_COUNT``), so a run recorded under the old meaning is never
+replayed here past such a node: it waits for a worker with its own shape.
 """
 
 from __future__ import annotations
@@ -95,8 +94,6 @@ async def run_attempts(ctx: RunContext, policy: Retry, path: str, label: str,
         except Exception as exc:
             if _passes_through(exc):
                 raise  # the run stops or parks here: nothing to record, nothing to retry
-            if _step_retries_ran_out(exc):
-                raise  # recorded before retries=n was durable: that row is the final failure
             where = f"{apath}:{label}"
             err = node_error(exc, where)
             last = k + 1 == policy.attempts
@@ -123,18 +120,6 @@ def _passes_through(exc: BaseException) -> bool:
     """Errors that are not a failed attempt: a diverged replay, a cancel, a changed pipeline."""
     return isinstance(exc, DBOSException) or isinstance(from_portable(exc), (PipelineChanged,
                                                                                RunCancelled))
-
-
-def _step_retries_ran_out(exc: BaseException) -> bool:
-    """Whether ``exc`` is (or wraps) DBOS's error for a step out of its in-step retries,
-    which only steps recorded before ``retries=n`` became a durable policy hold."""
-    seen = 0
-    cur: BaseException | None = exc
-    while cur is not None and seen < 20:
-        if "DBOSMaxStepRetriesExceeded" in (type(cur).__name__, getattr(cur, "name", None)):
-            return True
-        cur, seen = cur.__cause__, seen + 1
-    return False
 
 
 def _given_up(err: BaseException, path: str, label: str, made: int, allowed: int) -> BaseException:
