@@ -21,6 +21,7 @@ from durapipe import (
     App,
     BuildError,
     Flow,
+    ModelError,
     NodeFailed,
     Retry,
     Step,
@@ -175,6 +176,27 @@ def test_retries_n_is_the_short_form_of_a_durable_retry(make_app: MakeApp, datab
                           "0.1:w", "0.1:retry", "0.1#1:w"]
     assert rows["0.0:retry"][0]["of"] == 3 and rows["0.1:retry"][0]["of"] == 2
     assert 0.45 <= rows["0.0:retry"][0]["delay"] <= 0.55  # backoff 0.5 s, +/- 10 % jitter
+
+
+def test_a_models_refusal_is_not_retried_and_its_429_is(make_app: MakeApp) -> None:
+    asked: list[str] = []
+
+    def answer(request: Any) -> str:
+        asked.append(request.agent)
+        if request.agent == "refused":
+            raise ModelError("HTTP 400 INVALID_ARGUMENT", status_code=400)
+        if asked.count("busy") == 1:
+            raise ModelError("HTTP 429 RESOURCE_EXHAUSTED", status_code=429)
+        return "ok"
+
+    app = make_app()
+    busy = app.pipeline("busy", Agent("busy", model=FakeModel(answer)).instruct("go").retries(1))
+    refused = app.pipeline("refused", Agent("refused", model=FakeModel(answer)).instruct("go").retries(3))
+    with app:
+        assert busy.run({}).state["busy"] == "ok"
+        with pytest.raises(ModelError, match="HTTP 400.*gave up after 1 of 4 attempts: its error is not retried"):
+            refused.run({})
+    assert asked.count("busy") == 2 and asked.count("refused") == 1
 
 
 def test_bad_arguments_hashes_and_diagram() -> None:

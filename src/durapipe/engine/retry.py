@@ -66,6 +66,12 @@ def _type_names(exc: BaseException) -> list[str]:
     return [c.__name__ for c in type(exc).__mro__]
 
 
+def _refused(exc: BaseException) -> bool:
+    """A model's refusal: a ModelError with an HTTP 4xx status other than 408 and 429."""
+    code = exc.data.get("status_code") if isinstance(exc, ModelError) else None
+    return isinstance(code, int) and 400 <= code < 500 and code not in (408, 429)
+
+
 def decide(policy: Retry, exc: BaseException) -> bool:
     """Whether ``exc`` (a failed attempt's error) is retried under ``policy``."""
     if isinstance(exc, DBOSException):  # cancelled, diverged replay, conflict: never
@@ -75,8 +81,7 @@ def decide(policy: Retry, exc: BaseException) -> bool:
     root = _root_error(exc)
     if isinstance(root, DBOSException):
         return False
-    if isinstance(root, ModelError) and root.data.get("status_code") is not None \
-            and "ModelError" not in policy.retry_on:
+    if _refused(root) and "ModelError" not in policy.retry_on:
         return False  # the provider refused this request (a 4xx): it would refuse it again
     names = _type_names(root)
     if root is not exc:
