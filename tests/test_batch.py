@@ -39,8 +39,10 @@ def test_a_batch_of_100_runs_with_repeated_ids_starts_each_run_once(
                 batch.add(one, {"who": rid, "try": i}, run_id=rid)
             batch.add(two, {"who": "x"}, run_id="o-1")
             batch.add(two, {"who": "x"})  # a generated id
+            batch.add(two, {"who": "x", "again": True}, run_id="o-1")  # repeated, other pipeline
         handles = batch.handles
-        assert len(handles) == 102
+        assert len(handles) == 103 and handles[100].run_id == handles[102].run_id == "o-1"
+        assert "again" not in handles[102].result(timeout=60).state  # the first item's inputs
         assert [h.run_id for h in handles[:100]] == [f"r-{i % 60}" for i in range(100)]
         results = {h.run_id: h.result(timeout=60) for h in handles}
         assert {rid: r.state["seen"] for rid, r in results.items() if rid.startswith("r-")} \

@@ -253,9 +253,11 @@ def test_progress_outside_a_run_is_an_error() -> None:
         progress(1)
 
 
-def test_pending_join_name_mismatch_at_run_time(make_app: MakeApp) -> None:
+def test_a_second_join_of_a_joined_task_is_a_build_error(make_app: MakeApp) -> None:
+    """It used to fail only at run time ("no background task named 't' is pending"); a join
+    with nothing left to join is refused when the pipeline is registered."""
     app = make_app()
-    p = app.pipeline("p", dispatch(fn(publish, name="t"), names=["t"]) >> join("t") >> join("t"))
-    with app:
-        with pytest.raises(DurapipeError, match="no background task named 't' is pending"):
-            p.run({"html": 1, "seo": 2, "email_status": 3})
+    with pytest.raises(BuildError, match="task 't' is joined already by a join upstream"):
+        app.pipeline("p", dispatch(fn(publish, name="t"), names=["t"]) >> join("t") >> join("t"))
+    with pytest.raises(BuildError, match="join 0.2: there is nothing to join here"):
+        app.pipeline("q", dispatch(fn(publish, name="t"), names=["t"]) >> join() >> join())

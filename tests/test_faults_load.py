@@ -101,7 +101,7 @@ def test_a_step_that_always_fails_ends_its_run_in_error_and_spares_the_rest(data
             bad_handle.result(timeout=60)
         goods = [h.result(timeout=60) for h in good_handles]
         assert bad_handle.status() is RunStatus.ERROR
-    assert "0.1:flaky_forever" in str(caught.value) and "after 3 attempts" in str(caught.value)
+    assert "0.1#2:flaky_forever" in str(caught.value) and "gave up after 3 of 3 attempts" in str(caught.value)
     assert "ConnectionError: upstream down for 7" in str(caught.value)
     assert [r.state["ok"] for r in goods] == list(range(20))
 
@@ -110,11 +110,13 @@ def test_a_step_that_always_fails_ends_its_run_in_error_and_spares_the_rest(data
     (error,), = sql(database_url, "SELECT error FROM dbos.workflow_output WHERE workflow_uuid = 'bad-7'")
     stored = json.loads(error)
     assert stored["name"] == "NodeFailed" and "upstream down for 7" in stored["message"]
-    assert stored["data"]["node"] == "0.1:flaky_forever"
+    assert stored["data"]["node"] == "0.1#2:flaky_forever" and stored["data"]["attempts"] == 3
     steps = sql(database_url, "SELECT function_name, output IS NULL, error FROM dbos.operation_outputs "
                               "WHERE workflow_uuid = 'bad-7' ORDER BY function_id")
-    assert [s[0] for s in steps] == ["0.0:healthy", "0.1:flaky_forever"]
-    # The step row records that retries ran out; the cause is in the run's error above.
-    assert steps[1][1] is True and "DBOSMaxStepRetriesExceeded" in steps[1][2] and "3 retries" in steps[1][2]
+    # retries=2 is a durable policy: each attempt a step row with its error, each failure a
+    # recorded decision (the last one: give up).
+    assert [s[0] for s in steps] == ["0.0:healthy", "0.1:flaky_forever", "0.1:retry", "0.1#1:flaky_forever",
+                                     "0.1#1:retry", "0.1#2:flaky_forever", "0.1#2:retry"]
+    assert all(s[1] and "upstream down for 7" in s[2] for s in steps if s[0].endswith("flaky_forever"))
     assert sql(database_url, "SELECT count(*) FROM dbos.workflow_status "
                              "WHERE workflow_uuid LIKE 'good-%' AND status = 'SUCCESS'") == [(20,)]

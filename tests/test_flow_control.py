@@ -21,6 +21,7 @@ from durapipe import (
     App,
     BuildError,
     Flow,
+    ModelError,
     NodeFailed,
     Retry,
     Step,
@@ -36,6 +37,7 @@ from durapipe.audit import install_views
 from durapipe.cli import cli
 from durapipe.diagram import mermaid
 from durapipe.models import FakeModel
+from durapipe.retry import policy_of
 
 MakeApp = Callable[..., App]
 
@@ -130,6 +132,71 @@ def _agent_and_step(app: App) -> tuple[Any, list[str], list[int]]:
     flow = Flow(goals=["y"], steps=[Step("s", fn(lambda s: {}, name="noop") >> fn(part), outputs=["y"],
                                          retry=Retry(attempts=2, backoff=0))])
     return app.pipeline("agent_flow", agent >> flow), asked, seq_calls
+
+
+def test_retries_n_is_the_short_form_of_a_durable_retry(make_app: MakeApp, database_url: str) -> None:
+    """fn(retries=n), Agent.retries(n) and Step(retries=n) are Retry(attempts=n + 1,
+    backoff=0.5): each attempt and each decision recorded, as with an explicit Retry."""
+    short = Retry(attempts=3, backoff=0.5)
+    assert policy_of(fn(len, retries=2)) == short == policy_of(Agent("a").retries(2))
+    assert policy_of(Step("s", fn(len), outputs=["x"], retries=2).node) == short
+    assert policy_of(Agent("a").retries(2).retry(Retry(attempts=5))) == Retry(attempts=5)
+    assert policy_of(fn(len)) is None and policy_of(fn(len, retries=0)) is None
+    with pytest.raises(BuildError, match="give retries=1 or retry=.*not both"):
+        fn(len, retries=1, retry=Retry())
+    # A count means durable attempts now, so a node with one has a new shape (a run recorded
+    # under in-step retries waits for a worker with its own shape); a count of 0 does not.
+    counted = fn(len, name="x", retries=2)
+    as_before = {k: v for k, v in counted.shape().items() if k != "retry_count_means"}
+    assert counted.shape()["max_retries"] == 2 and counted.shape() != as_before
+    assert fn(len, name="x", retries=0).digest() == fn(len, name="x").digest()
+    assert Agent("a").retries(1).digest() != Agent("a").digest() == Agent("a").retries(0).digest()
+
+    calls: list[str] = []
+
+    def flaky(state: dict[str, Any]) -> dict[str, Any]:
+        calls.append("fn")
+        if calls.count("fn") < 3:
+            raise ConnectionError(f"try {calls.count('fn')}")
+        return {"ok": True}
+
+    def answer(request: Any) -> str:
+        calls.append("model")
+        if calls.count("model") == 1:
+            raise RuntimeError("provider hiccup")
+        return "fine"
+
+    app = make_app()
+    p = app.pipeline("p", fn(flaky, retries=2) >> Agent("w", model=FakeModel(answer)).instruct("go").retries(1))
+    with app:
+        state = p.run({}, run_id="short").state
+    assert state == {"ok": True, "w": "fine"} and calls == ["fn", "fn", "fn", "model", "model"]
+    rows = step_rows(database_url, "short")
+    assert list(rows) == ["0.0:flaky", "0.0:retry", "0.0#1:flaky", "0.0#1:retry", "0.0#2:flaky",
+                          "0.1:w", "0.1:retry", "0.1#1:w"]
+    assert rows["0.0:retry"][0]["of"] == 3 and rows["0.1:retry"][0]["of"] == 2
+    assert 0.45 <= rows["0.0:retry"][0]["delay"] <= 0.55  # backoff 0.5 s, +/- 10 % jitter
+
+
+def test_a_models_refusal_is_not_retried_and_its_429_is(make_app: MakeApp) -> None:
+    asked: list[str] = []
+
+    def answer(request: Any) -> str:
+        asked.append(request.agent)
+        if request.agent == "refused":
+            raise ModelError("HTTP 400 INVALID_ARGUMENT", status_code=400)
+        if asked.count("busy") == 1:
+            raise ModelError("HTTP 429 RESOURCE_EXHAUSTED", status_code=429)
+        return "ok"
+
+    app = make_app()
+    busy = app.pipeline("busy", Agent("busy", model=FakeModel(answer)).instruct("go").retries(1))
+    refused = app.pipeline("refused", Agent("refused", model=FakeModel(answer)).instruct("go").retries(3))
+    with app:
+        assert busy.run({}).state["busy"] == "ok"
+        with pytest.raises(ModelError, match="HTTP 400.*gave up after 1 of 4 attempts: its error is not retried"):
+            refused.run({})
+    assert asked.count("busy") == 2 and asked.count("refused") == 1
 
 
 def test_bad_arguments_hashes_and_diagram() -> None:
@@ -246,8 +313,19 @@ def test_detached_task_outlives_the_run_and_tasks_cancel_by_name(make_app: MakeA
         install_views(database_url)
         assert sql(database_url, "SELECT task, status, child_status FROM durapipe.background_tasks "
                                  "WHERE run_id = 'r'") == [("beat", "detached", "PENDING")]
+        assert status("r") == [("SUCCESS",)]  # the run ended; its detached task runs on
         app.get_run("r").cancel_task("beat")
         wait_for(lambda: status("r/0.0.0:beat") == [("CANCELLED",)], what="the cancel")
+        # The same by name from the CLI, on another run's detached task.
+        assert p.run({}, run_id="r2").state["done"] is True
+        wait_for(lambda: status("r2/0.0.0:beat") == [("PENDING",)], what="the second detached task")
+        res = CliRunner().invoke(cli, ["cancel", "r2", "--task", "beat", "--database-url", database_url],
+                                 catch_exceptions=False)
+        assert res.exit_code == 0 and "cancelled task beat of run r2" in res.output, res.output
+        wait_for(lambda: status("r2/0.0.0:beat") == [("CANCELLED",)], what="the CLI's cancel")
+        assert status("r2") == [("SUCCESS",)]
+        assert sql(database_url, "SELECT task, status, child_status FROM durapipe.background_tasks "
+                                 "WHERE run_id = 'r2'") == [("beat", "detached", "CANCELLED")]
         stop.set()
 
         handle = q.start({}, run_id="s")
@@ -264,7 +342,7 @@ def test_detached_task_outlives_the_run_and_tasks_cancel_by_name(make_app: MakeA
 
 # -- edge semantics -------------------------------------------------------------------------
 
-def test_edge_semantics(make_app: MakeApp, database_url: str) -> None:
+def test_edge_semantics(make_app: MakeApp, database_url: str, caplog: pytest.LogCaptureFixture) -> None:
     seen: list[str] = []
 
     def bad_callback(name: str, result: Any) -> None:
@@ -283,6 +361,11 @@ def test_edge_semantics(make_app: MakeApp, database_url: str) -> None:
     assert seen == ["task"]
     out, err = step_rows(database_url, "c/0.0.0:task")["0.0.0:on_complete"]
     assert err is None and out["callback_error"] == "RuntimeError: monitoring broke"
+    assert any("monitoring broke" in r.getMessage() for r in caplog.records)  # and logged
+    assert sql(database_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid = 'c/0.0.0:task'") \
+        == [("SUCCESS",)]  # the task's outcome stands
+    assert any("max" in r.getMessage() and "0:" in r.getMessage() for r in caplog.records
+               if r.levelname == "WARNING")  # the loop at its max warned too
     with pytest.raises(BuildError, match="nothing to join here"):
         app.pipeline("j", fn(lambda s: {}, name="x") >> join())
     flow = Flow(goals=["y"], steps=[Step("s", lambda s: {"y": 1}, outputs=["y"])])

@@ -147,6 +147,11 @@ def test_an_adaptive_limit_shrinks_under_429_and_grows_back(
     audit = sql(database_url, "SELECT current_limit, changes FROM durapipe.limit_status "
                               "WHERE app = 'adaptive-app' AND key = 'llm'")
     assert audit == [(6, len(changes))]
+    # The audit trail itself: the halvings under 429s, then the steps back up to 6.
+    trail = sql(database_url, "SELECT old_limit, new_limit, reason FROM durapipe.limit_changes "
+                              "WHERE app = 'adaptive-app' AND key = 'llm' ORDER BY id")
+    assert [(o, n) for o, n, _ in trail] == [(c["old_limit"], c["new_limit"]) for c in changes]
+    assert trail[0][1] < trail[0][0] and "429" in trail[0][2] and trail[-1][1] == 6
 
 
 def test_a_limit_on_sqlite_holds_within_the_process(tmp_path: Path) -> None:

@@ -133,13 +133,16 @@ def test_capturing_step_logs_keeps_pythons_default_output_of_warnings() -> None:
 
 
 def test_a_retried_step_keeps_each_attempts_logs(make_app: Callable[..., App], database_url: str) -> None:
+    """retries=2 is a durable policy: each attempt is a step of its own (0, 0#1, 0#2) with its
+    own records, error and traceback, and the record bound holds per step."""
     calls: list[int] = []
+    log = logging.getLogger("myapp.steps")
 
     def flaky(state: dict[str, Any]) -> dict[str, Any]:
         calls.append(1)
         n = len(calls)
         log.warning("try %d", n)
-        for i in range(MAX_RECORDS - 3 if n == 2 else 0):  # the 2nd attempt fills the bound
+        for i in range(MAX_RECORDS + 5 if n == 2 else 0):  # the 2nd attempt overflows the bound
             log.info("noise %d", i)
         if n < 3:
             lookup({}) if n == 1 else log.error("giving up on try %d", n)
@@ -151,28 +154,25 @@ def test_a_retried_step_keeps_each_attempts_logs(make_app: Callable[..., App], d
     with app:
         assert Pipeline(app, app.registered("retry")).run({}, run_id="logs-3").state["ok"] == 3
     with Admin(database_url) as admin:
-        [logged] = admin.step_logs(admin.tree("logs-3")).values()
-    records = logged["records"]
-    assert len(records) == MAX_RECORDS and logged["dropped"] == 1  # the bound holds for the step
-    assert records[-1] == {**records[-1], "attempt": 3, "message": "try 3"}
-    assert [r["message"] for r in records if r["attempt"] == 2][-1] == "giving up on try 2"
-    assert "error" not in logged and logged["attempt"] == 3  # it succeeded on its last attempt
-    first, second = logged["attempts"]
+        logs = admin.step_logs(admin.tree("logs-3"))
+    first, second, third = (logs["logs-3", step] for step in ("0:flaky", "0#1:flaky", "0#2:flaky"))
+    assert [r["message"] for r in first["records"]] == ["try 1"]
     assert first["error"] == "KeyError: 'missing'" and first["traceback"][-1]["line"] == RAISE_LINE
-    assert (second["attempt"], second["error"]) == (2, "RuntimeError: flaky 2")
+    assert second["error"] == "RuntimeError: flaky 2" and len(second["records"]) == MAX_RECORDS
+    assert second["records"][0]["message"] == "try 2"  # records past the bound are dropped
+    assert [r["message"] for r in third["records"]] == ["try 3"] and "error" not in third
 
     res = CliRunner().invoke(cli, ["show", "logs-3", "--database-url", database_url], env={"COLUMNS": "220"})
     assert res.exit_code == 0, res.output
-    for line in ("(1 record(s) of earlier attempts dropped)", "attempt 1 failed: KeyError: 'missing'",
-                 "attempt 2 failed: RuntimeError: flaky 2", "attempt 3\n"):
+    for line in ("KeyError: 'missing'", "RuntimeError: flaky 2", "try 3"):
         assert line in res.output, res.output
     assert re.search(rf"at \S*test_step_logs\.py:{RAISE_LINE} in lookup", res.output)
     with TestClient(create_console(app)) as client:
         page = client.get("/runs/logs-3", headers={"accept": "text/html"}).text
-    assert 'data-attempt="1">attempt 1 failed: KeyError' in page and "try 3" in page
+    assert "KeyError: &#x27;missing&#x27;" in page or "KeyError: 'missing'" in page
+    assert "try 3" in page
     install_views(database_url)
-    rows = sql(database_url, "SELECT attempt, message, error, jsonb_array_length(failed_attempts) "
-                             "FROM durapipe.step_logs WHERE run_id = 'logs-3' AND message LIKE '%%try%%' "
-                             "ORDER BY seq")
-    assert rows == [(2, "try 2", "RuntimeError: flaky 2", 2), (2, "giving up on try 2", "RuntimeError: flaky 2", 2),
-                    (3, "try 3", None, 2)]
+    rows = sql(database_url, "SELECT node_path, message, error FROM durapipe.step_logs "
+                             "WHERE run_id = 'logs-3' AND message LIKE '%%try%%' ORDER BY node_path, seq")
+    assert rows == [("0", "try 1", "KeyError: 'missing'"), ("0#1", "try 2", "RuntimeError: flaky 2"),
+                    ("0#2", "try 3", None)]

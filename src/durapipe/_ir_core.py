@@ -23,6 +23,13 @@ from .retry import Retry
 # while it has its default, so adding the option changes no existing pipeline's hash.
 OPTION: dict[str, Any] = {"option": True}
 
+# Field metadata of a retry count (``retries=n``). It used to mean DBOS's retries inside one
+# step and now means a durable Retry (each attempt and decision a step of its own), so a
+# node with a count has a new shape: a run recorded under the old meaning that has passed
+# the node is never replayed on the new one (it waits for a worker with its shape, as after
+# any change of a node it passed). A count of 0 leaves the shape as it was.
+RETRY_COUNT: dict[str, Any] = {"retry_count": True}
+
 StateFn = Callable[[dict[str, Any]], Any]
 
 
@@ -120,6 +127,8 @@ class Node:
             if f.metadata.get("option") and value == f.default:
                 continue
             out[f.name] = _shape_value(value)
+            if f.metadata.get("retry_count") and value:
+                out["retry_count_means"] = "durable attempts"
         return out
 
     def digest(self) -> str:
@@ -174,7 +183,7 @@ class Fn(Node):
     kind: ClassVar[str] = "fn"
     func: Callable[..., Any]
     name: str | None = None
-    max_retries: int = 0
+    max_retries: int = field(default=0, metadata=RETRY_COUNT)
     reads: tuple[str, ...] | None = None
     writes: tuple[str, ...] | None = None
     retry: Retry | None = field(default=None, metadata=OPTION)

@@ -65,13 +65,16 @@ def fn(
     is registered (a read nothing upstream writes, two parallel branches writing one key).
     It runs once unless told otherwise: ``retry=Retry(attempts=5, backoff=1)`` tries it
     again after a failure, each attempt recorded (a restart resumes the count);
-    ``retries=n`` retries inside one step, quickly, with DBOS's fixed backoff (a restart
-    starts the count again).
+    ``retries=n`` is the short form of ``retry=Retry(attempts=n + 1, backoff=0.5)``.
     """
     _check_fn(f, "fn")
     label = name or getattr(f, "__name__", "fn")
     if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
         raise BuildError(f"fn {label!r}: retries must be an int >= 0, got {retries!r}")
+    if retries and retry is not None:
+        raise BuildError(f"fn {label!r}: give retries={retries} or retry={retry!r}, not both "
+                         f"(retries={retries} is short for retry=Retry(attempts={retries + 1}, "
+                         "backoff=0.5))")
     return Fn(f, name, retries or 0, _keys(reads, "reads", f"fn {label!r}"),
               _keys(writes, "writes", f"fn {label!r}"), as_retry(retry, f"fn {label!r}"))
 

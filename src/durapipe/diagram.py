@@ -39,6 +39,7 @@ from .ir import (
     callable_name,
 )
 from .planner import Flow, Step
+from .retry import policy_of
 
 STATUS_CLASSES = {
     "SUCCESS": "success", "APPROVED": "success", "ERROR": "error", "REJECTED": "error",
@@ -90,11 +91,13 @@ def _leaf(d: _Drawing, path: str, node: Node) -> tuple[list[str], list[str]]:
     if isinstance(node, Agent):
         model = node.model_ref if isinstance(node.model_ref, str) else None
         sub = f"agent · {model}" if model else "agent"
-        if node.retry_policy is not None:
-            sub += f" · retry ×{node.retry_policy.attempts}"
+        policy = policy_of(node)
+        if policy is not None:
+            sub += f" · retry ×{policy.attempts}"
         d.add(f'{nid}["{_text(node.name)}<br/><small>{_text(sub)}</small>"]')
     elif isinstance(node, Fn):
-        retry = f" · retry ×{node.retry.attempts}" if node.retry is not None else ""
+        policy = policy_of(node)
+        retry = f" · retry ×{policy.attempts}" if policy is not None else ""
         d.add(f'{nid}("{_text(node.label + retry)}")')
     elif isinstance(node, Transform):
         d.add(f'{nid}[/"{_text(node.label)}"/]')

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from ._ir_core import (
     OPTION,
+    RETRY_COUNT,
     Fallback,
     Fn,
     Limit,
@@ -75,7 +76,7 @@ class Agent(Node):
     model_ref: Any = None
     instruction: str | None = None
     output_key: str | None = None
-    max_retries: int = 0
+    max_retries: int = field(default=0, metadata=RETRY_COUNT)
     tool_fns: tuple[Callable[..., Any], ...] = ()
     output_model: type | None = None
     turn_limit: int = 10
@@ -119,6 +120,8 @@ class Agent(Node):
         return self._replace(output_key=key)  # type: ignore[no-any-return]
 
     def retries(self, n: int) -> Agent:
+        """Short for ``.retry(Retry(attempts=n + 1, backoff=0.5))``: the whole agent runs again
+        after a failure, each attempt durable. A ``.retry(...)`` policy, when given, wins."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise BuildError(f"Agent {self.name!r}.retries({n!r}): retries must be an int >= 0")
         return self._replace(max_retries=n)  # type: ignore[no-any-return]
@@ -303,7 +306,7 @@ class Patched(Node):
 
 
 __all__ = [
-    "OPTION", "Agent", "Dispatch", "Fallback", "Fn", "Gate", "Join", "Limit", "Loop", "MapOver", "Node",
+    "OPTION", "RETRY_COUNT", "Agent", "Dispatch", "Fallback", "Fn", "Gate", "Join", "Limit", "Loop", "MapOver", "Node",
     "Parallel", "Patched", "Race", "Route", "Seq", "Sleep", "Timeout", "Transform", "Until",
     "as_node", "callable_name", "template_keys",
 ]

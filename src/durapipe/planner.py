@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .errors import BuildError, PlanError
-from .ir import OPTION, Agent, Fn, Node, as_node
+from .ir import OPTION, RETRY_COUNT, Agent, Fn, Node, as_node
 from .retry import Retry, as_retry
 
 
@@ -46,9 +46,10 @@ class Step(Node):
     """One step of a :class:`Flow`: a node plus the state keys it needs and produces.
 
     ``fn`` is any node (``fn(...)``, an ``Agent``, a sub-pipeline) or a bare function of
-    the state. The step must write every key in ``outputs``; ``retries`` re-runs it when
-    it fails (for a function or agent, as retries of its DBOS step); ``retry=Retry(...)``
-    re-runs it with a durable count and backoff (see :class:`durapipe.Retry`).
+    the state. The step must write every key in ``outputs``; ``retry=Retry(...)`` re-runs
+    it when it fails, with a durable count and backoff (see :class:`durapipe.Retry`), and
+    ``retries=n`` is short for ``retry=Retry(attempts=n + 1, backoff=0.5)``. A function or
+    agent without a policy of its own takes the step's.
 
     >>> Step("setup-account", setup_account, needs=["customer_id", "email"], outputs=["account_id"])
     """
@@ -58,7 +59,7 @@ class Step(Node):
     node: Node
     needs: tuple[str, ...]
     outputs: tuple[str, ...]
-    retries: int
+    retries: int = field(metadata=RETRY_COUNT)
     retry: Retry | None = field(default=None, metadata=OPTION)
 
     def __init__(self, name: str, fn: Any, needs: Iterable[str] = (), outputs: Iterable[str] = (),

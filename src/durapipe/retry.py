@@ -15,6 +15,9 @@ Defaults per node kind (without a ``Retry``): a plain function runs once (it may
 side effects, so retrying it is the author's choice); a model call retries transient
 provider errors (429, 5xx, timeouts) inside its request, with backoff and jitter
 (``GeminiModel``); a ``Step`` takes its node's policy.
+
+``fn(f, retries=n)``, ``Agent(...).retries(n)`` and ``Step(..., retries=n)`` are the short
+form of the same mechanism: ``Retry(attempts=n + 1, backoff=0.5)`` (see :func:`from_retries`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,11 @@ from .errors import BuildError
 # its state is wrong, or that a person or an operator stopped the run, so another attempt
 # would fail alike.
 NEVER_RETRIED = ("BuildError", "PlanError", "StateError", "GateRejected", "RunCancelled",
-                 "PipelineChanged", "RunTimeout")
+                 "PipelineChanged", "RunTimeout", "BudgetExceeded")
+
+# The short form's first wait, in seconds: what DBOS's in-step retries waited, which
+# ``retries=n`` meant before it became a durable policy.
+SHORT_FORM_BACKOFF = 0.5
 
 
 def _names(arg: Any, what: str) -> tuple[str, ...]:
@@ -117,6 +124,22 @@ class Retry:
         return not names & set(NEVER_RETRIED)
 
 
+def from_retries(n: int) -> Retry | None:
+    """The policy ``retries=n`` stands for: ``Retry(attempts=n + 1, backoff=0.5)``; None for 0."""
+    return Retry(attempts=n + 1, backoff=SHORT_FORM_BACKOFF) if n else None
+
+
+def policy_of(node: Any) -> Retry | None:
+    """The retry policy a node runs under: its ``Retry`` if it has one, else the one its
+    ``retries=n`` stands for (kept as a count in the node's shape, so pipelines registered
+    with ``retries=`` keep their version), else None (the node runs once)."""
+    policy = getattr(node, "retry_policy", None)
+    if isinstance(policy, Retry):
+        return policy
+    count = getattr(node, "max_retries", 0)
+    return from_retries(count) if isinstance(count, int) else None
+
+
 def as_retry(value: Any, owner: str) -> Retry | None:
     """``retry=`` of a builder: a Retry, or None."""
     if value is None or isinstance(value, Retry):
@@ -124,4 +147,4 @@ def as_retry(value: Any, owner: str) -> Retry | None:
     raise BuildError(f"{owner}: retry= takes Retry(attempts=..., backoff=...), got {value!r}")
 
 
-__all__ = ["NEVER_RETRIED", "Retry", "as_retry"]
+__all__ = ["NEVER_RETRIED", "SHORT_FORM_BACKOFF", "Retry", "as_retry", "from_retries", "policy_of"]

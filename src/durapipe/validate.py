@@ -34,6 +34,7 @@ class Checker:
     inputs: frozenset[str] | None
     required: set[str] = field(default_factory=set)
     detached: set[str] = field(default_factory=set)
+    joined: set[str] = field(default_factory=set)
 
     def need(self, path: str, node: Node, keys: tuple[str, ...], avail: Avail) -> None:
         if avail.opaque:
@@ -110,8 +111,11 @@ class Checker:
                         path=path, key=k,
                     )
                 writers[k] = f"{bpath}:{branch.label}"
+            # Tasks a branch dispatched are pending afterwards; those it joined are not.
+            started = tuple(p for p in after.pending if p not in avail.pending)
             out = replace(out, keys=out.keys | after.keys, opaque=out.opaque or after.opaque,
-                          pending=out.pending + after.pending[len(avail.pending):])
+                          pending=tuple(p for p in out.pending if p in after.pending
+                                        or p not in avail.pending) + started)
         return out.add((node.errors_key or "errors",)) if node.errors == "collect" else out
 
     def no_flow_in_loop(self, node: Loop, path: str) -> None:
@@ -125,7 +129,7 @@ class Checker:
                 )
 
     def dispatch(self, node: Dispatch, path: str, avail: Avail) -> Avail:
-        known = {name for name, _, _ in avail.pending} | self.detached
+        known = {name for name, _, _ in avail.pending} | self.detached | self.joined
         pending = list(avail.pending)
         for i, (name, task) in enumerate(zip(node.names, node.tasks, strict=True)):
             if node.detach:
@@ -154,14 +158,20 @@ class Checker:
         if not node.names and not names:
             raise BuildError(
                 f"join {path}: there is nothing to join here; no dispatch upstream starts a "
-                "background task (detached tasks are never joined). Remove the join, or "
-                "dispatch(...) before it", path=path,
+                "background task that is not joined yet (detached tasks are never joined). "
+                "Remove the join, or dispatch(...) before it", path=path,
             )
         for name in node.names:
             if name in self.detached and name not in names:
                 raise BuildError(
                     f"join {path}: task {name!r} is dispatched with detach=True, so it is never "
                     "joined; drop detach=True to join it, or drop it from the join",
+                    path=path, name=name,
+                )
+            if name not in names and name in self.joined:
+                raise BuildError(
+                    f"join {path}: task {name!r} is joined already by a join upstream, so "
+                    "this one would wait for nothing; remove it from this join",
                     path=path, name=name,
                 )
             if name not in names:
@@ -173,7 +183,10 @@ class Checker:
         for name, keys, opaque in avail.pending:
             if not node.names or name in node.names:
                 avail = avail.add(None) if opaque else avail.add(keys)
-        return avail
+                self.joined.add(name)
+        # What this join collects is no longer pending: a later join() has nothing of it.
+        return replace(avail, pending=tuple(p for p in avail.pending
+                                            if node.names and p[0] not in node.names))
 
 
     def goal_flow(self, node: Flow, path: str, avail: Avail) -> Avail:

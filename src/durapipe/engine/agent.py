@@ -136,7 +136,7 @@ def _errors_text(exc: pydantic.ValidationError) -> str:
 
 
 async def _run_tools(calls: tuple[ToolCall, ...], tools: dict[str, Tool], where: str,
-                     turn: int, retries: int) -> list[dict[str, Any]]:
+                     turn: int) -> list[dict[str, Any]]:
     available = sorted(tools)
     steps = []
     for i, call in enumerate(calls):
@@ -145,7 +145,7 @@ async def _run_tools(calls: tuple[ToolCall, ...], tools: dict[str, Tool], where:
         async def body(call: ToolCall = call, step: str = step) -> dict[str, Any]:
             return await _call_tool(tools.get(call.name), call, step, available)
 
-        steps.append(run_step(step, retries, body))
+        steps.append(run_step(step, 0, body))
     # gather starts each coroutine in list order, and each starts its step before it first
     # suspends: step numbers follow the model's order of calls, whatever finishes first.
     results = await asyncio.gather(*steps, return_exceptions=True)
@@ -181,13 +181,14 @@ async def run_agent(ctx: RunContext, node: Agent, path: str, state: State) -> St
             await budget.check(ctx.app, ctx.root, step)  # inside the step: replays never re-check
             return budget.priced(ctx.app, await _call_model(model_ref, request, step, turn, tokens))
 
-        response = ModelResponse.from_json(await run_step(step, node.max_retries, ask))
+        # retries(n) is a durable policy of the whole agent (engine/retry.py), not step retries
+        response = ModelResponse.from_json(await run_step(step, 0, ask))
         if ctx.tracer is not None:
             ctx.tracer.model_call(ctx, node.name, response)
         if response.tool_calls:
             messages.append({"role": "model", "text": response.text,
                              "tool_calls": [c.to_json() for c in response.tool_calls]})
-            results = await _run_tools(response.tool_calls, tools, where, turn, node.max_retries)
+            results = await _run_tools(response.tool_calls, tools, where, turn)
             messages.append({"role": "tool", "results": results})
             continue
         if output_model is None:

@@ -23,6 +23,7 @@ from dbos import DBOS
 
 from ..errors import DurapipeError, NodeFailed, StateError, error_text, storable_errors
 from ..ir import Fn, Node, Parallel, Seq, Sleep, Transform
+from ..retry import policy_of
 from ..state import State, check_updates
 from . import bounds, events, lifecycle, slots, steplogs, taskgroup
 from . import steps as lean
@@ -46,7 +47,7 @@ async def run_fn(ctx: RunContext, node: Fn, path: str, state: State) -> State:
         body = body_async
     else:
         body = _sync_body(node, where, state)
-    result: State = await run_step(where, node.max_retries, body)
+    result: State = await run_step(where, 0, body)  # retries=n: a durable policy (retry.py)
     return result
 
 
@@ -70,10 +71,10 @@ def run_sync_fn(node: Fn, path: str, state: State) -> State:
     try:
         step = lean.take_step(next_reservation(where)) if log is not None else None
         if log is not None and step is not None:
-            result: State = lean.run_sync(log, step, where, node.max_retries, body,
+            result: State = lean.run_sync(log, step, where, 0, body,
                                           no_retry_for_durapipe_errors)
         else:
-            result = DBOS.run_step(step_options(where, node.max_retries), body)  # type: ignore[call-overload]
+            result = DBOS.run_step(step_options(where, 0), body)  # type: ignore[call-overload]
     except Exception as exc:
         raise node_error(exc, where) from exc
     finally:
@@ -143,7 +144,7 @@ def _sync_run(ctx: RunContext, nodes: tuple[Node, ...], start: int) -> int:
     while end < len(nodes) and (
         isinstance(nodes[end], Transform)
         or (isinstance(nodes[end], Fn) and not nodes[end].is_async  # type: ignore[attr-defined]
-            and nodes[end].retry is None)  # type: ignore[attr-defined]
+            and policy_of(nodes[end]) is None)
     ):
         end += 1
     return end - start

@@ -24,6 +24,7 @@ from dbos import DBOS
 from ..errors import DurapipeError, NodeFailed, NodeTimeout, PlanError, StateError
 from ..ir import Agent, Fn
 from ..planner import Flow, PlannedStep, Step, at_path
+from ..retry import from_retries
 from ..state import State
 from . import lifecycle
 from .children import await_child
@@ -32,7 +33,6 @@ from .retry import run_attempts
 from .taskgroup import with_cancelled
 
 POLL_SECONDS = 0.05
-_RETRIED = (NodeFailed, NodeTimeout)
 
 
 def _renamed(exc: BaseException, step: Step, path: str) -> BaseException:
@@ -47,30 +47,20 @@ def _renamed(exc: BaseException, step: Step, path: str) -> BaseException:
 
 async def run_flow_step(ctx: RunContext, node: Step, path: str, state: State) -> State:
     body = f"{path}.0"
-    if node.retry is not None and not isinstance(node.node, (Fn, Agent)):
-        # A durable policy: each attempt at its own mark, each failure recorded (retry.py).
-        try:
-            done = await run_attempts(ctx, node.retry, body, node.node.label,
+    # Fn and Agent carry the step's policy themselves (Step puts it on them); any other node
+    # is re-run here under it: each attempt at its own mark, each failure recorded (retry.py).
+    policy = None if isinstance(node.node, (Fn, Agent)) else (node.retry or from_retries(node.retries))
+    try:
+        if policy is not None:
+            done = await run_attempts(ctx, policy, body, node.node.label,
                                       lambda where: ctx.execute(node.node, where, state))
-        except Exception as exc:
-            raise _renamed(node_error(exc, f"{body}:{node.node.label}"), node, path) from exc
-        return _check_outputs(node, path, done)
-    # Fn and Agent retry inside their own DBOS step (or by their own durable policy); other
-    # nodes are re-run here, each attempt under its own instance mark so its operations
-    # have names of their own.
-    attempts = 1 if isinstance(node.node, (Fn, Agent)) else node.retries + 1
-    updates: State = {}
-    for attempt in range(attempts):
-        where = body if attempt == 0 else f"{body}#{attempt}"
-        try:
-            updates = await ctx.execute(node.node, where, state)
-            break
-        except _RETRIED as exc:
-            if attempt + 1 == attempts:
-                raise _renamed(exc, node, path) from exc
-        except Exception as exc:
-            raise _renamed(node_error(exc, f"{where}:{node.node.label}"), node, path) from exc
-    return _check_outputs(node, path, updates)
+        else:
+            done = await ctx.execute(node.node, body, state)
+    except (NodeFailed, NodeTimeout) as exc:
+        raise _renamed(exc, node, path) from exc
+    except Exception as exc:
+        raise _renamed(node_error(exc, f"{body}:{node.node.label}"), node, path) from exc
+    return _check_outputs(node, path, done)
 
 
 def _check_outputs(node: Step, path: str, updates: State) -> State:

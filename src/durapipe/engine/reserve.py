@@ -24,6 +24,7 @@ from dbos import DBOS
 
 from ..errors import DurapipeError
 from ..ir import Agent, Fn, Limit, Node, Seq, Transform
+from ..retry import policy_of
 
 # The reservations the current branch (an asyncio task) still has to run, in order.
 _queue: ContextVar[list[Any] | None] = ContextVar("durapipe_reserved_steps", default=None)
@@ -39,7 +40,7 @@ def static_ops(node: Node) -> int | None:
     """
     if isinstance(node, Transform):
         return 0
-    if getattr(node, "retry_policy", None) is not None:
+    if policy_of(node) is not None:
         return None  # how many attempts it takes is known only when it runs
     if isinstance(node, Fn):
         return 1
@@ -97,7 +98,7 @@ def single_op(node: Node) -> bool:
     """True when a node starts at most one DBOS operation, before it first suspends."""
     if isinstance(node, Transform):
         return True
-    if getattr(node, "retry_policy", None) is not None:
+    if policy_of(node) is not None:
         return False
     if isinstance(node, Fn):
         return True

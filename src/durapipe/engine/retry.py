@@ -10,6 +10,11 @@ written for an attempt that succeeds beyond its own steps.
 
 The decision is taken once, with the error in hand (its class and base classes), and read
 back afterwards, so a replay decides alike even where the recorded error has lost its class.
+
+``retries=n`` (on ``fn``, ``Agent`` and ``Step``) runs here too, as ``Retry(attempts=n + 1,
+backoff=0.5)``. It used to mean DBOS's retries inside one step; a node with a count has a
+new shape since (``_ir_core.RETRY_COUNT``), so a run recorded under the old meaning is never
+replayed here past such a node: it waits for a worker with its own shape.
 """
 
 from __future__ import annotations
@@ -22,9 +27,17 @@ from typing import Any
 
 from dbos._error import DBOSException
 
-from ..errors import DurapipeError, NodeFailed, PipelineChanged, RunCancelled, error_text, from_portable
+from ..errors import (
+    DurapipeError,
+    ModelError,
+    NodeFailed,
+    PipelineChanged,
+    RunCancelled,
+    error_text,
+    from_portable,
+)
 from ..ir import Node
-from ..retry import Retry
+from ..retry import Retry, policy_of
 from ..state import State
 from .context import Handler, RunContext, node_error, run_step
 
@@ -53,6 +66,12 @@ def _type_names(exc: BaseException) -> list[str]:
     return [c.__name__ for c in type(exc).__mro__]
 
 
+def _refused(exc: BaseException) -> bool:
+    """A model's refusal: a ModelError with an HTTP 4xx status other than 408 and 429."""
+    code = exc.data.get("status_code") if isinstance(exc, ModelError) else None
+    return isinstance(code, int) and 400 <= code < 500 and code not in (408, 429)
+
+
 def decide(policy: Retry, exc: BaseException) -> bool:
     """Whether ``exc`` (a failed attempt's error) is retried under ``policy``."""
     if isinstance(exc, DBOSException):  # cancelled, diverged replay, conflict: never
@@ -62,6 +81,8 @@ def decide(policy: Retry, exc: BaseException) -> bool:
     root = _root_error(exc)
     if isinstance(root, DBOSException):
         return False
+    if _refused(root) and "ModelError" not in policy.retry_on:
+        return False  # the provider refused this request (a 4xx): it would refuse it again
     names = _type_names(root)
     if root is not exc:
         names += [n for n in _type_names(exc) if n not in names and n != "NodeFailed"]
@@ -115,10 +136,11 @@ def _given_up(err: BaseException, path: str, label: str, made: int, allowed: int
 
 
 def retrying(handler: Handler) -> Handler:
-    """``handler`` for nodes that may carry a durable ``retry_policy`` (fn, agent)."""
+    """``handler`` for nodes that may carry a retry policy (fn, agent): ``retry=Retry(...)``
+    or its short form ``retries=n``."""
 
     async def run(ctx: RunContext, node: Node, path: str, state: State) -> State:
-        policy: Retry | None = getattr(node, "retry_policy", None)
+        policy = policy_of(node)
         if policy is None or policy.attempts == 1:
             return await handler(ctx, node, path, state)
         return await run_attempts(ctx, policy, path, node.label,
