@@ -48,8 +48,8 @@ def status(url: str, workflow_id: str) -> str:
                    workflow_id)[0][0])
 
 
-MODEL = FakeModel({"writer": "draft", "email_sender": "sent", "seo_optimizer": "kw",
-                   "formatter": "html"}, delay={"email_sender": 1.0, "seo_optimizer": 0.5})
+RESPONSES = {"writer": "draft", "email_sender": "sent", "seo_optimizer": "kw", "formatter": "html"}
+MODEL = FakeModel(RESPONSES, delay={"email_sender": 1.0, "seo_optimizer": 0.5})
 writer = Agent("writer").writes("draft")
 email = Agent("email_sender").instruct("Announce {draft}").writes("email_status")
 seo = Agent("seo_optimizer").instruct("Keywords {draft}").writes("seo")
@@ -82,7 +82,9 @@ def test_formatter_runs_while_background_tasks_run(make_app: MakeApp, database_u
 
 
 def test_named_joins_in_order(make_app: MakeApp, database_url: str) -> None:
-    app = make_app(model=MODEL)
+    # email runs 2.5 s longer than seo: room for the publisher on a loaded machine.
+    app = make_app(model=FakeModel(RESPONSES, delay={"email_sender": 3.0,
+                                                                  "seo_optimizer": 0.5}))
     p = app.pipeline("p", writer >> dispatch(email, seo, names=["email", "seo"]) >> formatter
                      >> join("seo", timeout=30) >> fn(lambda s: {"pub": s["seo"]}, name="publisher")
                      >> join("email"))
@@ -106,7 +108,7 @@ def test_join_timeout_cancels_and_drops_writes(make_app: MakeApp, database_url: 
 
     app = make_app()
     p = app.pipeline("p", dispatch(fn(slow), fn(lambda s: {"fast": 1}, name="fast"))
-                     >> join(timeout=0.5) >> fn(lambda s: {"after": sorted(s)}, name="after"))
+                     >> join(timeout=3) >> fn(lambda s: {"after": sorted(s)}, name="after"))
     try:
         with app:
             state = p.run({}, run_id="r").state
