@@ -15,6 +15,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any
 
 import psycopg
@@ -24,9 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from durapipe import App, fn  # noqa: E402
 from durapipe.audit import install_views  # noqa: E402
-from durapipe.engine.runlist import PAGE_SQL, RunQuery  # noqa: E402
+from durapipe.engine.runlist import RunQuery  # noqa: E402
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+PIPE = "CASE WHEN g % 100 = 55 THEN 'beta' ELSE 'alpha' END"
+# `durapipe runs` pages: a common filter, a rare pipeline, a status, and a filter no run matches.
+PAGES = {
+    "-p alpha --status SUCCESS": RunQuery(pipeline="alpha", status="SUCCESS"),
+    "-p beta (1 run in 100)": RunQuery(pipeline="beta"),
+    "--status ERROR (1 run in 10)": RunQuery(status="ERROR"),
+    "-p beta --status ERROR (none)": RunQuery(pipeline="beta", status="ERROR"),
+}
 
 
 def readme_queries() -> dict[str, str]:
@@ -37,25 +46,26 @@ def readme_queries() -> dict[str, str]:
 
 
 def add_runs(con: psycopg.Connection[Any], first: int, last: int, now_ms: int) -> None:
-    """Runs r<first>..r<last>, one second apart going back from now."""
+    """Runs r<first>..r<last>, one second apart going back from now: one in 100 of pipeline
+    beta (never failed), the others of alpha, one in 10 failed."""
     rng = f"generate_series({first}, {last}) g"
     con.execute(f"""
         INSERT INTO dbos.workflow_status (workflow_uuid, status, name, created_at, completed_at,
                                           application_name, application_version, executor_id,
                                           parent_workflow_id)
         SELECT 'r' || g, CASE WHEN g % 10 = 0 THEN 'ERROR' ELSE 'SUCCESS' END,
-               'durapipe.run:alpha', {now_ms} - g * 1000, {now_ms} - g * 1000 + 40,
+               'durapipe.run:' || {PIPE}, {now_ms} - g * 1000, {now_ms} - g * 1000 + 40,
                'bench-queries', 'v', 'local', NULL FROM {rng}
         UNION ALL
         SELECT 'r' || g || '/0.1:b', 'SUCCESS', 'durapipe.run', {now_ms} - g * 1000 + 5,
                {now_ms} - g * 1000 + 30, 'bench-queries', 'v', 'local', 'r' || g FROM {rng}""")
     con.execute(f"""
         INSERT INTO dbos.workflow_input (workflow_uuid, inputs)
-        SELECT 'r' || g, '{{"positionalArgs": ["alpha", "s1", {{"topic": "item ' || g || '"}}]}}'
+        SELECT 'r' || g, '{{"positionalArgs": ["' || {PIPE} || '", "s1", {{"topic": "item ' || g || '"}}]}}'
         FROM {rng}
         UNION ALL
         SELECT 'r' || g || '/0.1:b',
-               '{{"positionalArgs": ["alpha", "s1", {{"topic": "item ' || g || '"}}, "0.1", "r' || g || '"]}}'
+               '{{"positionalArgs": ["' || {PIPE} || '", "s1", {{"topic": "item ' || g || '"}}, "0.1", "r' || g || '"]}}'
         FROM {rng}""")
     con.execute(f"""
         INSERT INTO dbos.workflow_output (workflow_uuid, output, error)
@@ -81,18 +91,20 @@ def add_runs(con: psycopg.Connection[Any], first: int, last: int, now_ms: int) -
 
 
 def start_cost(app: App, pipeline: Any, con: psycopg.Connection[Any], rounds: int) -> list[list[str]]:
-    """A one-step run started and finished, with durapipe's keying trigger and with it
-    disabled, interleaved: what keying adds to a run (and to each child workflow)."""
+    """A one-step run started and finished, with durapipe's keying triggers (keys at start,
+    status at each change) and with them disabled, interleaved: what keying adds to a run."""
     out: dict[str, list[float]] = {"with run keys": [], "trigger disabled": []}
     for i in range(rounds + 5):
         for mode in out:
             action = "ENABLE" if mode == "with run keys" else "DISABLE"
             con.execute(f"ALTER TABLE dbos.workflow_input {action} TRIGGER durapipe_run_keys")
+            con.execute(f"ALTER TABLE dbos.workflow_status {action} TRIGGER durapipe_run_keys_status")
             t0 = time.perf_counter()
             pipeline.run({"n": i})
             if i >= 5:
                 out[mode].append((time.perf_counter() - t0) * 1000)
     con.execute("ALTER TABLE dbos.workflow_input ENABLE TRIGGER durapipe_run_keys")
+    con.execute("ALTER TABLE dbos.workflow_status ENABLE TRIGGER durapipe_run_keys_status")
     base = median(out["trigger disabled"])
     return [[mode, f"{median(xs):.2f}", f"{median(xs) / base:.2f}x"] for mode, xs in out.items()]
 
@@ -117,7 +129,6 @@ def section(database_url: str) -> str:
             insert_s.append(f"{size - done:,} runs in {time.perf_counter() - t0:.1f} s")
             done = size
             one = f"r{size // 2}"
-            page = RunQuery(pipeline="alpha", status="SUCCESS").params(51)
             cases: dict[str, Any] = {
                 "DBOS primary key (workflow_status)": lambda one=one: con.execute(
                     "SELECT * FROM dbos.workflow_status WHERE workflow_uuid = %s", (one,)).fetchall(),
@@ -125,9 +136,10 @@ def section(database_url: str) -> str:
                     "SELECT * FROM durapipe.runs WHERE run_id = %s", (one,)).fetchall(),
                 "durapipe.steps WHERE run_id =": lambda one=one: con.execute(
                     "SELECT * FROM durapipe.steps WHERE run_id = %s", (one,)).fetchall(),
-                "runs -p alpha --status SUCCESS (one page)": lambda page=page: con.execute(
-                    PAGE_SQL, page).fetchall(),
             }
+            for title, query in PAGES.items():
+                cases[f"runs {title} (one page)"] = lambda q=query: con.execute(
+                    q.sql(), q.params(51)).fetchall()
             heavy: dict[str, Any] = {}
             for title, query in audit.items():
                 # The aggregates read the whole window: fewer rounds for them.
@@ -151,8 +163,9 @@ def section(database_url: str) -> str:
         "",
         table(rows, ["query", "recorded runs", "median ms", "vs smallest"]),
         "",
-        "What keying costs at start: a one-step run, `pipeline.run` to its result, with the",
-        "trigger and with it disabled, interleaved (median ms of 100 each).",
+        "What keying costs: a one-step run, `pipeline.run` to its result (keys written at start,",
+        "status kept at each change), with the triggers and with them disabled, interleaved",
+        "(median ms of 100 each).",
         "",
         table(starts, ["run", "median ms", "ratio"]),
         "",
@@ -160,7 +173,19 @@ def section(database_url: str) -> str:
 
 
 if __name__ == "__main__":
+    # `python bench/bench_scale_queries.py [--keep DBNAME]`: with --keep the history is built
+    # in that database (created when absent) and left there, for EXPLAIN afterwards.
     from common import fresh_database, postgres_server
 
-    with postgres_server() as server, fresh_database(server) as url:
-        print(section(url))
+    if "--keep" in sys.argv:
+        name = sys.argv[sys.argv.index("--keep") + 1]
+        with postgres_server() as server:
+            with psycopg.connect(server, autocommit=True) as admin:
+                if admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is None:
+                    admin.execute(f'CREATE DATABASE "{name}"')
+            kept = urlsplit(server)._replace(path="/" + name).geturl()
+            print(section(kept))
+            print(f"history kept in database {name}")
+    else:
+        with postgres_server() as server, fresh_database(server) as url:
+            print(section(url))
