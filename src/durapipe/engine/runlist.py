@@ -18,13 +18,16 @@ from typing import Any
 from ..audit import RunInfo, first_line, redact
 from ..errors import OperatorError
 
+# The recorded error is read for the runs that did not succeed only: a page of successful
+# runs reads one row of DBOS's per run, not two.
 _SELECT = """
 SELECT k.workflow_id, s.status, s.created_at, s.completed_at, s.executor_id,
-       s.application_version, s.forked_from, k.pipeline, wo.error, s.queue_name, k.app,
-       s.attributes->>'durapipe.tenant'
+       s.application_version, s.forked_from, k.pipeline,
+       CASE WHEN s.status <> 'SUCCESS' THEN (SELECT wo.error FROM dbos.workflow_output wo
+                                             WHERE wo.workflow_uuid = k.workflow_id) END,
+       s.queue_name, k.app, s.attributes->>'durapipe.tenant'
 FROM durapipe.run_keys k
 JOIN dbos.workflow_status s ON s.workflow_uuid = k.workflow_id
-LEFT JOIN dbos.workflow_output wo ON wo.workflow_uuid = k.workflow_id
 WHERE k.parent_workflow_id IS NULL"""
 
 # One condition per filter, in the query only when the filter is set: each combination of
