@@ -15,8 +15,8 @@ import re
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 from common import interleave, median, table
@@ -90,6 +90,14 @@ def add_runs(con: psycopg.Connection[Any], first: int, last: int, now_ms: int) -
         con.execute(f"ANALYZE {t}")
 
 
+def buffers(con: psycopg.Connection[Any], query: str, params: Any) -> int:
+    """The shared buffers one execution of ``query`` touches (hit + read; its top node's
+    count, planning not included)."""
+    plan = [r[0] for r in con.execute("EXPLAIN (ANALYZE, BUFFERS) " + query, params).fetchall()]
+    top = next((line for line in plan if line.strip().startswith("Buffers:")), "")
+    return sum(int(n) for n in re.findall(r"(?:hit|read)=(\d+)", top))
+
+
 def start_cost(app: App, pipeline: Any, con: psycopg.Connection[Any], rounds: int) -> list[list[str]]:
     """A one-step run started and finished, with durapipe's keying triggers (keys at start,
     status at each change) and with them disabled, interleaved: what keying adds to a run."""
@@ -120,6 +128,7 @@ def section(database_url: str) -> str:
     now_ms = int(time.time() * 1000)
     rows: list[list[str]] = []
     base: dict[str, float] = {}
+    base_blocks: dict[str, int] = {}
     done = 0
     insert_s: list[str] = []
     with psycopg.connect(database_url, autocommit=True) as con:
@@ -129,39 +138,45 @@ def section(database_url: str) -> str:
             insert_s.append(f"{size - done:,} runs in {time.perf_counter() - t0:.1f} s")
             done = size
             one = f"r{size // 2}"
-            cases: dict[str, Any] = {
-                "DBOS primary key (workflow_status)": lambda one=one: con.execute(
-                    "SELECT * FROM dbos.workflow_status WHERE workflow_uuid = %s", (one,)).fetchall(),
-                "durapipe.runs WHERE run_id =": lambda one=one: con.execute(
-                    "SELECT * FROM durapipe.runs WHERE run_id = %s", (one,)).fetchall(),
-                "durapipe.steps WHERE run_id =": lambda one=one: con.execute(
-                    "SELECT * FROM durapipe.steps WHERE run_id = %s", (one,)).fetchall(),
+            queries: dict[str, tuple[str, Any]] = {
+                "DBOS primary key (workflow_status)": (
+                    "SELECT * FROM dbos.workflow_status WHERE workflow_uuid = %s", (one,)),
+                "durapipe.runs WHERE run_id =": ("SELECT * FROM durapipe.runs WHERE run_id = %s", (one,)),
+                "durapipe.steps WHERE run_id =": ("SELECT * FROM durapipe.steps WHERE run_id = %s", (one,)),
             }
-            for title, query in PAGES.items():
-                cases[f"runs {title} (one page)"] = lambda q=query: con.execute(
-                    q.sql(), q.params(51)).fetchall()
-            heavy: dict[str, Any] = {}
-            for title, query in audit.items():
+            for title, q in PAGES.items():
+                queries[f"runs {title} (one page)"] = (q.sql(), q.params(51))
+            heavy: dict[str, tuple[str, Any]] = {}
+            for title, text in audit.items():
                 # The aggregates read the whole window: fewer rounds for them.
                 into = heavy if title in ("slowest nodes this week",
                                           "tokens per run (join your prices per model)",
-                                          "runs that failed today") else cases
-                into[f"README: {title}"] = (lambda q=query: con.execute(q).fetchall())
-            times = interleave(cases, rounds=50, warmup=5)
-            times.update(interleave(heavy, rounds=10 if size <= 10_000 else 3, warmup=1))
+                                          "runs that failed today") else queries
+                into[f"README: {title}"] = (text, None)
+
+            def timed(found: dict[str, tuple[str, Any]]) -> dict[str, Any]:
+                return {name: (lambda q=q, p=p: con.execute(q, p).fetchall()) for name, (q, p) in found.items()}
+            times = interleave(timed(queries), rounds=50, warmup=5)
+            times.update(interleave(timed(heavy), rounds=10 if size <= 10_000 else 3, warmup=1))
             for name, xs in times.items():
                 ms = median(xs)
                 base.setdefault(name, ms)
-                rows.append([name, f"{size:,}", f"{ms:.2f}", f"{ms / base[name]:.2f}x"])
+                q, p = {**queries, **heavy}[name]
+                blocks = buffers(con, q, p)
+                base_blocks.setdefault(name, blocks)
+                rows.append([name, f"{size:,}", f"{ms:.2f}", f"{ms / base[name]:.2f}x", f"{blocks:,}",
+                             f"{blocks / max(1, base_blocks[name]):.2f}x"])
     rows.sort(key=lambda r: (r[0], int(r[1].replace(",", ""))))
     return "\n".join([
         "## Queries against a growing history (bench_scale_queries.py)",
         "",
         "Median milliseconds per query (interleaved rounds, one open connection), and the",
-        "ratio to the same query at the smallest size. Bulk runs modelled on real rows "
+        "ratio to the same query at the smallest size; beside them the shared buffers (8 kB",
+        "pages) the query touches (EXPLAIN (ANALYZE, BUFFERS), after the timed rounds), which",
+        "no other work on the machine changes. Bulk runs modelled on real rows "
         f"({'; '.join(insert_s)}, through durapipe's keying trigger).",
         "",
-        table(rows, ["query", "recorded runs", "median ms", "vs smallest"]),
+        table(rows, ["query", "recorded runs", "median ms", "vs smallest", "buffers", "vs smallest"]),
         "",
         "What keying costs: a one-step run, `pipeline.run` to its result (keys written at start,",
         "status kept at each change), with the triggers and with them disabled, interleaved",
