@@ -4,9 +4,13 @@ backfilled, forks and runs recorded under the old name keep working."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -50,6 +54,11 @@ def test_runs_are_named_by_pipeline_in_dbos_and_keyed_for_sql(
         assert sorted(w.workflow_id for w in named) == ["a-1", "a-2"]
         assert [w.workflow_id for w in DBOS.list_workflows(name="durapipe.run:beta")] == ["b-1"]
         assert app.get_run("a-1").result(timeout=30).state["a3"] == 2
+    # DBOS's own command line: `dbos workflow list -n durapipe.run:alpha`.
+    listed = subprocess.run(
+        [str(Path(sys.executable).parent / "dbos"), "workflow", "list", "-s", database_url,
+         "-n", "durapipe.run:alpha", "-l", "10"], capture_output=True, text=True, timeout=60, check=True)
+    assert sorted(w["workflow_id"] for w in json.loads(listed.stdout)) == ["a-1", "a-2"]
     install_views(database_url)
     assert sql(database_url, "SELECT run_id, pipeline, status FROM durapipe.runs ORDER BY run_id") == [
         ("a-1", "alpha", "SUCCESS"), ("a-2", "alpha", "SUCCESS"), ("b-1", "beta", "SUCCESS")]
