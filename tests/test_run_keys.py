@@ -4,20 +4,25 @@ backfilled, forks and runs recorded under the old name keep working."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from dbos import DBOS
 
-from dbutil import sql
-from durapipe import App, fn
+from dbutil import sql, wait_for
+from durapipe import App, fn, gate
 from durapipe.audit import install_views
 from durapipe.engine.admin import Admin
-from durapipe.engine.runlist import PAGE_SQL, RunQuery
+from durapipe.engine.runlist import RunQuery
+from durapipe.web.queries import RunFilter, list_page
 
 Counts: dict[str, int] = {}
 
@@ -49,6 +54,11 @@ def test_runs_are_named_by_pipeline_in_dbos_and_keyed_for_sql(
         assert sorted(w.workflow_id for w in named) == ["a-1", "a-2"]
         assert [w.workflow_id for w in DBOS.list_workflows(name="durapipe.run:beta")] == ["b-1"]
         assert app.get_run("a-1").result(timeout=30).state["a3"] == 2
+    # DBOS's own command line: `dbos workflow list -n durapipe.run:alpha`.
+    listed = subprocess.run(
+        [str(Path(sys.executable).parent / "dbos"), "workflow", "list", "-s", database_url,
+         "-n", "durapipe.run:alpha", "-l", "10"], capture_output=True, text=True, timeout=60, check=True)
+    assert sorted(w["workflow_id"] for w in json.loads(listed.stdout)) == ["a-1", "a-2"]
     install_views(database_url)
     assert sql(database_url, "SELECT run_id, pipeline, status FROM durapipe.runs ORDER BY run_id") == [
         ("a-1", "alpha", "SUCCESS"), ("a-2", "alpha", "SUCCESS"), ("b-1", "beta", "SUCCESS")]
@@ -84,7 +94,8 @@ def test_an_older_database_is_backfilled_and_its_runs_still_recover(
         con.execute("DROP TABLE durapipe.run_keys CASCADE")
         for trigger, table in (("durapipe_run_keys", "workflow_input"),
                                ("durapipe_run_keys_delete", "workflow_status"),
-                               ("durapipe_run_keys_truncate", "workflow_status")):
+                               ("durapipe_run_keys_truncate", "workflow_status"),
+                               ("durapipe_run_keys_status", "workflow_status")):
             con.execute(f"DROP TRIGGER {trigger} ON dbos.{table}")
         con.execute("UPDATE dbos.workflow_status SET name = 'durapipe.run' "
                     "WHERE name LIKE 'durapipe.run:%'")
@@ -102,6 +113,55 @@ def test_an_older_database_is_backfilled_and_its_runs_still_recover(
         ("old-done", "alpha", "SUCCESS"), ("old-pending", "beta", "SUCCESS")]
     with Admin(database_url) as admin:
         assert [r.run_id for r in admin.list_runs(pipeline="beta")] == ["old-pending"]
+        assert [r.run_id for r in admin.list_runs(status="SUCCESS")] == ["old-pending", "old-done"]
+
+
+def boom(state: dict[str, Any]) -> dict[str, Any]:
+    raise ValueError("boom")
+
+
+def test_runs_by_status_follow_every_status_change(make_app: Callable[..., App], database_url: str) -> None:
+    """`durapipe runs --status` (and the console's status filter) reads the status kept in
+    the run keys: it follows a run from PENDING to CANCELLED, failed runs are ERROR, and a
+    database keyed before the status was kept gets it at the next launch."""
+    app = make_app("status-keys")
+    alpha = app.pipeline("alpha", fn(count("s1")))
+    beta = app.pipeline("beta", fn(boom, name="boom"))
+    waits = app.pipeline("waits", gate("ok", "go on?") >> fn(count("s2")))
+
+    def ids(**filters: Any) -> list[str]:
+        with Admin(database_url) as admin:
+            return [r.run_id for r in admin.list_runs(**filters)]
+
+    with app:
+        alpha.run({}, run_id="ok-1")
+        beta.start({}, run_id="bad-1")
+        handle = waits.start({}, run_id="wait-1")
+        wait_for(lambda: ids(status="ERROR") == ["bad-1"], what="bad-1 listed as ERROR")
+        wait_for(lambda: bool(sql(database_url, "SELECT 1 FROM dbos.workflow_events "
+                                  "WHERE workflow_uuid = 'wait-1'")), what="the gate's request")
+        assert ids(status="PENDING") == ["wait-1"]
+        assert ids(pipeline="waits", status="pending") == ["wait-1"]
+        assert ids(pipeline="alpha", status="SUCCESS") == ["ok-1"] and ids(pipeline="alpha", status="ERROR") == []
+        with Admin(database_url) as admin:
+            page, _ = list_page(admin, RunFilter(app.dbos_name, status="PENDING"), 10)
+        assert [r.run_id for r in page] == ["wait-1"]
+        handle.cancel()
+        wait_for(lambda: ids(status="CANCELLED") == ["wait-1"], what="wait-1 listed as CANCELLED")
+        assert ids(status="PENDING") == []
+    # The keys of the previous release: no status column, no status triggers; a status
+    # changes while no current App has launched.
+    with psycopg.connect(database_url, autocommit=True) as con:
+        con.execute("DROP TRIGGER durapipe_run_keys_status ON dbos.workflow_status")
+        con.execute("ALTER TABLE durapipe.run_keys DROP COLUMN status")  # and its indexes
+        con.execute("UPDATE dbos.workflow_status SET status = 'ERROR' WHERE workflow_uuid = 'ok-1'")
+    with app:
+        assert ids(status="ERROR") == ["bad-1", "ok-1"]  # newest first
+        assert ids(status="CANCELLED") == ["wait-1"] and ids(status="SUCCESS") == []
+        alpha.run({}, run_id="ok-2")
+        assert ids(pipeline="alpha", status="SUCCESS") == ["ok-2"]
+    assert sql(database_url, "SELECT count(*) FROM durapipe.run_keys WHERE status IS NULL "
+               "AND parent_workflow_id IS NULL") == [(0,)]
 
 
 RUNS = 5_000
@@ -169,7 +229,7 @@ def test_one_run_queries_use_indexes_with_many_runs_recorded(
                          r"|Bitmap Index Scan on run_keys_\w+", recent), recent
         assert "Seq Scan on run_keys" not in recent, recent
         deep = RunQuery(pipeline="alpha", status="SUCCESS", cursor=f"{1700000000000 + 2500 * 1000}:r2500")
-        found = plan(PAGE_SQL, deep.params(51))
+        found = plan(deep.sql(), deep.params(51))
         assert "Scan Backward using run_keys_" in found and "Seq Scan" not in found, found
         assert sql(database_url, "SELECT node_path, kind FROM durapipe.steps WHERE run_id = 'r777' "
                    "ORDER BY step_id") == [("0.0", "step"), ("0.1.0", "child")]

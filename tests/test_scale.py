@@ -1,8 +1,9 @@
 """Scale: a big map runs on bounded threads, and children get what they read, not copies.
 
 - ``map_over`` without ``concurrency=`` runs at most ``bounds.limit()`` items at once and
-  sync step bodies run on durapipe's bounded executor: a map of thousands of items never
-  holds more than a few dozen threads, and DBOS's pool never times out.
+  sync step bodies run on durapipe's bounded executor: a map of 10,000 items never holds
+  more than a few dozen threads or more connections than DBOS's pool and a few, and DBOS's
+  pool never times out.
 - A child workflow (map item with a multi-step body, dispatched task) gets the keys its
   subtree reads, or a reference to one recorded snapshot of the parent's state: the bytes
   a map writes grow linearly with the items, not with items x state.
@@ -37,8 +38,9 @@ class Peak:
             self.most = max(self.most, n)
 
 
+@pytest.mark.slow  # 10,000 items: about a minute on 2 shared cores
 def test_big_map_runs_on_bounded_threads_without_pool_timeouts(
-        make_app: Any, caplog: pytest.LogCaptureFixture) -> None:
+        make_app: Any, database_url: str, caplog: pytest.LogCaptureFixture) -> None:
     peak = Peak()
 
     def tiny(state: S) -> S:
@@ -57,16 +59,36 @@ def test_big_map_runs_on_bounded_threads_without_pool_timeouts(
     one = app.pipeline("one", map_over("items", fn(tiny, writes=["sq"]), "out"))
     two = app.pipeline("two", map_over("items", fn(first) >> fn(second), "out"))
     caplog.set_level(logging.WARNING)
+    db = database_url.rsplit("/", 1)[1]
+    conns: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:  # the database's connections, all processes', while the map runs
+        while not done.is_set():
+            conns.append(int(sql(database_url, "SELECT count(*) FROM pg_stat_activity "
+                                               "WHERE datname = %s", db)[0][0]) - 1)
+            done.wait(0.1)
+
     with app:
         before = threading.active_count()
-        n = 2000
-        result = one.run({"items": list(range(n))}, run_id="big-map")
-        assert result.state["out"] == [i * i for i in range(n)]
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            n = 10_000
+            result = one.run({"items": list(range(n))}, run_id="big-map")
+            assert result.state["out"] == [i * i for i in range(n)]
+        finally:
+            done.set()
+            sampler.join()
         result = two.run({"items": list(range(40))}, run_id="children-map")
         assert result.state["out"] == [{"a": i + 1, "b": (i + 1) * 2} for i in range(40)]
     assert bounds.limit() == 20  # DBOS's pool size
-    # The bounded executor (20) plus DBOS's own threads; unbounded, 1,000 items held ~450.
+    # The bounded executor (20) plus DBOS's own threads; unbounded, 1,000 items held ~450
+    # and 10,000 about 4,000.
     assert peak.most - before <= 45, (before, peak.most)
+    # DBOS's pool (20) and the app's few own connections (events, executor lock, listener):
+    # 23 at most when measured.
+    assert conns and max(conns) <= 30, max(conns)
     timeouts = [r.getMessage() for r in caplog.records if "timeout" in r.getMessage().lower()]
     assert not timeouts, timeouts[:3]
 

@@ -264,3 +264,101 @@ def test_a_dbos_table_of_another_shape_falls_back_to_dbos_steps(
     with caplog.at_level("WARNING", logger="durapipe"), app2:
         assert app2.step_log() is None
     assert "required ['shard']" in caplog.text and "written by DBOS.run_step" in caplog.text
+
+
+def test_a_fresh_execution_spends_one_statement_per_step_and_a_resume_checks_its_history(
+        make_app: Callable[..., App], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lean path: above what the history held when the execution began, a step is only
+    recorded (the record statement carries the cancel and ownership checks); a resume
+    checks every step it replays and runs none of them again."""
+    checks: list[str] = []
+    writes: list[str] = []
+    calls: list[str] = []
+    lean_check, lean_write = StepLog.check, StepLog.write
+
+    def check(self: StepLog, step: Any, name: str) -> Any:
+        checks.append(name.split(":")[1])
+        return lean_check(self, step, name)
+
+    def write(self: StepLog, step: Any, name: str, *args: Any, **kwargs: Any) -> None:
+        writes.append(name.split(":")[1])
+        lean_write(self, step, name, *args, **kwargs)
+
+    monkeypatch.setattr(StepLog, "check", check)
+    monkeypatch.setattr(StepLog, "write", write)
+    started, release = threading.Event(), threading.Event()
+
+    def step(name: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        def f(s: dict[str, Any]) -> dict[str, Any]:
+            calls.append(name)
+            if name == "hold":
+                started.set()
+                release.wait(30)
+            return {name: len(calls)}
+        f.__name__ = name
+        return f
+
+    names = ["s0", "s1", "s2", "s3", "hold", "t0", "t1"]
+    app = make_app(steps="lean")
+    p = app.pipeline("p", fn(step("s0")) >> fn(step("s1")) >> fn(step("s2")) >> fn(step("s3"))
+                     >> fn(step("hold")) >> fn(step("t0")) >> fn(step("t1")))
+    with app:
+        handle = p.start({}, run_id="one-statement")
+        assert started.wait(30)
+        # Four steps recorded, one check: the first step's, which learns the history's end.
+        assert writes == ["s0", "s1", "s2", "s3"] and checks == ["s0"]
+        DBOS.cancel_workflow("one-statement")
+        release.set()
+        wait_for(lambda: handle.status() is RunStatus.CANCELLED, what="cancelled")
+        checks.clear()
+        writes.clear()
+        DBOS.resume_workflow("one-statement")
+        state = app.get_run("one-statement").result(timeout=30).state
+    assert sorted(state) == sorted(names)
+    # The resume checked the four recorded steps (and replayed them); hold's record was
+    # refused at the cancel, so it ran again and was recorded with what followed, unchecked.
+    assert checks == ["s0", "s1", "s2", "s3"] and writes == ["hold", "t0", "t1"]
+    assert calls == ["s0", "s1", "s2", "s3", "hold", "hold", "t0", "t1"]
+
+
+def test_a_step_of_an_execution_that_lost_the_workflow_is_not_recorded(
+        make_app: Callable[..., App], database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ownership is checked by the record statement itself: a step that finishes after
+    another execution took the workflow over (here its owner token changes while the step
+    runs, as a recovery elsewhere changes it) records nothing, and nothing after it runs
+    in this execution."""
+    refused: list[str] = []
+    lean_write = StepLog.write
+
+    def write(self: StepLog, step: Any, name: str, *args: Any, **kwargs: Any) -> None:
+        try:
+            lean_write(self, step, name, *args, **kwargs)
+        except BaseException as exc:  # DBOS's conflict error is not an Exception
+            refused.append(f"{name}: {type(exc).__name__}")
+            raise
+
+    monkeypatch.setattr(StepLog, "write", write)
+    calls: list[str] = []
+
+    def taken_over(s: dict[str, Any]) -> dict[str, Any]:
+        calls.append("taken_over")
+        sql(database_url, "UPDATE dbos.workflow_status SET owner_xid = 'another-execution' "
+                          "WHERE workflow_uuid = 'taken'")
+        return {"b": 2}
+
+    def after(s: dict[str, Any]) -> dict[str, Any]:
+        calls.append("after")
+        return {"c": 3}
+
+    # No event stream: the record statement is the first one after the takeover.
+    app = make_app(steps="lean", events=False)
+    p = app.pipeline("p", fn(lambda s: {"a": 1}, name="first") >> fn(taken_over) >> fn(after))
+    with app:
+        p.start({}, run_id="taken")
+        wait_for(lambda: bool(refused), what="the step's record to be refused")
+        assert refused == ["0.1:taken_over: DBOSWorkflowConflictIDError"]
+        assert [r[0] for r in sql(database_url, "SELECT function_name FROM dbos.operation_outputs "
+                                                "WHERE workflow_uuid = 'taken' ORDER BY function_id")] \
+            == ["0.0:first"]
+        assert calls == ["taken_over"]
+        DBOS.cancel_workflow("taken")  # the made-up owner never finishes it

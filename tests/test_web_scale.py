@@ -12,7 +12,7 @@ import psycopg
 
 from durapipe import App, fn
 from durapipe.engine.admin import Admin
-from durapipe.web.queries import PAGE_SQL, RunFilter, list_page
+from durapipe.web.queries import RunFilter, list_page
 
 N = 100_000
 T0 = 1_700_000_000_000
@@ -50,7 +50,7 @@ def test_pages_use_the_run_keys_indexes_at_100k_runs(make_app: Callable[..., App
         hour = RunFilter(APP, since=datetime.fromtimestamp((T0 + 60_000_000) / 1000, timezone.utc),
                          until=datetime.fromtimestamp((T0 + 63_600_000) / 1000, timezone.utc))
         for flt in (RunFilter(APP), deep, hour):
-            plan = "\n".join(r[0] for r in con.execute("EXPLAIN " + PAGE_SQL, flt.params(51)).fetchall())
+            plan = "\n".join(r[0] for r in con.execute("EXPLAIN " + flt.sql(), flt.params(51)).fetchall())
             assert "Scan Backward using run_keys_" in plan, plan
             assert "Seq Scan" not in plan, plan
     with Admin(database_url) as admin:

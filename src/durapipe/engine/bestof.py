@@ -19,6 +19,7 @@ from ..errors import NodeFailed, StateError, error_text, from_portable
 from ..state import State
 from .children import await_child
 from .context import RunContext, run_step
+from .handoff import Handoff
 
 
 def _score(node: BestOf, state: State, updates: State, where: str, i: int) -> float:
@@ -40,7 +41,9 @@ def _score(node: BestOf, state: State, updates: State, where: str, i: int) -> fl
 
 async def run_best_of(ctx: RunContext, node: BestOf, path: str, state: State) -> State:
     where = f"{path}:{node.label}"
-    handles = [await ctx.start_child(node.body, f"{path}.0#{i}", {**state, node.item_key: i})
+    handoff = Handoff(path, state)
+    handles = [await ctx.start_child(node.body, f"{path}.0#{i}",
+                                     await handoff.input(node.body, {node.item_key: i}))
                for i in range(node.n)]
     waits = [asyncio.ensure_future(await_child(h)) for h in handles]
     try:

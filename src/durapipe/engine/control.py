@@ -150,7 +150,8 @@ async def run_route(ctx: RunContext, node: Route, path: str, state: State) -> St
 # -- race -------------------------------------------------------------------------------
 
 async def run_race(ctx: RunContext, node: Race, path: str, state: State) -> State:
-    children = [await ctx.start_child(b, f"{path}.{i}", dict(state))
+    handoff = Handoff(path, state)
+    children = [await ctx.start_child(b, f"{path}.{i}", await handoff.input(b))
                 for i, b in enumerate(node.branches)]
     ids = [c.workflow_id for c in children]
     waits = [asyncio.ensure_future(await_child(c)) for c in children]
@@ -189,7 +190,8 @@ async def run_timeout(ctx: RunContext, node: Timeout, path: str, state: State) -
     seconds = node.seconds
     # The deadline is recorded first, so a restart waits only for what is left of it.
     deadline: float = await run_step(where, 0, lambda: time.time() + seconds)
-    child = await ctx.start_child(node.body, f"{path}.0", dict(state))
+    child = await ctx.start_child(node.body, f"{path}.0",
+                                  await Handoff(path, state).input(node.body, share=False))
     wait = asyncio.ensure_future(await_child(child))
     done, _ = await DBOS.asyncio_wait([wait], timeout=max(0.0, deadline - time.time()))
     if wait in done:

@@ -29,6 +29,7 @@ from ..state import State
 from . import lifecycle
 from .children import await_child
 from .context import RunContext, node_error
+from .handoff import Handoff
 from .retry import run_attempts
 from .taskgroup import with_cancelled
 
@@ -80,6 +81,9 @@ async def run_flow(ctx: RunContext, node: Flow, path: str, state: State) -> Stat
         plan = node.plan(inputs=state)
     except PlanError as exc:
         raise at_path(exc, path) from None
+    # Each step starts from the flow's entry state plus what the flow wrote since: the entry
+    # state is handed over once (handoff.py), the writes beside it.
+    handoff = Handoff(path, state)
     state = dict(state)
     updates: State = {}
     waiting = list(plan.steps)
@@ -88,7 +92,8 @@ async def run_flow(ctx: RunContext, node: Flow, path: str, state: State) -> Stat
         for planned in [p for p in waiting if all(k in state for k in p.needs)]:
             waiting.remove(planned)
             step = node.steps[planned.index]
-            handle = await ctx.start_child(step, f"{path}.{planned.index}", dict(state))
+            handle = await ctx.start_child(step, f"{path}.{planned.index}",
+                                           await handoff.input(step, updates))
             running[handle.workflow_id] = (planned, handle)
         if not running:
             stuck = waiting[0]

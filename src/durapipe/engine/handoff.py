@@ -1,7 +1,8 @@
 """What a child workflow receives as its input state: what it reads, never a copy per child.
 
-A map item with a multi-step body, a parallel branch that runs as a child workflow and a
-dispatched task each start a child workflow whose DBOS input is the state it starts from.
+A map item with a multi-step body, a parallel branch that runs as a child workflow, a
+dispatched task, a race branch, a best_of candidate, a timeout's body and a Flow's step each
+start a child workflow whose DBOS input is the state it starts from.
 Copying the whole state into every child made a map over a list in state write O(N²)
 bytes. A :class:`Handoff` (one per map, fan-out or dispatch node instance) decides per
 child:
@@ -15,8 +16,13 @@ child:
    written again, so a replay or a recovery of the child in any process reads the same
    state; a process reads each snapshot once for all its children.
 
-Keys a child gets beside the state (a map's item) are added in every case. Without
-durapipe's own step writer (SQLite, or ``App(steps="dbos")``) the state is copied.
+Keys a child gets beside the state (a map's item, the keys a Flow wrote since it started)
+are added in every case. A node that starts one child from a state (a timeout) copies it
+rather than refer to it (``share=False``): the snapshot would cost the same bytes and a step
+more. Without durapipe's own step writer (SQLite, or ``App(steps="dbos")``) the state is
+copied, and so it is for a run recorded before its children were given references: where
+the snapshot's step would be, its history holds the first child's start (the replay starts
+the same children at the same step numbers, with copies).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dbos import DBOS
+from dbos._error import DBOSUnexpectedStepError
 
 from ..errors import DurapipeError
 from ..ir import (
@@ -46,6 +53,7 @@ from ..ir import (
     Timeout,
     Transform,
 )
+from ..planner import Step
 from ..state import State
 from . import bounds, lifecycle
 from . import steps as lean
@@ -65,6 +73,8 @@ def reads(node: Node) -> frozenset[str] | None:
         return None if node.reads is None else frozenset(node.reads)
     if isinstance(node, Sleep):
         return frozenset()
+    if isinstance(node, Step):  # a Flow's step: its node (needs= only orders the steps)
+        return reads(node.node)
     if isinstance(node, (Seq, Parallel, Fallback, Race, Timeout)):
         return _union(node.children())
     if isinstance(node, Loop):
@@ -96,13 +106,15 @@ class Handoff:
         self._small: bool | None = None
         self._ref: asyncio.Future[dict[str, Any] | None] | None = None
 
-    async def input(self, node: Node, extra: Mapping[str, Any] | None = None) -> State:
-        """The input state of a child workflow that runs ``node``."""
+    async def input(self, node: Node, extra: Mapping[str, Any] | None = None,
+                    share: bool = True) -> State:
+        """The input state of a child workflow that runs ``node``; ``share=False`` for the
+        only child started from this state (copied when the IR does not say what it reads)."""
         keys = reads(node)
         out: State
         if keys is not None:
             out = {k: self.state[k] for k in keys if k in self.state}
-        elif self.small():
+        elif not share or self.small():
             out = dict(self.state)
         else:
             ref = await self.reference()
@@ -133,6 +145,16 @@ async def _snapshot(path: str, state: State) -> dict[str, Any] | None:
     step = lean.take_step(None)
     if step is None:
         return None
+    name = f"{path}:state"
+    if log.must_check(step):  # a replay: is this number the snapshot in the history?
+        try:
+            if await bounds.to_thread(log.check, step, name) is not None:
+                return {"workflow": step.workflow_id, "step": step.function_id}
+        except DBOSUnexpectedStepError:
+            # Recorded before children got references: copies, at the numbers recorded.
+            if lean.give_back(step):
+                return None
+            raise
     if not lifecycle.step_started():
         await lifecycle.hold()  # the app is stopping: no new step starts
     try:
@@ -140,7 +162,7 @@ async def _snapshot(path: str, state: State) -> dict[str, Any] | None:
 
         async def body() -> State:
             return snapshot
-        await lean.run_async(log, step, f"{path}:state", 0, body, lambda _: False)
+        await lean.run_async(log, step, name, 0, body, lambda _: False)
     finally:
         lifecycle.step_done()
     return {"workflow": step.workflow_id, "step": step.function_id}

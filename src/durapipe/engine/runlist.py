@@ -18,30 +18,35 @@ from typing import Any
 from ..audit import RunInfo, first_line, redact
 from ..errors import OperatorError
 
-PAGE_SQL = """
+# The recorded error is read for the runs that did not succeed only: a page of successful
+# runs reads one row of DBOS's per run, not two.
+_SELECT = """
 SELECT k.workflow_id, s.status, s.created_at, s.completed_at, s.executor_id,
-       s.application_version, s.forked_from, k.pipeline, wo.error, s.queue_name, k.app,
-       s.attributes->>'durapipe.tenant'
+       s.application_version, s.forked_from, k.pipeline,
+       CASE WHEN s.status <> 'SUCCESS' THEN (SELECT wo.error FROM dbos.workflow_output wo
+                                             WHERE wo.workflow_uuid = k.workflow_id) END,
+       s.queue_name, k.app, s.attributes->>'durapipe.tenant'
 FROM durapipe.run_keys k
 JOIN dbos.workflow_status s ON s.workflow_uuid = k.workflow_id
-LEFT JOIN dbos.workflow_output wo ON wo.workflow_uuid = k.workflow_id
-WHERE k.parent_workflow_id IS NULL
-  AND (%(app)s::text IS NULL OR k.app = %(app)s::text)
-  AND (%(pipeline)s::text IS NULL OR k.pipeline = %(pipeline)s::text)
-  AND (%(status)s::text IS NULL OR s.status = %(status)s::text)
-  AND (%(tenant)s::text IS NULL
-       OR s.attributes @> jsonb_build_object('durapipe.tenant', %(tenant)s::text))
-  AND (%(since)s::bigint IS NULL OR k.created >= to_timestamp(%(since)s::bigint / 1000.0))
-  AND (%(until)s::bigint IS NULL OR k.created < to_timestamp(%(until)s::bigint / 1000.0))
-  AND (%(c_at)s::bigint IS NULL OR k.created <= to_timestamp(%(c_at)s::bigint / 1000.0))
-  AND (%(c_at)s::bigint IS NULL
-       OR (k.created, k.workflow_id) < (to_timestamp(%(c_at)s::bigint / 1000.0), %(c_id)s::text))
-  AND (%(text)s::text IS NULL OR EXISTS (
-         SELECT 1 FROM dbos.workflow_input i
-         WHERE i.workflow_uuid = k.workflow_id AND i.inputs ILIKE %(text)s::text ESCAPE '\\'))
-ORDER BY k.created DESC, k.workflow_id DESC
-LIMIT %(limit)s
-"""
+WHERE k.parent_workflow_id IS NULL"""
+
+# One condition per filter, in the query only when the filter is set: each combination of
+# filters is its own statement, planned for what it filters on (a generic plan of a
+# "$1 IS NULL OR ..." statement reads every run). status, app and pipeline are columns of
+# the run keys, each combination indexed with created (sql/keys.sql).
+_FILTERS = {
+    "app": "k.app = %(app)s::text",
+    "pipeline": "k.pipeline = %(pipeline)s::text",
+    "status": "k.status = %(status)s::text",
+    "tenant": "s.attributes @> jsonb_build_object('durapipe.tenant', %(tenant)s::text)",
+    "since": "k.created >= to_timestamp(%(since)s::bigint / 1000.0)",
+    "until": "k.created < to_timestamp(%(until)s::bigint / 1000.0)",
+    "c_at": "k.created <= to_timestamp(%(c_at)s::bigint / 1000.0)\n  AND (k.created, k.workflow_id)"
+            " < (to_timestamp(%(c_at)s::bigint / 1000.0), %(c_id)s::text)",
+    "text": "EXISTS (SELECT 1 FROM dbos.workflow_input i WHERE i.workflow_uuid = k.workflow_id\n"
+            "              AND i.inputs ILIKE %(text)s::text ESCAPE '\\')",
+}
+_ORDER = "\nORDER BY k.created DESC, k.workflow_id DESC\nLIMIT %(limit)s\n"
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,12 @@ class RunQuery:
             "c_at": c_at, "c_id": c_id, "pipeline": self.pipeline or None, "text": text,
             "limit": limit, "tenant": self.tenant or None,
         }
+
+    def sql(self) -> str:
+        """The page query for the filters that are set (parameters: :meth:`params`)."""
+        params = self.params(0)
+        return _SELECT + "".join(f"\n  AND {cond}" for key, cond in _FILTERS.items()
+                                 if params[key] is not None) + _ORDER
 
 
 def error_line(raw: str | None) -> str | None:
@@ -116,7 +127,7 @@ def page(url: str, query: RunQuery, limit: int) -> tuple[list[RunInfo], str | No
         with psycopg.connect(url, connect_timeout=10) as con:
             if con.execute("SELECT to_regclass('durapipe.run_keys')").fetchone() == (None,):
                 return None
-            found = con.execute(PAGE_SQL, params).fetchall()
+            found = con.execute(query.sql(), params).fetchall()
     except psycopg.OperationalError as exc:
         raise OperatorError(f"cannot reach database {redact(url)}: {first_line(exc)}",
                             url=redact(url)) from None
@@ -125,4 +136,4 @@ def page(url: str, query: RunQuery, limit: int) -> tuple[list[RunInfo], str | No
     return runs, nxt
 
 
-__all__ = ["PAGE_SQL", "RunQuery", "error_line", "page"]
+__all__ = ["RunQuery", "error_line", "page"]

@@ -316,6 +316,17 @@ def take_step(reservation: Any | None) -> DBOSContext | None:
     return ctx.snapshot_step_ctx()
 
 
+def give_back(step: DBOSContext) -> bool:
+    """Undo :func:`take_step` of the running workflow's last number (nothing was started
+    at it, and no other operation has taken a number since): the next operation gets it.
+    False when that cannot be done."""
+    ctx = get_local_dbos_context()
+    if ctx is None or ctx.workflow_id != step.workflow_id or ctx.function_id != step.function_id:
+        return False
+    ctx.function_id -= 1
+    return True
+
+
 def _attributes(name: str) -> dict[str, Any]:
     return {"name": name, "operationType": "step"}
 

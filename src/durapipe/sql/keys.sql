@@ -1,5 +1,6 @@
 -- durapipe's own keys of every workflow it runs (Postgres, schema durapipe), where Postgres
--- can index them: run id, pipeline, shape, node path, app, parent and creation time. The
+-- can index them: run id, pipeline, shape, node path, app, parent, creation time and, for
+-- a top-level run, its status (kept by a trigger on dbos.workflow_status). The
 -- audit views and `durapipe runs` filter and join on these columns instead of parsing the
 -- JSON input of every recorded workflow. Every launched App creates them; `durapipe sql
 -- install` too. Every statement is idempotent.
@@ -24,8 +25,19 @@ CREATE TABLE IF NOT EXISTS durapipe.run_keys (
   pipeline_version   text,
   node_path          text        NOT NULL,
   name               text        NOT NULL,
-  created            timestamptz NOT NULL
+  created            timestamptz NOT NULL,
+  -- A top-level run's DBOS status (NULL for a child workflow: read dbos.workflow_status).
+  status             text
 );
+-- A database keyed by an older durapipe has no status column yet (added once; ALTER takes
+-- the table's strongest lock, so never when the column is there).
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'durapipe.run_keys'::regclass
+                 AND attname = 'status' AND NOT attisdropped) THEN
+    ALTER TABLE durapipe.run_keys ADD COLUMN status text;
+  END IF;
+END $$;
 CREATE INDEX IF NOT EXISTS run_keys_run ON durapipe.run_keys (run_id);
 -- Top-level runs, newest first: by time, by app, by pipeline (keyset paging of `runs`).
 CREATE INDEX IF NOT EXISTS run_keys_created ON durapipe.run_keys (created, workflow_id)
@@ -75,6 +87,29 @@ BEGIN
     name = EXCLUDED.name, created = EXCLUDED.created;
 END $$;
 
+-- A top-level run's status in its keys: copied when the keys are written (whichever
+-- version of record_keys wrote them), then on every change of the status row. Child
+-- workflows are left out (their status changes are not filtered on, and cost nothing).
+CREATE OR REPLACE FUNCTION durapipe.on_run_keys_insert() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.parent_workflow_id IS NULL THEN
+    SELECT st.status INTO NEW.status FROM dbos.workflow_status st
+    WHERE st.workflow_uuid = NEW.workflow_id;
+  ELSE
+    NEW.status := NULL;
+  END IF;
+  RETURN NEW;
+END $$;
+
+CREATE OR REPLACE FUNCTION durapipe.on_workflow_status() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+  UPDATE durapipe.run_keys SET status = NEW.status
+  WHERE workflow_id = NEW.workflow_uuid AND parent_workflow_id IS NULL;
+  RETURN NULL;
+END $$;
+
 CREATE OR REPLACE FUNCTION durapipe.on_workflow_input() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -113,5 +148,47 @@ BEGIN
     FROM dbos.workflow_input i
     JOIN dbos.workflow_status s ON s.workflow_uuid = i.workflow_uuid
     WHERE s.name IN ('durapipe.run', 'durapipe.task') OR starts_with(s.name, 'durapipe.run:');
+  END IF;
+END $$;
+
+-- Run status in the keys (added after the keys themselves): the triggers, the status of the
+-- runs keyed before them, and the indexes `runs --status` pages along, once.
+DO $$
+DECLARE
+  missing boolean := false;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'durapipe_run_keys_fill'
+                 AND tgrelid = 'durapipe.run_keys'::regclass) THEN
+    CREATE TRIGGER durapipe_run_keys_fill BEFORE INSERT OR UPDATE OF parent_workflow_id
+      ON durapipe.run_keys FOR EACH ROW EXECUTE FUNCTION durapipe.on_run_keys_insert();
+    missing := true;
+  END IF;
+  IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'durapipe_run_keys_status'
+                 AND tgrelid = 'dbos.workflow_status'::regclass) THEN
+    CREATE TRIGGER durapipe_run_keys_status AFTER UPDATE OF status ON dbos.workflow_status
+      FOR EACH ROW
+      WHEN (OLD.status IS DISTINCT FROM NEW.status AND NEW.parent_workflow_id IS NULL
+            AND starts_with(NEW.name, 'durapipe.'))
+      EXECUTE FUNCTION durapipe.on_workflow_status();
+    missing := true;
+  END IF;
+  IF missing THEN
+    UPDATE durapipe.run_keys k SET status = s.status
+    FROM dbos.workflow_status s
+    WHERE s.workflow_uuid = k.workflow_id AND k.parent_workflow_id IS NULL
+      AND k.status IS DISTINCT FROM s.status;
+    -- Top-level runs, newest first, by pipeline and/or status, without and with the app
+    -- (`durapipe runs` lists every app's runs; the console one app's).
+    CREATE INDEX IF NOT EXISTS run_keys_by_pipeline
+      ON durapipe.run_keys (pipeline, created, workflow_id) WHERE parent_workflow_id IS NULL;
+    CREATE INDEX IF NOT EXISTS run_keys_by_status
+      ON durapipe.run_keys (status, created, workflow_id) WHERE parent_workflow_id IS NULL;
+    CREATE INDEX IF NOT EXISTS run_keys_by_pipeline_status
+      ON durapipe.run_keys (pipeline, status, created, workflow_id) WHERE parent_workflow_id IS NULL;
+    CREATE INDEX IF NOT EXISTS run_keys_app_status
+      ON durapipe.run_keys (app, status, created, workflow_id) WHERE parent_workflow_id IS NULL;
+    CREATE INDEX IF NOT EXISTS run_keys_app_pipeline_status
+      ON durapipe.run_keys (app, pipeline, status, created, workflow_id)
+      WHERE parent_workflow_id IS NULL;
   END IF;
 END $$;

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..audit import RunInfo
 from ..engine.admin import Admin
-from ..engine.runlist import PAGE_SQL, RunQuery, page
+from ..engine.runlist import RunQuery, page
 from ..errors import OperatorError
 
 STATUSES = ("PENDING", "ENQUEUED", "DELAYED", "SUCCESS", "ERROR", "CANCELLED",
@@ -31,4 +31,4 @@ def list_page(admin: Admin, flt: RunFilter, limit: int = 50) -> tuple[list[RunIn
     return found
 
 
-__all__ = ["PAGE_SQL", "STATUSES", "RunFilter", "list_page"]
+__all__ = ["STATUSES", "RunFilter", "list_page"]
