@@ -12,16 +12,21 @@ What each option becomes in DBOS 3.4:
   ``concurrency`` caps them all: DBOS 3.4 checks the per-partition and the queue-wide limits
   of one partitioned queue in the same dequeue (``_sys_db.start_queued_workflows``), so
   no second queue level is needed. Background tasks dispatched onto such a queue take the
-  run's tenant as their partition, so they count against the tenant's limit too.
+  run's tenant as their partition, so they count against the tenant's limit too (runs and
+  the tasks they join go on different queues: ``Pipeline.enqueue`` refuses the same one).
 - ``priority`` (0 to 2**31-1, lowest first; 0 is the default) and ``delay`` (seconds) are
   DBOS enqueue options. ``start(...)`` with either goes through the app's own start queue
-  (``durapipe-<app>-start``, no limits), since DBOS orders and delays only queued work.
+  (``durapipe-<app>-start``, no limits), since DBOS orders and delays only queued work; with
+  no limit there, a priority orders only runs that become due together.
 - ``dedup_key``: while a run of the pipeline started with that key is unfinished, another
   start with the key returns it. DBOS's own deduplication works only on non-partitioned
   queues and not for direct starts, so durapipe holds a Postgres advisory lock on the key
   around "find the unfinished run with this key, else start one" (the run records the key
   as attribute ``durapipe.dedup``); concurrent starts in any number of processes give one
-  run. On SQLite (one process) a process lock does the same.
+  run. Threads and tasks of one process first queue on a lock of the key in the process,
+  so one connection per key and process waits on the database, and never one of DBOS's
+  pool, which the lock's holder needs to start the run. On SQLite (one process) only the
+  process lock is taken.
 - ``max_tokens``: recorded as attribute ``durapipe.max_tokens`` (the app's ``max_tokens``
   default when not given), read by :mod:`.budget` before each model call.
 """
