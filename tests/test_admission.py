@@ -71,6 +71,10 @@ class Shared:
         self.tasks = self.app.pipeline("tasks", dispatch(
             *[fn(task_work, name=f"job{i}") for i in range(4)], names=[f"job{i}" for i in range(4)],
             queue="t") >> join())
+        self.task_agents = self.app.pipeline("task-agents", dispatch(
+            Agent("w").instruct("Write about {a}.").writes("ta"),
+            Agent("w").instruct("Write about {b}.").writes("tb"), names=["a", "b"], max_tasks=1)
+            >> join() >> Agent("w").instruct("Sum up {ta} {tb}.").writes("text"))
         self.record.schedule("0 0 1 1 *", {"name": "new year"}, name="yearly")
 
 
@@ -189,6 +193,17 @@ def test_budget_stops_a_map_of_agents_at_the_item_past_it(shared: Shared) -> Non
             shared.agents.run({"items": list("abc")})
     finally:
         shared.app.max_tokens = None
+    # Background tasks count: a task past the budget fails the run with BudgetExceeded, and
+    # the call after the join counts the tasks' tokens.
+    ab = {"a": "x", "b": "y"}
+    with pytest.raises(BudgetExceeded, match=r"background task 'b' .* agent 0\.0\.1:w") as info:
+        shared.task_agents.run(ab, max_tokens=1)
+    assert info.value.node == "0.0.1:w" and info.value.used > 0
+    rid = shared.task_agents.run(ab).run_id
+    tasks_used = sum(usage(shared.app, f"{rid}/0.0.{i}:{t}") for i, t in enumerate("ab"))
+    assert 0 < tasks_used < usage(shared.app, rid)
+    with pytest.raises(BudgetExceeded, match=rf"agent 0\.2:w: .* used {tasks_used} tokens"):
+        shared.task_agents.run(ab, max_tokens=tasks_used)
     costs = sql(shared.url, "SELECT input_tokens, output_tokens, cost FROM durapipe.llm_calls "
                             "WHERE run_id = %s", handle.run_id)
     assert len(costs) == 4
