@@ -282,7 +282,15 @@ async def dedup_lock_async(app: App, adm: Admission) -> AsyncIterator[None]:
         async with local:
             with _thread_locks.entry(key) as lock:
                 held = _held(lock, app, key)
-                await asyncio.to_thread(held.__enter__)
+                loop = asyncio.get_running_loop()
+                entering = asyncio.ensure_future(asyncio.to_thread(held.__enter__))
+                try:
+                    await asyncio.shield(entering)
+                except asyncio.CancelledError:
+                    # The thread still takes the locks: release them once it has them.
+                    entering.add_done_callback(lambda f: f.cancelled() or f.exception() or (
+                        loop.run_in_executor(None, held.__exit__, None, None, None) and None))
+                    raise
                 try:
                     yield
                 finally:
