@@ -16,6 +16,7 @@ import time
 import uuid
 from typing import Any
 
+import psycopg
 from dbos import DBOS, SetEnqueueOptions
 
 from durapipe import App, fn
@@ -69,9 +70,19 @@ def _raw_enqueue(key: str | None, tenant: str) -> None:
         DBOS.enqueue_workflow("raw-tenants", raw_work, key)
 
 
-def _round(enqueue: Any, top_up: int) -> float:
+def _depth(database_url: str, queue: str) -> int:
+    """The runs waiting on ``queue`` (the big tenant's backlog) right now."""
+    with psycopg.connect(database_url, autocommit=True) as con:
+        row = con.execute("SELECT count(*) FROM dbos.workflow_status WHERE queue_name = %s "
+                          "AND status = 'ENQUEUED'", (queue,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _round(enqueue: Any, top_up: int, depth: Any = None) -> float:
     for _ in range(top_up):
         enqueue(None, "big")
+    if depth is not None:
+        depth()
     key = uuid.uuid4().hex
     t0 = time.perf_counter()
     enqueue(key, "small")
@@ -85,7 +96,9 @@ def section(database_url: str, rounds: int = ROUNDS) -> str:
     pipeline = app.pipeline("work", fn(work, name="work"))
     app.listen_queues("tenants", "fifo", "raw-tenants")
     cases = {"durapipe": _durapipe_case(pipeline, "tenants", True), "raw": _raw_enqueue}
+    queues = {"durapipe": "tenants", "raw": "raw-tenants"}
     times: dict[str, list[float]] = {name: [] for name in cases}
+    depths: dict[str, list[int]] = {name: [] for name in cases}
     with app:
         DBOS.register_queue("raw-tenants", global_concurrency=CONCURRENCY,
                             partition_concurrency=PER_TENANT, polling_interval_sec=POLL)
@@ -94,7 +107,9 @@ def section(database_url: str, rounds: int = ROUNDS) -> str:
                 enqueue(None, "big")
         for i in range(WARMUP + rounds):
             for name, enqueue in cases.items():
-                ms = _round(enqueue, TOP_UP)
+                seen = depths[name] if i >= WARMUP else []
+                ms = _round(enqueue, TOP_UP,
+                            lambda q=queues[name], d=seen: d.append(_depth(database_url, q)))
                 if i >= WARMUP:
                     times[name].append(ms)
         fifo_enqueue = _durapipe_case(pipeline, "fifo", False)
@@ -128,6 +143,10 @@ def section(database_url: str, rounds: int = ROUNDS) -> str:
         f"| raw DBOS partitioned queue | {rm:.1f} | {p95(times['raw']):.1f} |",
         f"| (reference: plain FIFO queue, {FIFO_ROUNDS} rounds behind {BACKLOG // 3} runs) | "
         f"{statistics.median(fifo):.1f} | {max(fifo):.1f} |",
+        "",
+        f"The big tenant's runs waiting when each small run was enqueued: durapipe "
+        f"{min(depths['durapipe'])} to {max(depths['durapipe'])}, raw DBOS "
+        f"{min(depths['raw'])} to {max(depths['raw'])}.",
         "",
         f"Ratio of medians durapipe / raw DBOS: {dm / rm:.2f}x. Both wait for a poll of the "
         "queue and for a free slot under the global limit, not for the big tenant's backlog; "

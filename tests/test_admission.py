@@ -19,7 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from dbutil import scratch_database, sql
+from dbutil import most_at_once, scratch_database, sql
 from durapipe import Agent, App, BudgetExceeded, DurapipeError, Pipeline, dispatch, fn, join, map_over
 from durapipe.audit import install_views
 from durapipe.cli import cli
@@ -30,11 +30,12 @@ from durapipe.web import create_console
 
 ORDER: list[str] = []
 GATE = threading.Event()
+BLOCK = threading.Event()
 
 
 def record(state: dict[str, Any]) -> dict[str, Any]:
     if state.get("block"):
-        time.sleep(0.5)  # holds the queue's one slot while the others are enqueued
+        BLOCK.wait(20)  # holds the queue's one slot until the others are enqueued
     ORDER.append(state["name"])
     return {"at": time.time()}
 
@@ -62,6 +63,7 @@ class Shared:
         self.app.queue("one", concurrency=1, polling_interval=0.05)
         self.app.queue("rate", per_tenant_rate=(2, 1.0), polling_interval=0.05)
         self.app.queue("t", per_tenant=2)
+        self.app.queue("runs", per_tenant=2, polling_interval=0.05)
         self.record = self.app.pipeline("record", fn(record, name="record"))
         self.wait = self.app.pipeline("wait", fn(wait, name="wait"))
         agent = Agent("w").instruct("Write about {item}.").writes("text")
@@ -69,6 +71,10 @@ class Shared:
         self.tasks = self.app.pipeline("tasks", dispatch(
             *[fn(task_work, name=f"job{i}") for i in range(4)], names=[f"job{i}" for i in range(4)],
             queue="t") >> join())
+        self.task_agents = self.app.pipeline("task-agents", dispatch(
+            Agent("w").instruct("Write about {a}.").writes("ta"),
+            Agent("w").instruct("Write about {b}.").writes("tb"), names=["a", "b"], max_tasks=1)
+            >> join() >> Agent("w").instruct("Sum up {ta} {tb}.").writes("text"))
         self.record.schedule("0 0 1 1 *", {"name": "new year"}, name="yearly")
 
 
@@ -83,10 +89,13 @@ def shared(pg_server_url: str) -> Iterator[Shared]:
 
 def test_priorities_lowest_first_fifo_within_a_level(shared: Shared) -> None:
     ORDER.clear()
+    BLOCK.clear()
+    # The blocker runs first (priority 0, enqueued first) and holds the queue's one slot
+    # until all the others wait on the queue.
     first = shared.record.enqueue({"name": "blocker", "block": True}, queue="one")
-    time.sleep(0.2)  # the blocker is running: the rest wait on the queue
     plan = [("low-a", 9), ("high-a", 1), ("mid", 5), ("low-b", 9), ("high-b", 1), ("none", None)]
     handles = [shared.record.enqueue({"name": n}, queue="one", priority=pr) for n, pr in plan]
+    BLOCK.set()
     first.result(timeout=30)
     for h in handles:
         h.result(timeout=30)
@@ -97,48 +106,64 @@ def test_priorities_lowest_first_fifo_within_a_level(shared: Shared) -> None:
 def test_per_tenant_rate_limits_each_tenant_alone(shared: Shared) -> None:
     handles = [shared.record.enqueue({"name": f"{t}{i}"}, queue="rate", tenant=t)
                for i in range(3) for t in ("x", "y")]
-    starts: dict[str, list[float]] = {"x": [], "y": []}
     for h in handles:
-        res = h.result(timeout=30)
-        starts[str(res.state["name"])[0]].append(res.state["at"])
+        h.result(timeout=30)
+    # When DBOS started each run (the clock its rate limit counts with).
+    rows = sql(shared.url, "SELECT attributes->>'durapipe.tenant', started_at_epoch_ms / 1000.0 "
+                           "FROM dbos.workflow_status WHERE workflow_uuid = ANY(%s)",
+               [h.run_id for h in handles])
+    starts = {t: sorted(float(at) for tenant, at in rows if tenant == t) for t in "xy"}
     for t in "xy":  # two starts per second per tenant: the third waits for the window
-        at = sorted(starts[t])
-        assert at[2] - at[0] >= 0.9, (t, at)
-    # The tenants do not share the limit: both first pairs started right away.
-    assert abs(sorted(starts["x"])[1] - sorted(starts["y"])[1]) < 0.9
+        assert len(starts[t]) == 3 and starts[t][2] - starts[t][0] >= 0.99, (t, starts[t])
+    # The tenants do not share the limit: both first pairs started within one window (four
+    # starts in less than a second, which a limit of two per second for both would refuse).
+    firsts = starts["x"][:2] + starts["y"][:2]
+    assert max(firsts) - min(firsts) < 1.0, starts
 
 
 def test_background_tasks_count_against_their_runs_tenant(shared: Shared) -> None:
     SPANS.clear()
-    run = shared.tasks.run({}, tenant="acme")
-    assert len(SPANS) == 4
-    edges = sorted([(a, 1) for a, _ in SPANS] + [(b, -1) for _, b in SPANS])
-    now = peak = 0
-    for _, d in edges:
-        now += d
-        peak = max(peak, now)
-    assert peak == 2  # the queue's per_tenant=2, for tasks as for runs
+    # Two runs of one tenant at once (a runs queue with per_tenant=2), four tasks each on
+    # queue t (per_tenant=2): the tenant's limit holds across both runs' tasks.
+    runs = [shared.tasks.enqueue({}, queue="runs", tenant="acme") for _ in range(2)]
+    for h in runs:
+        h.result(timeout=30)
+    assert len(SPANS) == 8
+    assert most_at_once(SPANS) == 2  # at the limit, never past it
+    runs_at = sql(shared.url, "SELECT started_at_epoch_ms, updated_at FROM dbos.workflow_status "
+                              "WHERE workflow_uuid = ANY(%s)", [h.run_id for h in runs])
+    assert most_at_once(runs_at) == 2  # both runs were in flight while the tasks waited
     assert sql(shared.url, "SELECT DISTINCT queue_partition_key FROM dbos.workflow_status "
-                           "WHERE parent_workflow_id = %s", run.run_id) == [("acme",)]
+                           "WHERE parent_workflow_id = ANY(%s)", [h.run_id for h in runs]) == [("acme",)]
+    # Enqueued on the queue its tasks go to, a run would wait for slots its tenant's runs hold.
+    with pytest.raises(DurapipeError, match="dispatch 0.0 puts its tasks on queue 't'"):
+        shared.tasks.enqueue({}, queue="t", tenant="acme")
 
 
 def test_concurrent_starts_with_one_dedup_key_give_one_run(shared: Shared) -> None:
     GATE.clear()
     ids: list[str] = []
-    barrier = threading.Barrier(8)
+    # More starts at once than DBOS's pool has connections (20): the ones waiting for the
+    # key must not hold the connections the first one needs to start the run.
+    barrier = threading.Barrier(40)
 
     def go(i: int) -> None:
         barrier.wait()
         ids.append(shared.wait.start({"i": i}, dedup_key="order-42").run_id)
 
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(40)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(ids) == 8 and len(set(ids)) == 1
-    found = asyncio.run(shared.wait.start_async({"i": 8}, dedup_key="order-42"))
-    assert found.run_id == ids[0]
+    assert len(ids) == 40 and len(set(ids)) == 1
+
+    async def starts() -> set[str]:
+        handles = await asyncio.gather(*(shared.wait.start_async({"i": i}, dedup_key="order-42")
+                                         for i in range(40)))
+        return {h.run_id for h in handles}
+
+    assert asyncio.run(starts()) == {ids[0]}
     other = shared.wait.start({"i": 99}, dedup_key="order-43")  # another key: its own run
     assert other.run_id != ids[0]
     GATE.set()
@@ -168,6 +193,17 @@ def test_budget_stops_a_map_of_agents_at_the_item_past_it(shared: Shared) -> Non
             shared.agents.run({"items": list("abc")})
     finally:
         shared.app.max_tokens = None
+    # Background tasks count: a task past the budget fails the run with BudgetExceeded, and
+    # the call after the join counts the tasks' tokens.
+    ab = {"a": "x", "b": "y"}
+    with pytest.raises(BudgetExceeded, match=r"background task 'b' .* agent 0\.0\.1:w") as info:
+        shared.task_agents.run(ab, max_tokens=1)
+    assert info.value.node == "0.0.1:w" and info.value.used > 0
+    rid = shared.task_agents.run(ab).run_id
+    tasks_used = sum(usage(shared.app, f"{rid}/0.0.{i}:{t}") for i, t in enumerate("ab"))
+    assert 0 < tasks_used < usage(shared.app, rid)
+    with pytest.raises(BudgetExceeded, match=rf"agent 0\.2:w: .* used {tasks_used} tokens"):
+        shared.task_agents.run(ab, max_tokens=tasks_used)
     costs = sql(shared.url, "SELECT input_tokens, output_tokens, cost FROM durapipe.llm_calls "
                             "WHERE run_id = %s", handle.run_id)
     assert len(costs) == 4
@@ -226,6 +262,10 @@ def test_bad_start_options_are_clear_errors(shared: Shared) -> None:
             p.start({"name": "x"}, **kwargs)
     with pytest.raises(DurapipeError, match="pass tenant="):
         p.enqueue({"name": "x"}, queue="t")
+    with pytest.raises(DurapipeError, match=r"has no queue 'nope' \(declared: .*app.queue\('nope'\)"):
+        p.enqueue({"name": "x"}, queue="nope", tenant="acme")
+    with pytest.raises(DurapipeError, match="max_tokens=-5 must be a positive int"):
+        p.enqueue({"name": "x"}, queue="one", max_tokens=-5)
     with pytest.raises(BuildError, match="not a cron expression"):
         p.schedule("every minute")
     assert sql(shared.url, "SELECT count(*) FROM dbos.workflow_status") == before

@@ -12,16 +12,21 @@ What each option becomes in DBOS 3.4:
   ``concurrency`` caps them all: DBOS 3.4 checks the per-partition and the queue-wide limits
   of one partitioned queue in the same dequeue (``_sys_db.start_queued_workflows``), so
   no second queue level is needed. Background tasks dispatched onto such a queue take the
-  run's tenant as their partition, so they count against the tenant's limit too.
+  run's tenant as their partition, so they count against the tenant's limit too (runs and
+  the tasks they join go on different queues: ``Pipeline.enqueue`` refuses the same one).
 - ``priority`` (0 to 2**31-1, lowest first; 0 is the default) and ``delay`` (seconds) are
   DBOS enqueue options. ``start(...)`` with either goes through the app's own start queue
-  (``durapipe-<app>-start``, no limits), since DBOS orders and delays only queued work.
+  (``durapipe-<app>-start``, no limits), since DBOS orders and delays only queued work; with
+  no limit there, a priority orders only runs that become due together.
 - ``dedup_key``: while a run of the pipeline started with that key is unfinished, another
   start with the key returns it. DBOS's own deduplication works only on non-partitioned
   queues and not for direct starts, so durapipe holds a Postgres advisory lock on the key
   around "find the unfinished run with this key, else start one" (the run records the key
   as attribute ``durapipe.dedup``); concurrent starts in any number of processes give one
-  run. On SQLite (one process) a process lock does the same.
+  run. Threads and tasks of one process first queue on a lock of the key in the process,
+  so one connection per key and process waits on the database, and never one of DBOS's
+  pool, which the lock's holder needs to start the run. On SQLite (one process) only the
+  process lock is taken.
 - ``max_tokens``: recorded as attribute ``durapipe.max_tokens`` (the app's ``max_tokens``
   default when not given), read by :mod:`.budget` before each model call.
 """
@@ -162,7 +167,13 @@ class Admission:
 
 _engines: dict[str, sa.Engine] = {}
 _engines_lock = threading.Lock()
-_local_locks: dict[str, threading.Lock] = {}
+
+
+def _pg_url(url: str) -> str:
+    if url.startswith("sqlite"):
+        return url
+    return url.replace("postgres://", "postgresql://", 1).replace(
+        "postgresql://", "postgresql+psycopg://", 1)
 
 
 def system_engine(app: App) -> sa.Engine:
@@ -176,32 +187,67 @@ def system_engine(app: App) -> sa.Engine:
     with _engines_lock:
         engine = _engines.get(url)
         if engine is None:
-            if not url.startswith("sqlite"):
-                url = url.replace("postgres://", "postgresql://", 1).replace(
-                    "postgresql://", "postgresql+psycopg://", 1)
-            engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-            _engines[app.database_url] = engine
+            engine = sa.create_engine(_pg_url(url), poolclass=sa.pool.NullPool)
+            _engines[url] = engine
         return engine
 
 
+def _lock_engine(url: str) -> sa.Engine:
+    """The connections that wait on dedup advisory locks: never DBOS's pool, whose
+    connections the lock's holder needs to find and start its run (a pool filled with
+    waiters would leave it none)."""
+    key = f"lock\x1f{url}"
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = sa.create_engine(_pg_url(url), pool_size=1, max_overflow=15,
+                                      pool_pre_ping=True)
+            _engines[key] = engine
+        return engine
+
+
+class _KeyLocks:
+    """One lock per key while anyone holds or waits for it (then dropped), so that a
+    process has at most one waiter per key on the database's advisory lock."""
+
+    def __init__(self, make: Any) -> None:
+        self._make = make
+        self._guard = threading.Lock()
+        self._held: dict[Any, list[Any]] = {}
+
+    @contextlib.contextmanager
+    def entry(self, key: Any) -> Iterator[Any]:
+        with self._guard:
+            found = self._held.setdefault(key, [self._make(), 0])
+            found[1] += 1
+        try:
+            yield found[0]
+        finally:
+            with self._guard:
+                found[1] -= 1
+                if found[1] == 0:
+                    del self._held[key]
+
+
+_thread_locks = _KeyLocks(threading.Lock)
+_task_locks = _KeyLocks(asyncio.Lock)
+
+
+def _lock_key(app: App, adm: Admission) -> str:
+    return f"{app.dbos_name}\x1f{adm.dedup_token}"
+
+
 @contextlib.contextmanager
-def dedup_lock(app: App, adm: Admission) -> Iterator[None]:
-    """Hold the lock of ``adm``'s dedup key of this app (a no-op without a key)."""
-    if adm.dedup_key is None:
-        yield
-        return
-    key = f"{app.dbos_name}\x1f{adm.dedup_token}"
+def _advisory_lock(app: App, key: str) -> Iterator[None]:
+    """Postgres's advisory lock of ``key`` (a no-op on SQLite: one process)."""
     if app.database_url.startswith("sqlite"):
-        with _engines_lock:
-            lock = _local_locks.setdefault(key, threading.Lock())
-        with lock:
-            yield
+        yield
         return
     # Two 32-bit halves: the pair is the advisory lock's key (a crc clash only serializes
     # two unrelated starts, it never merges them: the run is found by its attribute).
     k1, k2 = zlib.crc32(key.encode()), zlib.adler32(key.encode())
     k1, k2 = k1 - 2**32 if k1 >= 2**31 else k1, k2 - 2**32 if k2 >= 2**31 else k2
-    with system_engine(app).connect() as con:
+    with _lock_engine(app.database_url).connect() as con:
         con.execute(sa.text("SELECT pg_advisory_lock(:a, :b)"), {"a": k1, "b": k2})
         con.commit()
         try:
@@ -211,15 +257,50 @@ def dedup_lock(app: App, adm: Admission) -> Iterator[None]:
             con.commit()
 
 
+@contextlib.contextmanager
+def dedup_lock(app: App, adm: Admission) -> Iterator[None]:
+    """Hold the lock of ``adm``'s dedup key of this app (a no-op without a key): first the
+    process's own lock of the key, then the database's, so any number of threads starting
+    one key wait on one connection."""
+    if adm.dedup_key is None:
+        yield
+        return
+    key = _lock_key(app, adm)
+    with _thread_locks.entry(key) as lock, lock, _advisory_lock(app, key):
+        yield
+
+
 @contextlib.asynccontextmanager
 async def dedup_lock_async(app: App, adm: Admission) -> AsyncIterator[None]:
-    """:func:`dedup_lock` for async code: the lock is taken and released off the loop."""
-    lock = dedup_lock(app, adm)
-    await asyncio.to_thread(lock.__enter__)
-    try:
+    """:func:`dedup_lock` for async code: tasks of one loop wait on an asyncio lock of the
+    key, and only its holder waits, off the loop, for the database's lock."""
+    if adm.dedup_key is None:
         yield
-    finally:
-        await asyncio.to_thread(lock.__exit__, None, None, None)
+        return
+    key = _lock_key(app, adm)
+    with _task_locks.entry((id(asyncio.get_running_loop()), key)) as local:
+        async with local:
+            with _thread_locks.entry(key) as lock:
+                held = _held(lock, app, key)
+                loop = asyncio.get_running_loop()
+                entering = asyncio.ensure_future(asyncio.to_thread(held.__enter__))
+                try:
+                    await asyncio.shield(entering)
+                except asyncio.CancelledError:
+                    # The thread still takes the locks: release them once it has them.
+                    entering.add_done_callback(lambda f: f.cancelled() or f.exception() or (
+                        loop.run_in_executor(None, held.__exit__, None, None, None) and None))
+                    raise
+                try:
+                    yield
+                finally:
+                    await asyncio.to_thread(held.__exit__, None, None, None)
+
+
+@contextlib.contextmanager
+def _held(lock: threading.Lock, app: App, key: str) -> Iterator[None]:
+    with lock, _advisory_lock(app, key):
+        yield
 
 
 def active_run(app: App, adm: Admission) -> str | None:

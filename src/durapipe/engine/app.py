@@ -444,7 +444,8 @@ class App:
         process; ``limit`` runs may start per ``period`` seconds. ``per_tenant=n`` keeps
         each tenant (``enqueue(..., tenant=)``) to n runs or background tasks in flight,
         ``per_tenant_rate=(count, seconds)`` to count starts per window, so one tenant's
-        backlog never holds up another's runs (see :mod:`durapipe.engine.admission`).
+        backlog never holds up another's runs; runs and the tasks they join go on separate
+        queues (see :mod:`durapipe.engine.admission`).
         """
         if self._launched:
             raise AppStateError(f"app {self.name!r}: declare queue {name!r} before launch", app=self.name)

@@ -39,7 +39,7 @@ from dbos._core import set_event as _dbos_set_event
 from dbos._dbos import _get_dbos_instance
 from dbos._error import DBOSAwaitedWorkflowCancelledError, DBOSWorkflowCancelledError
 
-from ..errors import DurapipeError, NodeFailed, RunError, error_text, from_portable
+from ..errors import BudgetExceeded, DurapipeError, NodeFailed, RunError, error_text, from_portable
 from ..ir import Dispatch, Join
 from ..state import State, check_updates
 from . import admission, bounds, events, lifecycle
@@ -353,12 +353,14 @@ async def join_tasks(
         elif isinstance(result, BaseException):
             if task.node.on_error is None and failure is None:
                 cause = from_portable(result)
-                failure = NodeFailed(
-                    f"join {path}: background task {task.name!r} ({task.child_id}) failed: "
-                    f"{cause if isinstance(cause, DurapipeError) else error_text(cause)}",
-                    node=f"{task.path}:{task.name}", task=task.name, child=task.child_id,
-                    cause=error_text(cause),
-                )
+                message = (f"join {path}: background task {task.name!r} ({task.child_id}) "
+                           f"failed: {cause if isinstance(cause, DurapipeError) else error_text(cause)}")
+                if isinstance(cause, BudgetExceeded):  # the run's budget, used by a task
+                    failure = BudgetExceeded(message, **{**cause.data, "task": task.name,
+                                                         "child": task.child_id})
+                else:
+                    failure = NodeFailed(message, node=f"{task.path}:{task.name}", task=task.name,
+                                         child=task.child_id, cause=error_text(cause))
         else:
             merged.update(result or {})
             if status != "joined":

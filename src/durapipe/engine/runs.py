@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from dbos import DBOS, SetWorkflowID, SetWorkflowTimeout
 
 from ..errors import BuildError, DurapipeError, StateError, UnknownRun
-from ..ir import Node
+from ..ir import Dispatch, Node
 from ..state import State, check_inputs
 from . import admission
 from .ask import AskMixin
@@ -214,6 +214,7 @@ class Pipeline(AskMixin):
         Options as for :meth:`start`; a queue with ``per_tenant`` limits needs ``tenant``."""
         self.app.require_launched(f"pipeline {self.name!r}.enqueue")
         spec = self.app.queue_spec(queue, f"pipeline {self.name!r}.enqueue")
+        self._check_own_queue(spec)
         run_id = self._run_id(run_id, "enqueue")
         state = self._inputs(inputs)
         deadline = self._deadline(timeout)  # counted from when a worker dequeues the run
@@ -229,6 +230,24 @@ class Pipeline(AskMixin):
                     adm.options(spec, queued=True):
                 handle = DBOS.enqueue_workflow(queue, self._workflow, self.name, self.version, state)
         return RunHandle(self.app, handle.workflow_id)
+
+    def _check_own_queue(self, spec: Any) -> None:
+        """Refuse a run that would wait on a queue for tasks it dispatches onto that queue:
+        with a limit on runs in flight, runs holding every slot would wait forever."""
+        limits = [f"{k}={getattr(spec, k)}" for k in ("concurrency", "worker_concurrency",
+                                                      "per_tenant") if getattr(spec, k)]
+        if not limits:
+            return
+        for path, node in self.node.walk():
+            if isinstance(node, Dispatch) and node.queue == spec.name and not node.detach:
+                raise DurapipeError(
+                    f"pipeline {self.name!r}.enqueue: dispatch {path} puts its tasks on queue "
+                    f"{spec.name!r}, the queue this run would be on; with its "
+                    f"{', '.join(limits)} the runs in flight would hold the slots their tasks "
+                    "need and wait for them forever. Dispatch onto a queue of their own "
+                    f"(e.g. app.queue({spec.name + '-tasks'!r}, per_tenant=...), tasks take "
+                    "their run's tenant) or enqueue the runs on another queue",
+                    pipeline=self.name, queue=spec.name, node=path)
 
     def start_many(self, inputs: Iterable[Any], *, run_ids: Iterable[str | None] | None = None,
                    timeout: float | None = None) -> list[RunHandle]:

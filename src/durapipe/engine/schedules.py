@@ -13,7 +13,10 @@ workflow is replayed after a crash.
 
 Declaring a schedule whose definition (cron, inputs, backfill) is unchanged keeps the row
 and its paused state, so a worker may declare its schedules at every start.
-``durapipe schedules`` lists them; ``pause``/``resume`` stop and restart the firing.
+``durapipe schedules`` lists them; ``pause``/``resume`` stop and restart the firing: a
+tick due while paused starts no run (also before DBOS's scheduler has seen the pause), a
+paused schedule stays paused across restarts, and a resumed one fires from its next tick
+(the ticks of the pause are not backfilled).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import asyncio
 import contextvars
 import weakref
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from dbos import DBOS
@@ -108,6 +111,16 @@ def run_id_for(schedule: str, tick: Any) -> str:
 @DBOS.workflow(name=SCHEDULE_WORKFLOW)
 async def fire(scheduled_time: datetime, context: Any) -> None:
     """One tick of a schedule: start its run (idempotent on the run id)."""
+    full = f"{context['app']}:{context['schedule']}"
+
+    async def active() -> bool:
+        found = await DBOS.get_schedule_async(full)
+        return found is not None and found.get("status", "ACTIVE") == "ACTIVE"
+
+    # DBOS's scheduler sees a pause at its next poll (every 30 s once a worker has run a
+    # minute); a tick fired before then starts nothing. A step: a replay decides the same.
+    if not await DBOS.run_step_async({"name": "schedule_active"}, active):
+        return
     app = current_app()
     pipeline = Pipeline(app, app.registered(context["pipeline"]))
     run_id = run_id_for(context["schedule"], scheduled_time)
@@ -162,6 +175,11 @@ def set_paused(client: Any, name: str, paused: bool, app: str | None = None) -> 
     if paused:
         client.pause_schedule(full)
     else:
+        # DBOS backfills a resumed schedule from its last tick, which would fire every tick
+        # of the pause at once; it resumes from now (DBOS 3.4's SystemDatabase, if present).
+        mark = getattr(getattr(client, "_sys_db", None), "update_last_fired_at", None)
+        if mark is not None and info.status != "ACTIVE":
+            mark(full, datetime.now(timezone.utc).isoformat())
         client.resume_schedule(full)
     return ScheduleInfo(info.app, info.name, info.pipeline, info.cron,
                         "PAUSED" if paused else "ACTIVE", info.last_fired)
