@@ -39,6 +39,7 @@ from ..errors import (
 from ..ir import Node
 from ..retry import Retry, policy_of
 from ..state import State
+from . import events
 from .context import Handler, RunContext, node_error, run_step
 
 log = logging.getLogger("durapipe")
@@ -112,6 +113,10 @@ async def run_attempts(ctx: RunContext, policy: Retry, path: str, label: str,
             decided: dict[str, Any] = await run_step(f"{apath}:retry", 0, note)
             if not decided.get("retry"):
                 raise _given_up(err, path, label, k + 1, policy.attempts) from exc
+            # Once per attempt, also on a replay (keyed): the node runs again at attempt k + 2.
+            events.emit("retry", path=path, name=label, kind="node", key=f"retry:{apath}",
+                        data={"attempt": k + 2, "of": policy.attempts,
+                              "error": record["error"], "delay": decided["delay"]})
             log.warning("node %s failed (attempt %d of %d), retrying in %.2fs: %s",
                         f"{path}:{label}", k + 1, policy.attempts, decided["delay"],
                         error_text(err))
