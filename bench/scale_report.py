@@ -27,7 +27,7 @@ def _color(name: str, i: int) -> str:
 
 
 def _dashed(name: str) -> bool:
-    return any(w in name for w in ("3-step", "child", "map of"))
+    return any(w in name for w in ("3-step", "child", "map of", "after"))
 
 
 # -- the curves: (title, x label, y label, reference size, {series: [(x, y), ...]}) --------
