@@ -75,10 +75,14 @@ def flatness(data: dict[str, Any]) -> list[str]:
     """Per-unit cost at the largest size against the smallest and a reference size (where
     fixed costs stop dominating): the 1.5x target, row by row."""
     rows = []
+    unfinished = {(f"map_over, {body} body", name): f"; {r['items']:,}: {r['error']}"
+                  for body, by in data.get("curves", {}).get("map", {}).get("cases", {}).items()
+                  for name, rs in by.items() for r in rs if "error" in r}
     for title, _, yl, ref, series in curves(data):
         for name, pts in series.items():
             if not pts:
                 continue
+            missing = unfinished.get((title, name), "")
             by = dict(pts)
             lo, hi = pts[0], pts[-1]
             r_lo = hi[1] / lo[1]
@@ -88,7 +92,7 @@ def flatness(data: dict[str, Any]) -> list[str]:
                          f"{_fmt(by[ref])} @ {ref:,}" if r_ref is not None else "",
                          f"{_fmt(hi[1])} @ {hi[0]:,}", f"{r_lo:.2f}x",
                          f"{r_ref:.2f}x" if r_ref is not None else "",
-                         "yes" if worst <= 1.5 else "**no**"])
+                         ("yes" if worst <= 1.5 and not missing else "**no**") + missing])
     return ["### Flatness: cost per unit at the largest size against the smallest and a middle size",
             "", "Target: per-node and per-item cost within 1.5x from the smallest to the largest "
             "size. A ratio below 1 means the per-unit cost falls (fixed costs spread over more "
@@ -228,10 +232,10 @@ def _maps(c: dict[str, Any]) -> list[str]:
     return ["### `map_over`: ms per map, ms per item, peak threads and connections", "",
             "Each row in a process of its own: threads are the process's peak (DBOS's and "
             "LangGraph's background threads included), connections the database's sessions "
-            "at peak (idle pooled ones included, the sampler's own excluded); \"timeout lines\" "
-            "counts the lines of the case's stderr that mention a timeout (DBOS's pool waits).", "",
+            "at peak (idle pooled ones included, the sampler's own excluded); \"timeouts\" "
+            "counts the mentions of a timeout in the case's stderr (DBOS's pool waits).", "",
             table(rows, ["body", "items", "system", "rounds", "median ms", "ms / item",
-                         "peak threads", "peak connections", "timeout lines"]), ""]
+                         "peak threads", "peak connections", "timeouts"]), ""]
 
 
 def _fanouts(c: dict[str, Any], par: dict[str, Any] | None, meta: dict[str, Any]) -> list[str]:
@@ -304,7 +308,7 @@ def render(data: dict[str, Any], svg_name: str = "scale.svg") -> str:
         parts.append(("statements", _statements(c["statements"])))
     for key, lines in parts:
         when = _when(c[key])
-        out += lines[:-1] + ([when.strip(), ""] if when else []) + [""]
+        out += lines + ([when.strip(), ""] if when else [])
     return "\n".join(out).rstrip("\n") + "\n"
 
 
