@@ -15,10 +15,12 @@ steps for a 1-step map and a fan-out, child workflows joined with ``handle.get_r
 for a 3-step map body and as the other form of a fan-out (steps of one item stay in
 order: DBOS numbers a workflow's steps as they start). ``--quick`` (or ``DURAPIPE_BENCH_QUICK=1``) runs reduced sizes.
 
-Sizes of 1,000 and more are timed in 1 round after the warm-up (the tables have a rounds
-column). The numbers go to ``bench/scale.json`` as they are measured and the curves are
-drawn from it into ``bench/scale.svg`` (``python bench/scale_plot.py`` draws them again);
-``--quick`` writes ``scale-quick.json`` / ``scale-quick.svg`` instead (not committed).
+Maps of 1,000 items and more are timed in 1 round after the warm-up (rounds column); a map
+case that runs past MAP_TIMEOUT is reported as unfinished. The numbers go to
+``bench/scale.json`` as they are measured; the tables and ``bench/scale.svg`` are drawn from
+it (``python bench/scale_report.py`` draws them again); ``--only=length,map`` measures some
+curves again and keeps the others. ``--quick`` writes ``scale-quick.json`` /
+``scale-quick.svg`` instead (not committed). The full sizes take about an hour here.
 """
 
 from __future__ import annotations
