@@ -14,6 +14,13 @@ Hand-written DBOS is the fastest idiomatic form: async steps, ``asyncio.gather``
 steps for a 1-step map and a fan-out, child workflows joined with ``handle.get_result()``
 for a 3-step map body and as the other form of a fan-out (steps of one item stay in
 order: DBOS numbers a workflow's steps as they start). ``--quick`` (or ``DURAPIPE_BENCH_QUICK=1``) runs reduced sizes.
+
+Maps of 1,000 items and more are timed in 1 round after the warm-up (rounds column); a map
+case that runs past MAP_TIMEOUT is reported as unfinished. The numbers go to
+``bench/scale.json`` as they are measured; the tables and ``bench/scale.svg`` are drawn from
+it (``python bench/scale_report.py`` draws them again); ``--only=length,map`` measures some
+curves again and keeps the others. ``--quick`` writes ``scale-quick.json`` /
+``scale-quick.svg`` instead (not committed). The full sizes take about an hour here.
 """
 
 from __future__ import annotations
@@ -30,10 +37,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
 import psycopg
-from common import median, table
+from common import median
 from dbos import DBOS, SetWorkflowID
 
 from durapipe import App, fn, map_over
@@ -44,6 +53,42 @@ ITEMS = [10, 100, 1000] if QUICK else [10, 100, 1000, 10000]
 WIDTHS = [2, 8, 32] if QUICK else [2, 8, 32, 64]
 STATES = [1_000, 100_000, 1_000_000] if QUICK else [1_000, 100_000, 1_000_000, 10_000_000]
 ROUNDS = 3
+LARGE = 1000  # sizes from here on are timed in 1 round
+MAP_TIMEOUT = 1800  # seconds for one map case (a system that takes longer is reported so)
+HERE = Path(__file__).resolve().parent
+JSON_PATH = HERE / ("scale-quick.json" if QUICK else "scale.json")
+DATA: dict[str, Any] = {}
+
+
+def rounds_for(n: int) -> int:
+    return 1 if n >= LARGE else ROUNDS
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 1)
+
+
+def _now() -> str:
+    return f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+
+
+def record(curve: str, **fields: Any) -> None:
+    """Keep one curve's numbers in DATA and write the JSON file (after every size, so a
+    run that stops half-way keeps what it measured)."""
+    old = DATA.setdefault("curves", {}).get(curve, {})
+    DATA["curves"][curve] = {**fields, "at": old.get("at", _now()),
+                             "load_before": old.get("load_before", STARTED_LOAD[0]),
+                             "load_after": _load()}
+    JSON_PATH.write_text(json.dumps(DATA, indent=1) + "\n")
+
+
+STARTED_LOAD = [0.0]
+
+
+def starting(curve: str) -> None:
+    """Forget a curve's earlier numbers (a new measurement of it starts now)."""
+    DATA.setdefault("curves", {}).pop(curve, None)
+    STARTED_LOAD[0] = _load()
 
 
 # -- the three systems' workloads ---------------------------------------------------------
@@ -297,7 +342,20 @@ def bytes_per_run(url: str, f: Callable[[], object]) -> int:
 
 # -- the section --------------------------------------------------------------------------
 
-def section(url: str) -> str:
+CURVES = ("length", "fanout", "state", "statements", "map")
+
+
+def section(url: str, only: tuple[str, ...] = CURVES) -> str:
+    """Measure the curves named in ``only`` (all by default; the others are kept from the
+    JSON file of an earlier run), store them, draw the plot, return the section."""
+    from scale_report import render, write_svg
+
+    DATA.clear()
+    if only != CURVES and JSON_PATH.exists():
+        DATA.update(json.loads(JSON_PATH.read_text()))
+    DATA.setdefault("meta", {}).update(
+        quick=QUICK, rounds=ROUNDS, one_round_from=LARGE,
+        **({"started": _now(), "load_before": _load()} if only == CURVES else {}))
     app = App("bench-scale", url)
     seqs = {n: app.pipeline(f"seq{n}", _chain(n)) for n in LENGTHS}
     fans = {w: app.pipeline(f"fan{w}", _fan(w)) for w in WIDTHS}
@@ -305,19 +363,22 @@ def section(url: str) -> str:
     par3x3 = app.pipeline("par3x3", (branch | branch | branch) >> fn(noop, name="join"))
     doc3 = app.pipeline("doc3", fn(touch) >> fn(touch, name="t2") >> fn(touch, name="t3"))
     docmap = app.pipeline("docmap", map_over("items", fn(touch) >> fn(touch, name="t2"), "out"))
-    out = ["## Scale curves: durapipe, hand-written DBOS, LangGraph",
-           "", f"{'Reduced sizes (`--quick`). ' if QUICK else ''}Median of {ROUNDS} interleaved "
-           "rounds after a warm-up, one process, one Postgres; LangGraph on `PostgresSaver` "
-           "with `durability=\"sync\"`. Hand-written DBOS in its fastest idiomatic form "
-           "(async steps; `asyncio.gather` of async steps; child workflows joined with "
-           "`handle.get_result()`).", ""]
     with langgraph_saver(url) as saver, app:
-        out += _lengths(seqs, saver)
-        out += _maps(url)
-        out += _fanouts(fans, par3x3, saver)
-        out += _states(url, doc3, docmap, saver)
-        out += _statements(app, seqs[max(n for n in LENGTHS if n <= 100)])
-    return "\n".join(out)
+        if "length" in only:
+            _lengths(seqs, saver)
+        if "fanout" in only:
+            _fanouts(fans, par3x3, saver)
+        if "state" in only:
+            _states(url, doc3, docmap, saver)
+        if "statements" in only:
+            _statements(app, seqs[max(n for n in LENGTHS if n <= 100)])
+    if "map" in only:  # the longest curve last: the others are on file if it stops
+        _maps(url)
+    if only == CURVES:
+        DATA["meta"].update(finished=_now(), load_after=_load())
+    JSON_PATH.write_text(json.dumps(DATA, indent=1) + "\n")
+    svg = write_svg(DATA, JSON_PATH.with_suffix(".svg"))
+    return render(DATA, svg.name)
 
 
 @contextmanager
@@ -342,7 +403,7 @@ def _counting(app: App, check_every_step: bool) -> Iterator[list[int]]:
         log._execute, log.must_check = send, must  # type: ignore[method-assign]
 
 
-def _statements(app: App, pipeline: Any) -> list[str]:
+def _statements(app: App, pipeline: Any) -> None:
     n = len(pipeline.node.nodes) if hasattr(pipeline.node, "nodes") else 1
     counts: dict[str, int] = {}
 
@@ -354,14 +415,11 @@ def _statements(app: App, pipeline: Any) -> list[str]:
             return None
         return run
 
+    starting("statements")
     cases = {"one statement per new step": case(False, "one statement per new step"),
              "check + record per step": case(True, "check + record per step")}
     t = timed(cases, ROUNDS * 3)
-    rows = [[k, str(counts[k]), f"{t[k]:.1f}", f"{t[k] / n:.3f}"] for k in cases]
-    ratio = t["one statement per new step"] / t["check + record per step"]
-    return [f"### Statements per durable step ({n} sequential no-op nodes, not replaying)", "",
-            table(rows, ["step path", "statements per run", "median ms", "ms per node"]), "",
-            f"One statement per new step / check + record: **{ratio:.2f}x** of the time.", ""]
+    record("statements", nodes=n, ms=t, statements=counts, rounds=ROUNDS * 3)
 
 
 def _chain(n: int) -> Any:
@@ -378,18 +436,18 @@ def _fan(w: int) -> Any:
     return node >> fn(noop, name="join")
 
 
-def _lengths(seqs: dict[int, Any], saver: Any) -> list[str]:
-    rows = []
+def _lengths(seqs: dict[int, Any], saver: Any) -> None:
+    """Every size in ROUNDS rounds (1,000 nodes is seconds, not minutes, for each system)."""
+    starting("length")
+    ms: dict[str, list[float]] = {}
     for n in LENGTHS:
         graph = lg_chain(n, saver)
-        rounds = 1 if n >= 1000 else ROUNDS
         t = timed({"durapipe": lambda n=n: seqs[n].run({}), "raw DBOS": raw(raw_seq, n),
-                   "LangGraph": lg_run(graph, {"trail": []}, n + 10)}, rounds)
-        rows.append([str(n)] + [f"{t[k]:.1f} ({t[k] / n:.2f})" for k in t]
-                    + [f"{t['durapipe'] / t['raw DBOS']:.2f}x", f"{t['durapipe'] / t['LangGraph']:.2f}x"])
-    return ["### Pipeline length: ms per run (ms per node)", "",
-            table(rows, ["nodes", "durapipe", "raw DBOS", "LangGraph", "durapipe / DBOS",
-                         "durapipe / LangGraph"]), ""]
+                   "LangGraph": lg_run(graph, {"trail": []}, n + 10)}, ROUNDS)
+        for k, v in t.items():
+            ms.setdefault(k, []).append(v)
+        done = LENGTHS[:len(ms["durapipe"])]
+        record("length", sizes=done, rounds=[ROUNDS] * len(done), ms=ms)
 
 
 SYSTEMS = ("durapipe", "raw DBOS", "LangGraph")
@@ -398,7 +456,7 @@ SYSTEMS = ("durapipe", "raw DBOS", "LangGraph")
 def map_case(url: str, system: str, steps: int, n: int) -> dict[str, float]:
     """One map size of one system, in a process of its own (so the threads a pool kept from
     an earlier case do not count): median ms, peak threads and peak connections."""
-    rounds = 1 if n >= 1000 else ROUNDS
+    rounds = rounds_for(n)
     with contextlib.ExitStack() as stack:
         make: Callable[[int], Callable[[], object]]
         if system == "LangGraph":
@@ -424,56 +482,65 @@ def map_case(url: str, system: str, steps: int, n: int) -> dict[str, float]:
                 t0 = time.perf_counter()
                 f()
                 times.append((time.perf_counter() - t0) * 1000)
-    return {"ms": median(times), "threads": peaks.threads, "conns": peaks.conns}
+    return {"ms": median(times), "threads": peaks.threads, "conns": peaks.conns, "rounds": rounds}
 
 
-def _maps(url: str) -> list[str]:
-    rows = []
+def _map_subprocess(url: str, name: str, steps: int, n: int) -> dict[str, Any]:
+    """One map case in a child process; a case that fails or runs past MAP_TIMEOUT is
+    returned as such (with the last line it wrote) instead of stopping the bench."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, __file__, "--map-case", url, name, str(steps), str(n),
+           *(["--quick"] if QUICK else [])]
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=MAP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish in {MAP_TIMEOUT} s"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {done.returncode} after {time.perf_counter() - t0:.0f} s: {last[:160]}"}
+    got: dict[str, Any] = json.loads(lines[-1])
+    got["pool_timeouts"] = done.stderr.count("timeout")
+    return got
+
+
+def _maps(url: str) -> None:
+    starting("map")
+    got: dict[str, dict[str, list[Any]]] = {}
     cases = [(steps, n, name) for steps in (1, 3) for n in ITEMS for name in SYSTEMS]
     if QUICK:  # the largest size for durapipe alone: threads and connections stay bounded
         cases.append((1, 10_000, "durapipe"))
     for steps, n, name in cases:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        done = subprocess.run(
-            [sys.executable, __file__, "--map-case", url, name, str(steps), str(n),
-             *(["--quick"] if QUICK else [])],
-            env=env, capture_output=True, text=True, timeout=3600, check=True)
-        got = json.loads(done.stdout.strip().splitlines()[-1])
-        ms = got["ms"]
-        rows.append([f"{steps}-step body", str(n), name, f"{ms:.0f}", f"{ms / n:.2f}",
-                     str(got["threads"]), str(got["conns"])])
-    return ["### `map_over`: ms per map, ms per item, peak threads and connections", "",
-            "Each row in a process of its own: threads are the process's peak (DBOS's and "
-            "LangGraph's background threads included), connections the database's sessions "
-            "at peak (idle pooled ones included, the sampler's own excluded).", "",
-            table(rows, ["body", "items", "system", "median ms", "ms / item", "peak threads",
-                         "peak connections"]), ""]
+        r = _map_subprocess(url, name, steps, n)
+        print(f"map {steps}-step {n} {name}: {r}", file=sys.stderr, flush=True)
+        got.setdefault(f"{steps}-step", {}).setdefault(name, []).append({"items": n, **r})
+        record("map", cases=got)
 
 
-def _fanouts(fans: dict[int, Any], par3x3: Any, saver: Any) -> list[str]:
-    rows = []
+def _fanouts(fans: dict[int, Any], par3x3: Any, saver: Any) -> None:
+    starting("fanout")
+    ms: dict[str, list[float]] = {}
     for w in WIDTHS:
         graph = lg_fanout(w, saver)
         t = timed({"durapipe": lambda w=w: fans[w].run({}),
                    "raw DBOS (gather of async steps)": raw(raw_gather, w),
                    "raw DBOS (child workflows, handle.get_result)": raw(raw_children, w, 1),
                    "LangGraph": lg_run(graph, {"trail": []})})
-        rows += [[str(w), k, f"{v:.1f}", f"{t['durapipe'] / v:.2f}x"] for k, v in t.items()]
+        for k, v in t.items():
+            ms.setdefault(k, []).append(v)
+        record("fanout", sizes=WIDTHS[:len(ms["durapipe"])], ms=ms, rounds=ROUNDS)
+    starting("par3x3")
     t = timed({"durapipe": lambda: par3x3.run({}),
                "raw DBOS (gather of one coroutine per branch)": raw(raw_par3x3, False),
                "raw DBOS (child workflows, handle.get_result)": raw(raw_par3x3, True)}, ROUNDS * 3)
-    rows += [["3 x 3 steps", k, f"{v:.1f}", f"{t['durapipe'] / v:.2f}x"] for k, v in t.items()]
-    return ["### Fan-out width (one-step branches, then a join): ms per run", "",
-            "The last rows are 3 branches of 3 steps then a join. Gathering one coroutine per "
-            "branch inside one workflow numbers the steps in the order they happen to start, "
-            "which a DBOS replay does not tolerate; it is listed as the cheapest form, not a "
-            "safe one.", "",
-            table(rows, ["width", "system", "median ms", "durapipe / this"]), ""]
+    record("par3x3", ms=t, rounds=ROUNDS * 3)
 
 
-def _states(url: str, doc3: Any, docmap: Any, saver: Any) -> list[str]:
-    rows = []
+def _states(url: str, doc3: Any, docmap: Any, saver: Any) -> None:
+    starting("state")
     graph = lg_doc(saver)
+    got: dict[str, list[int]] = {}
     for size in STATES:
         doc = "x" * size
         cases = {"durapipe, 3 nodes": lambda d=doc: doc3.run({"doc": d}),
@@ -482,10 +549,8 @@ def _states(url: str, doc3: Any, docmap: Any, saver: Any) -> list[str]:
                  "durapipe, map of 10 items x 2 steps": lambda d=doc: docmap.run(
                      {"doc": d, "items": list(range(10))})}
         for name, f in cases.items():
-            b = bytes_per_run(url, f)
-            rows.append([f"{size:,}", name, f"{b:,}", f"{b / size:.1f}"])
-    return ["### State size: bytes written per run", "",
-            table(rows, ["state bytes", "system", "bytes written", "x state"]), ""]
+            got.setdefault(name, []).append(bytes_per_run(url, f))
+        record("state", sizes=STATES[:len(got["durapipe, 3 nodes"])], bytes=got)
 
 
 if __name__ == "__main__":
@@ -497,5 +562,9 @@ if __name__ == "__main__":
         print(json.dumps(map_case(db, system, int(steps), int(n))))
         sys.exit(0)
 
+    only = CURVES
+    for arg in sys.argv:  # --only=length,fanout: measure these again, keep the rest on file
+        if arg.startswith("--only="):
+            only = tuple(c for c in CURVES if c in arg.split("=", 1)[1].split(","))
     with postgres_server() as server, fresh_database(server) as db:
-        print(section(db))
+        print(section(db, only))

@@ -295,6 +295,31 @@ def test_map_failure_names_the_item(make_app: Callable[..., App]) -> None:
         map_over("xs", fn(check), "oks", concurrency=0)
 
 
+def test_bounded_map_finds_a_late_failure_after_earlier_items_left(
+    make_app: Callable[..., App], database_url: str
+) -> None:
+    """A bounded map keeps only its running items in view (not every started one); an item
+    that fails after many others finished is still the one found and named."""
+    started: list[int] = []
+
+    def first(state: S) -> S:
+        started.append(state["item"])
+        if state["item"] == 9:
+            raise ValueError("item nine is bad")
+        return {}
+
+    app = make_app()
+    body = fn(first) >> fn(lambda s: {"ok": s["item"]}, name="second", writes=["ok"])
+    p = app.pipeline("p", map_over("xs", body, "oks", concurrency=2))
+    with app:
+        assert p.run({"xs": list(range(8))}).state["oks"] == [{"ok": i} for i in range(8)]
+        started.clear()
+        with pytest.raises(NodeFailed, match=r"map 0:map: item 9 failed: .*item nine is bad") as e:
+            p.run({"xs": list(range(14))})
+    assert e.value.item == 9
+    assert set(started) >= set(range(10))
+
+
 # -- sleep ------------------------------------------------------------------------------
 
 def test_sleep_waits_durably(make_app: Callable[..., App], database_url: str) -> None:
