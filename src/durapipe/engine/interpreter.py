@@ -61,6 +61,7 @@ from . import (
     flow,
     gates,
     handoff,
+    handover,
     lifecycle,
     limits,
     patching,
@@ -123,6 +124,15 @@ async def open_pipeline(pipeline: str, version: str, path: str = "0",
     return app, registered
 
 
+async def _hand_over_unknown(pipeline: str, version: str, root: str) -> None:
+    """A workflow of a pipeline this process does not register (DBOS's internal queue,
+    which every process of the app dequeues from, gave it here): hand it over to the
+    processes with its shape before anything runs (see :mod:`.handover`)."""
+    app = current_app()
+    if pipeline not in app.pipelines:
+        await handover.hand_over(app, pipeline, version, root)
+
+
 @DBOS.workflow(name=WORKFLOW_NAME)
 async def run_pipeline(
     pipeline: str, version: str, state: State, path: str = "0", root: str | None = None
@@ -156,6 +166,7 @@ async def _run_pipeline(
     pipeline: str, version: str, state: State, path: str, root: str | None
 ) -> State:
     run_id = DBOS.workflow_id or ""
+    await _hand_over_unknown(pipeline, version, root or run_id)
     with lifecycle.running(run_id):  # also while it waits for a worker with its shape
         async with events.streaming(root or run_id, path, pipeline):
             app, registered = await open_pipeline(pipeline, version, path, root or run_id)
@@ -191,6 +202,7 @@ async def run_task(
     worker runs the task, without the main pipeline waiting for them; and a join that
     returns has seen its tasks' callbacks done.
     """
+    await _hand_over_unknown(pipeline, version, root)
     with lifecycle.running(DBOS.workflow_id or ""):  # also while it waits for its shape
         async with events.streaming(root, path, pipeline):
             app, registered = await open_pipeline(pipeline, version, path, root)
