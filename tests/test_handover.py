@@ -58,10 +58,10 @@ def unfinished(url: str) -> list[tuple[str, str, str | None]]:
                     "WHERE status NOT IN ('SUCCESS', 'ERROR') ORDER BY workflow_uuid")
 
 
-def kill_in_step_two(url: str, log: Path, run_id: str) -> None:
+def kill_in_step_two(url: str, log: Path, run_id: str, pipeline: str = "slow") -> None:
     """Start run ``run_id`` in a worker with executor id w-1; SIGKILL it inside step two."""
     Path(f"{log}.hold").touch()
-    worker = start("worker", url, log, "w-1", run_id)
+    worker = start("worker", url, log, "w-1", run_id, pipeline)
     try:
         wait_for(lambda: count(log, f"two-start:{run_id}") == 1, timeout=60,
                  what="the run to reach step two")
@@ -150,7 +150,8 @@ def test_restarted_executor_recovers_while_processes_without_the_pipeline_run(
 def test_resume_of_a_cancelled_run_reaches_the_process_with_its_pipeline(
         database_url: str, tmp_path: Path) -> None:
     log = tmp_path / "log"
-    kill_in_step_two(database_url, log, "r3")
+    # (pipeline 'line' has no child workflow: resuming a run resumes no cancelled child)
+    kill_in_step_two(database_url, log, "r3", "line")
     res = CliRunner().invoke(cli, ["cancel", "r3", "--database-url", database_url])
     assert res.exit_code == 0, res.output
     bare = start("bare", database_url, log, "bare-3")

@@ -1,9 +1,10 @@
 """Processes of one app that register different pipelines (tests/test_handover.py).
 
-Usage: handover_app.py ROLE DATABASE_URL LOG EXECUTOR_ID [RUN_ID]
+Usage: handover_app.py ROLE DATABASE_URL LOG EXECUTOR_ID [RUN_ID PIPELINE]
 ROLE ``worker`` registers pipelines ``slow`` and ``other``; ``bare`` registers none (a
 process that only reads through handles); ``some`` registers only ``other``. A worker
-given RUN_ID starts run RUN_ID of ``slow``. Every step appends ``label:run pid`` to LOG
+also registers ``line`` (the same steps in a row); given RUN_ID it starts that run of
+PIPELINE. Every step appends ``label:run pid`` to LOG
 after its work; step ``two`` first appends ``two-start`` and then waits while the file
 ``LOG.hold`` exists. The branch ``two >> nap`` runs as a child workflow of the run.
 Each process prints ``ready`` once launched, then serves until it is killed.
@@ -21,7 +22,7 @@ from typing import Any
 from durapipe import App, fn, sleep
 
 role, url, log, executor = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
-run_id = sys.argv[5] if len(sys.argv) > 5 else None
+run_id, pipeline = (sys.argv[5], sys.argv[6]) if len(sys.argv) > 6 else (None, "")
 hold = Path(f"{log}.hold")
 
 
@@ -60,7 +61,10 @@ def echo(state: dict[str, Any]) -> dict[str, Any]:
 
 app = App("handover-app", url, executor_id=executor)
 if role == "worker":
-    slow = app.pipeline("slow", fn(one) >> ((fn(two) >> sleep(0.01)) | fn(side)) >> fn(three))
+    pipelines = {
+        "slow": app.pipeline("slow", fn(one) >> ((fn(two) >> sleep(0.01)) | fn(side)) >> fn(three)),
+        "line": app.pipeline("line", fn(one) >> fn(two) >> fn(side) >> fn(three)),
+    }
 if role in ("worker", "some"):
     app.pipeline("other", fn(echo))
 
@@ -69,7 +73,7 @@ if __name__ == "__main__":
     logging.getLogger("durapipe.handover").setLevel(logging.INFO)
     with app:
         if run_id is not None:
-            slow.start({"run": run_id}, run_id=run_id)
+            pipelines[pipeline].start({"run": run_id}, run_id=run_id)
         print("ready", flush=True)
         while True:
             time.sleep(1)
