@@ -11,12 +11,15 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
 from dbutil import lines, sql, wait_for
+from durapipe import App, fn
 from durapipe.cli import cli
 
 SCRIPT = Path(__file__).parent / "scripts" / "handover_app.py"
@@ -181,3 +184,32 @@ def shape_of(url: str, run_id: str) -> str:
     row = sql(url, "SELECT (inputs::jsonb)->'positionalArgs'->>1 FROM dbos.workflow_input "
                    "WHERE workflow_uuid = %s", run_id)
     return str(row[0][0])
+
+
+def _noop(state: dict[str, Any]) -> dict[str, Any]:
+    return {}
+
+
+def test_dbos_finds_a_run_workflow_for_every_pipeline_of_the_app(
+        make_app: Callable[..., App], monkeypatch: pytest.MonkeyPatch) -> None:
+    from dbos._dbos import _get_or_create_dbos_registry
+
+    from durapipe.engine import handover
+    from durapipe.engine.interpreter import run_workflow
+
+    first = make_app("handover-names")
+    first.pipeline("p-one", fn(_noop))
+    first.pipeline("p-two", fn(_noop))
+    with first:  # records the app's pipelines in durapipe.shapes
+        # on the DBOS release durapipe is tested with, DBOS's map of workflow names
+        # answers a run of any pipeline, registered here or not
+        names = _get_or_create_dbos_registry().workflow_info_map
+        assert names.get("durapipe.run:deployed-later") is run_workflow("deployed-later")
+        assert names.get("no-such-workflow") is None
+    second = make_app("handover-names")
+    second.pipeline("p-two", fn(_noop))
+    # on another release, the app's recorded pipelines missing here are registered
+    monkeypatch.setattr(handover, "dbos_release", lambda: "0.0.0")
+    made: list[str] = []
+    handover.prepare(second, made.append)
+    assert made == ["p-one"]

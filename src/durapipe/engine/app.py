@@ -249,9 +249,8 @@ class App:
         bounds.configure(width)
         DBOS(config=config)
         try:
-            DBOS.listen_queues(listen.to_listen(
-                self.dbos_name, self._listen, list(self._queues), self._pipelines.values(),
-                width))
+            DBOS.listen_queues(listen.to_listen(self.dbos_name, self._listen, list(self._queues),
+                                                self._pipelines.values(), width))
             handover.prepare(self, run_workflow)  # runs of pipelines not registered here
             DBOS.launch()
             handover.after_launch(self)
