@@ -114,6 +114,10 @@ async def hand_over(app: App, pipeline: str, shape: str, root: str) -> NoReturn:
         log.info("handed run %s (workflow %s) of pipeline %r over to the processes with its "
                  "shape %s: app %r does not register that pipeline in this process", root,
                  workflow_id, pipeline, shape, app.name)
+        # Wait here, looking every PARK_CHECK_SECONDS, until the workflow ends elsewhere:
+        # DBOS's parking, which follows, polls for its outcome each second.
+        while await asyncio.to_thread(_unfinished, found[0], found[1], workflow_id):
+            await asyncio.sleep(versions.PARK_CHECK_SECONDS)
     raise DBOSWorkflowCancelledError(
         f"workflow {workflow_id} of pipeline {pipeline!r} was handed over to queue {queue}")
 
@@ -129,6 +133,14 @@ def _own_token(workflow_id: str) -> str | None:
         return None
     token = getattr(ctx, "owner_xid", None)
     return str(token) if token is not None else None
+
+
+def _unfinished(engine: sa.Engine, schema: str, workflow_id: str) -> bool:
+    with engine.begin() as con:
+        row = con.execute(sa.text(
+            f"SELECT status FROM {versions._q(schema)}.workflow_status WHERE workflow_uuid = :id"),
+            {"id": workflow_id}).first()
+    return row is not None and row[0] in ("PENDING", "ENQUEUED", "DELAYED")
 
 
 _guarded: dict[int, bool] = {}
