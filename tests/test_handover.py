@@ -97,9 +97,15 @@ def test_recovered_run_is_handed_to_the_process_with_its_pipeline(database_url: 
     bare, some = start("bare", database_url, log, "bare-1"), start("some", database_url, log, "some-1")
     ready(bare)
     ready(some)
-    res = CliRunner().invoke(cli, ["recover", "w-1", "--database-url", database_url])
-    assert res.exit_code == 0, res.output
-    assert "re-queued 2 workflow(s) of w-1" in res.output
+    found: list[str] = []
+
+    def recovered() -> bool:  # Postgres may take a moment to end the killed session
+        res = CliRunner().invoke(cli, ["recover", "w-1", "--database-url", database_url])
+        assert res.exit_code == 0 or "is alive" in res.output, res.output
+        found.append(res.output)
+        return res.exit_code == 0
+    wait_for(recovered, what="recovery of the killed worker's executor")
+    assert "re-queued 2 workflow(s) of w-1" in found[-1]
     wait_for(lambda: all_handed_over(database_url, 2), timeout=60,
              what="the run and its child to be handed over to the queue of their shape")
     assert count(log, "two-start:r1") == 1  # nothing ran in the processes without the pipeline
