@@ -107,9 +107,8 @@ async def hand_over(app: App, pipeline: str, shape: str, root: str) -> NoReturn:
                    f"run {root} stays PENDING for a process that does, with this executor id")
         log.warning("%s", message)
         raise DBOSWorkflowCancelledError(message)
-    queue = versions.shape_queue(app.dbos_name, shape)
-    moved = await asyncio.to_thread(_move, found[0], found[1], workflow_id, _own_token(workflow_id),
-                                    queue)
+    moved, queue = await asyncio.to_thread(_move, found[0], found[1], workflow_id,
+                                           _own_token(workflow_id), app.dbos_name, shape)
     if moved:
         log.info("handed run %s (workflow %s) of pipeline %r over to the processes with its "
                  "shape %s: app %r does not register that pipeline in this process", root,
@@ -146,20 +145,24 @@ def _unfinished(engine: sa.Engine, schema: str, workflow_id: str) -> bool:
 _guarded: dict[int, bool] = {}
 
 
-def _move(engine: sa.Engine, schema: str, workflow_id: str, token: str | None, queue: str) -> bool:
-    if token is None:  # read the owner from the row: the execution that dequeued it is this one
-        with engine.begin() as con:
-            row = con.execute(sa.text(
-                f"SELECT status, owner_xid FROM {versions._q(schema)}.workflow_status "
-                "WHERE workflow_uuid = :id"), {"id": workflow_id}).first()
-        if row is None or row[0] != "PENDING":
-            return False
+def _move(engine: sa.Engine, schema: str, workflow_id: str, token: str | None, app_name: str,
+          shape: str) -> tuple[bool, str]:
+    """Put the workflow on the queue of ``shape`` of the app that owns it (``app_name``
+    unless the row names another); True when it moved."""
+    with engine.begin() as con:
+        row = con.execute(sa.text(
+            f"SELECT status, owner_xid, application_name FROM {versions._q(schema)}.workflow_status "
+            "WHERE workflow_uuid = :id"), {"id": workflow_id}).first()
+    queue = versions.shape_queue(str(row[2]) if row is not None and row[2] else app_name, shape)
+    if row is None or row[0] != "PENDING":
+        return False, queue
+    if token is None:  # the owner in the row: the execution that dequeued it is this one
         token = row[1]
     DBOS.register_queue(queue, polling_interval_sec=0.5, on_conflict="always_update")
     guarded = _guarded.get(id(engine))
     if guarded is None:
         guarded = _guarded[id(engine)] = versions._claim_fits(engine, schema)
-    return versions._claim(engine, schema, workflow_id, token, queue, guarded)
+    return versions._claim(engine, schema, workflow_id, token, queue, guarded), queue
 
 
 # -- at launch --------------------------------------------------------------------------
