@@ -219,3 +219,38 @@ def test_dbos_finds_a_run_workflow_for_every_pipeline_of_the_app(
     made: list[str] = []
     handover.prepare(second, made.append)
     assert made == ["p-one"]
+
+
+def _count_call(state: dict[str, Any]) -> dict[str, Any]:
+    with open(state["log"], "a") as f:
+        f.write("step\n")
+    return {"done": True}
+
+
+def test_process_without_the_pipeline_stops_cleanly_after_a_hand_over(
+        make_app: Callable[..., App], database_url: str, tmp_path: Path) -> None:
+    from dbos import DBOS, SetWorkflowID
+    from dbos._utils import INTERNAL_QUEUE_NAME
+
+    from durapipe.engine.interpreter import run_workflow
+
+    log = tmp_path / "log"
+    worker = make_app("handover-stop")
+    pipe = worker.pipeline("p", fn(_count_call))
+    bare = make_app("handover-stop")
+    with bare:
+        # what DBOS's resume and fork do: the run goes on DBOS's internal queue
+        with SetWorkflowID("s1"):
+            DBOS.enqueue_workflow(INTERNAL_QUEUE_NAME, run_workflow("p"), "p", pipe.version,
+                                  {"log": str(log)})
+        wait_for(lambda: sql(database_url, "SELECT status, queue_name FROM dbos.workflow_status "
+                                           "WHERE workflow_uuid = 's1'")
+                 == [("ENQUEUED", SHAPE_QUEUE.replace("handover-app", "handover-stop")
+                      + pipe.version)], what="the process without 'p' to hand s1 over")
+    # stopping it while it waits for the run's end records nothing for the run
+    assert sql(database_url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid = 's1'") \
+        == [("ENQUEUED",)]
+    assert not log.exists()
+    with worker:
+        assert worker.get_run("s1").result(timeout=60).state["done"] is True
+    assert lines(log) == ["step"]
