@@ -3,7 +3,8 @@
 A run of pipeline P is ``durapipe.run:P(pipeline, version, state, path="0", root=None)``
 (:func:`run_workflow`), its subtrees ``durapipe.run(...)`` with the same arguments; a dispatched
 task is ``durapipe.task(pipeline, version, state, path, root, name)``. Each workflow looks
-the pipeline up by name in the launched App, continues a run recorded by another shape
+the pipeline up by name in the launched App (one it lacks is handed over to the processes
+that have it, see ``engine/handover.py``), continues a run recorded by another shape
 only when its history is unchanged up to where it stopped (else leaves it waiting for a
 worker with its shape, see ``engine/versions.py``), and walks the IR with one handler per
 node type, taken from :data:`HANDLERS`: the one place that says which code runs which
