@@ -274,3 +274,36 @@ def test_retire_cancels_waiting_runs_only_when_told(database_url: str, tmp_path:
     finally:
         stop(new)
     assert Counter(lines(log)) == {"one:r-1": 1, "two:r-1": 1}
+
+
+def test_run_handed_to_a_shape_no_process_runs_waits_for_a_compatible_one(
+        database_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    start_then_kill(database_url, log, ["h-1"], wait=["h-1"])
+    bare = worker(SCRIPT, "bare-1", env(database_url, log, "none"))  # no pipeline at all
+    try:
+        # recovery puts the run on DBOS's internal queue; the process without pipeline
+        # 'flow' hands it to the queue of its shape, which no live process runs
+        def recovered() -> bool:  # Postgres may take a moment to end the killed session
+            res = durapipe("recover", "old-1", environ=env(database_url, log, "v1"))
+            assert res.returncode == 0 or "is alive" in res.stdout + res.stderr, \
+                res.stdout + res.stderr
+            return res.returncode == 0
+        wait_for(recovered, what="recovery of the killed process's executor")
+        wait_for(lambda: sql(database_url, "SELECT status, starts_with(queue_name, "
+                                           "'durapipe-shape-deploys-') FROM dbos.workflow_status "
+                                           "WHERE workflow_uuid = 'h-1'") == [("ENQUEUED", True)],
+                 timeout=60, what="the run to be handed over")
+        res = durapipe("versions", "--json", environ=env(database_url, log, "v1"))
+        assert [w["run_id"] for w in json.loads(res.stdout)["waiting"]] == ["h-1"]
+        # new code compatible with the run's progress takes it over at launch
+        environ = env(database_url, log, "v2-later")
+        new = worker(SCRIPT, "new-1", environ)
+        try:
+            approve("h-1", environ)
+            finish(database_url, "h-1")
+        finally:
+            stop(new)
+    finally:
+        stop(bare)
+    assert Counter(lines(log)) == {"one:h-1": 1, "two:h-1": 1, "added:h-1": 1, "three:h-1": 1}

@@ -6,6 +6,7 @@ The code version comes from ``DEPLOY_CODE``:
 - ``v2-later``: v1 with a node added after the gate and the writer's prompt edited
 - ``v2-early``: v1 with node one changed (it reads another key)
 - ``patched``: v1 whose node three is replaced for runs started by this code only
+- ``none``: no pipeline at all (a process of the app that only reads through handles)
 
 Every function step appends ``<step>:<run>`` to the file in state["log"]. With
 ``DEPLOY_BLOCK`` set to ``<step>:<run>`` and ``DEPLOY_MARKER`` to a path, that step of that
@@ -75,12 +76,13 @@ last: Any = patched("three-v2", new=fn(three_v2), old=fn(three)) if CODE == "pat
 nodes = nodes >> writer >> last
 
 app = App("deploys", executor_id=os.environ.get("DEPLOY_EXECUTOR"))
-flow = app.pipeline("flow", nodes)
+flow = app.pipeline("flow", nodes) if CODE != "none" else None
 
 
 def main(run_ids: list[str]) -> None:
     with app:
         for run_id in run_ids:
+            assert flow is not None
             flow.start({"topic": run_id, "run": run_id, "log": os.environ["DEPLOY_LOG"]},
                        run_id=run_id)
         print("STARTED", flush=True)

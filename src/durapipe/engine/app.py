@@ -26,6 +26,7 @@ from . import (
     events,
     executors,
     gates,
+    handover,
     lifecycle,
     listen,
     outcomes,
@@ -48,6 +49,7 @@ from .database import (
     sqlite_url,
 )
 from .executors import ExecutorLock
+from .interpreter import run_workflow
 from .queues import QueueSpec, register_queues
 from .runs import Pipeline, Registered, RunHandle
 from .scope import WORKFLOW_NAME, Owner, check_run, check_run_id
@@ -247,11 +249,11 @@ class App:
         bounds.configure(width)
         DBOS(config=config)
         try:
-            DBOS.listen_queues(listen.to_listen(
-                self.dbos_name, self._listen, list(self._queues), self._pipelines.values(),
-                width))
+            DBOS.listen_queues(listen.to_listen(self.dbos_name, self._listen, list(self._queues),
+                                                self._pipelines.values(), width))
+            handover.prepare(self, run_workflow)  # runs of pipelines not registered here
             DBOS.launch()
-            versions.on_launch(self)
+            handover.after_launch(self)
         except Exception as exc:
             set_current_app(None)
             DBOS.destroy()

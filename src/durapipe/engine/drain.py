@@ -37,7 +37,8 @@ SELECT s.workflow_uuid, s.application_name, s.status, s.executor_id,
        (SELECT o.function_name FROM dbos.operation_outputs o WHERE o.workflow_uuid = s.workflow_uuid
         ORDER BY o.function_id DESC LIMIT 1) = 'DBOS.sleep' AS sleeping,
        (SELECT min(w.node) FROM durapipe.waiting w WHERE w.run_id = s.workflow_uuid) AS waiting_node,
-       (SELECT min(w.reason) FROM durapipe.waiting w WHERE w.run_id = s.workflow_uuid) AS reason
+       (SELECT min(w.reason) FROM durapipe.waiting w WHERE w.run_id = s.workflow_uuid) AS reason,
+       s.status = 'ENQUEUED' AND starts_with(s.queue_name, 'durapipe-shape-') AS handed
 FROM dbos.workflow_status s
 JOIN dbos.workflow_input i ON i.workflow_uuid = s.workflow_uuid
 WHERE (s.name = 'durapipe.run' OR s.name LIKE 'durapipe.run:%') AND s.parent_workflow_id IS NULL
@@ -102,10 +103,12 @@ def _run(url: str, work: Any) -> Any:
 def _active(con: sa.Connection) -> list[ActiveRun]:
     out = []
     for r in con.execute(sa.text(_ACTIVE_RUNS)).all():
-        doing = ("waiting" if r.waiting_node is not None or r.reason is not None else
+        reason = r.reason or (f"handed over to the processes with shape {r.shape}, none of "
+                              "which has taken it yet" if r.handed else None)
+        doing = ("waiting" if r.waiting_node is not None or reason is not None else
                  "gate" if r.at_gate else "sleeping" if r.sleeping else "running")
         out.append(ActiveRun(r.workflow_uuid, r.application_name or "", r.pipeline or "",
-                             r.shape or "", r.status, r.executor_id, doing, r.waiting_node, r.reason))
+                             r.shape or "", r.status, r.executor_id, doing, r.waiting_node, reason))
     return out
 
 

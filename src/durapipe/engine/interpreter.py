@@ -3,7 +3,8 @@
 A run of pipeline P is ``durapipe.run:P(pipeline, version, state, path="0", root=None)``
 (:func:`run_workflow`), its subtrees ``durapipe.run(...)`` with the same arguments; a dispatched
 task is ``durapipe.task(pipeline, version, state, path, root, name)``. Each workflow looks
-the pipeline up by name in the launched App, continues a run recorded by another shape
+the pipeline up by name in the launched App (one it lacks is handed over to the processes
+that have it, see ``engine/handover.py``), continues a run recorded by another shape
 only when its history is unchanged up to where it stopped (else leaves it waiting for a
 worker with its shape, see ``engine/versions.py``), and walks the IR with one handler per
 node type, taken from :data:`HANDLERS`: the one place that says which code runs which
@@ -61,6 +62,7 @@ from . import (
     flow,
     gates,
     handoff,
+    handover,
     lifecycle,
     limits,
     patching,
@@ -123,6 +125,15 @@ async def open_pipeline(pipeline: str, version: str, path: str = "0",
     return app, registered
 
 
+async def _hand_over_unknown(pipeline: str, version: str, root: str) -> None:
+    """A workflow of a pipeline this process does not register (DBOS's internal queue,
+    which every process of the app dequeues from, gave it here): hand it over to the
+    processes with its shape before anything runs (see :mod:`.handover`)."""
+    app = current_app()
+    if pipeline not in app.pipelines:
+        await handover.hand_over(app, pipeline, version, root)
+
+
 @DBOS.workflow(name=WORKFLOW_NAME)
 async def run_pipeline(
     pipeline: str, version: str, state: State, path: str = "0", root: str | None = None
@@ -156,6 +167,7 @@ async def _run_pipeline(
     pipeline: str, version: str, state: State, path: str, root: str | None
 ) -> State:
     run_id = DBOS.workflow_id or ""
+    await _hand_over_unknown(pipeline, version, root or run_id)
     with lifecycle.running(run_id):  # also while it waits for a worker with its shape
         async with events.streaming(root or run_id, path, pipeline):
             app, registered = await open_pipeline(pipeline, version, path, root or run_id)
@@ -191,6 +203,7 @@ async def run_task(
     worker runs the task, without the main pipeline waiting for them; and a join that
     returns has seen its tasks' callbacks done.
     """
+    await _hand_over_unknown(pipeline, version, root)
     with lifecycle.running(DBOS.workflow_id or ""):  # also while it waits for its shape
         async with events.streaming(root, path, pipeline):
             app, registered = await open_pipeline(pipeline, version, path, root)
