@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from dbutil import sql, wait_for
-from durapipe import App, dispatch, fn, race
+from durapipe import App, dispatch, fn, join, race
 from durapipe.engine.admin import Admin
 from durapipe.errors import RunCancelled
 
@@ -120,3 +120,33 @@ def test_cancel_async(make_app: Callable[..., App]) -> None:
 
     asyncio.run(main())
     assert notes == ["main-start"]
+
+
+def test_resume_after_a_cancel_resumes_the_children_the_cancel_took(
+    make_app: Callable[..., App], database_url: str
+) -> None:
+    notes: list[str] = []
+
+    def first(state: S) -> S:
+        notes.append("first")
+        return {"x": 1}
+
+    app = make_app()
+    p = app.pipeline("p", fn(first) >> dispatch(sleeper("bg", notes), names=["bg"])
+                     >> race(sleeper("ra", notes), sleeper("rb", notes)) >> join())
+    with app:
+        handle = p.start({}, run_id="r1")
+        wait_for(lambda: {"bg-start", "ra-start", "rb-start"} <= set(notes),
+                 what="every step in flight")
+        with Admin(database_url) as admin:
+            admin.cancel("r1")
+            with pytest.raises(RunCancelled):
+                handle.result(timeout=30)
+            assert set(statuses(database_url, "r1").values()) == {"CANCELLED"}
+            admin.resume("r1")  # what `durapipe resume r1` does
+        state = app.get_run("r1").result(timeout=60).state
+    assert state["bg"] is True and (state.get("ra") or state.get("rb"))
+    assert notes.count("first") == 1  # finished before the cancel: not run again
+    assert notes.count("bg-end") == 1
+    assert statuses(database_url, "r1")["r1"] == "SUCCESS"
+    assert statuses(database_url, "r1")["r1/0.1.0:bg"] == "SUCCESS"

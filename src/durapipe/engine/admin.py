@@ -365,7 +365,26 @@ class Admin:
                 "anyway (that process then stops at its next step)",
                 run_id=run_id, executor_id=info.executor_id,
             )
+        for child in self._cancelled_with(run_id):
+            self.client.resume_workflow(child)
         self.client.resume_workflow(run_id)
+
+    def _cancelled_with(self, run_id: str) -> list[str]:
+        """The descendants that the run's own cancel cancelled (a cancel cascades), deepest
+        first: resuming the run alone would leave it waiting on cancelled children. A task
+        cancelled on its own before (``cancel_task``) stays cancelled."""
+        root = self.client.list_workflows(workflow_ids=[run_id], load_input=False,
+                                          load_output=False)
+        if not root or root[0].status != "CANCELLED" or root[0].updated_at is None:
+            return []
+        since, found, frontier = root[0].updated_at, [], [run_id]
+        while frontier:
+            kids = self.client.list_workflows(parent_workflow_id=frontier, load_input=False,
+                                              load_output=False)
+            frontier = [k.workflow_id for k in kids if k.status == "CANCELLED"
+                        and (k.updated_at or 0) >= since]
+            found = frontier + found
+        return found
 
     def step_of(self, run_id: str, node: str) -> int:
         """The DBOS step id where ``node`` (a path like ``0.2`` or a node name) first ran."""
