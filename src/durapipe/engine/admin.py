@@ -377,7 +377,8 @@ class Admin:
                                           load_output=False)
         if not root or root[0].status != "CANCELLED" or root[0].updated_at is None:
             return []
-        since, found, frontier = root[0].updated_at, [], [run_id]
+        since, frontier = root[0].updated_at, [run_id]
+        found: list[str] = []
         while frontier:
             kids = self.client.list_workflows(parent_workflow_id=frontier, load_input=False,
                                               load_output=False)
