@@ -13,9 +13,20 @@ and the run fails there (no retry).
 
 The count is what the database records, so it is the same after a crash: a model call
 whose step was recorded is counted once, whatever process ran it, and a replayed run reads
-recorded steps back without checking again (the check is inside the step). Model calls
-running at the same moment (``|``, ``map_over`` with concurrency, tasks) each check
-before they start, so together they may end past the budget by what they use.
+recorded steps back without checking again (the check is inside the step).
+
+A run with a budget makes its model calls one at a time, whatever runs them (``|``
+branches, ``map_over`` items at any concurrency, background tasks in any worker process):
+a model step takes the run's lock (:class:`Turn`) inside the step, checks, calls the model,
+and lets go only once its outcome is recorded, so the next call's check counts it. The
+lock is an asyncio lock per run and loop, a process lock per run, and a Postgres advisory
+lock keyed by the app and the root run id (on a connection of durapipe's own small lock
+pool, one per run and process while a call of the run is waiting or running; none on
+SQLite, one process). The stop point is therefore exact: with calls of ``t`` tokens and a
+budget ``B``, exactly ``ceil(B / t)`` calls are made (each checked usage ``< B``), the next
+call fails, and every call after it fails without asking the model. Which items made
+those calls is the order in which they reached the lock (first come, first served). Runs
+without a budget take no lock and keep their parallelism.
 
 ``prices`` maps a model name to ``(input, output)`` price per million tokens; each model
 step then records ``cost`` (the ``cost`` column of ``durapipe.llm_calls``).
@@ -31,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from ..errors import AppStateError, BudgetExceeded
-from .admission import MAX_TOKENS, cached_attributes, run_attributes, system_engine
+from .admission import MAX_TOKENS, cached_attributes, keyed_lock_async, run_attributes, system_engine
 
 if TYPE_CHECKING:
     from .app import App
@@ -85,13 +96,46 @@ def usage(app: App, root: str) -> int:
     return total
 
 
-async def check(app: App, root: str, where: str) -> None:
-    """Raise BudgetExceeded when run ``root`` has used its token budget (inside the step)."""
+async def limit_of(app: App, root: str) -> int | None:
+    """Run ``root``'s token budget, or None."""
     attrs = cached_attributes(root)
     if attrs is None:  # read once per run and process, off the event loop
         attrs = await asyncio.to_thread(run_attributes, app, root)
     limit = attrs.get(MAX_TOKENS)
-    if not isinstance(limit, int):
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+
+
+class Turn:
+    """One model step's hold on its run's budget lock.
+
+    :meth:`take` is called inside the step body (after the step has its operation number,
+    so waiting never changes the numbering; again on a retry, a no-op); :meth:`release`
+    after the step returned or failed, once DBOS or :mod:`.steps` recorded its outcome. A
+    replayed step never calls the body, so it neither waits nor checks. A run without a
+    budget takes nothing.
+    """
+
+    def __init__(self, app: App, root: str) -> None:
+        self.app, self.root = app, root
+        self._held: Any = None
+
+    async def take(self) -> None:
+        if self._held is not None or await limit_of(self.app, self.root) is None:
+            return
+        held = keyed_lock_async(self.app, f"budget\x1f{self.app.dbos_name}\x1f{self.root}")
+        await held.__aenter__()
+        self._held = held
+
+    async def release(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            await held.__aexit__(None, None, None)
+
+
+async def check(app: App, root: str, where: str) -> None:
+    """Raise BudgetExceeded when run ``root`` has used its token budget (inside the step)."""
+    limit = await limit_of(app, root)
+    if limit is None:
         return
     used = await asyncio.to_thread(usage, app, root)
     if used >= limit:
