@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dbutil import lines, spawn, sql, wait_for_idle_database
+from dbutil import lines, most_at_once, spawn, sql, wait_for_idle_database
 from durapipe.audit import install_views
 
 SCRIPT = Path(__file__).parent / "scripts" / "budget_crash.py"
@@ -74,3 +74,27 @@ def test_budget_is_exact_at_default_concurrency_after_a_crash(database_url: str,
     assert named and "abcdef"[int(named[1])] not in recorded, out
     assert sql(database_url, "SELECT status FROM dbos.workflow_status "
                              "WHERE workflow_uuid = 'budget-1'") == [("ERROR",)]
+
+
+@pytest.mark.slow
+def test_budget_is_exact_across_two_worker_processes(database_url: str, tmp_path: Path) -> None:
+    """Six agent tasks of one run on a queue served by two workers (one task at a time
+    each, and the first two meet before their calls): the workers' calls take the run's
+    advisory lock in turn, so exactly ceil(22 / 7) = 4 calls are made, never two at once."""
+    log = tmp_path / "log"
+    script = SCRIPT.parent / "budget_procs.py"
+    workers = [spawn(script, database_url, str(log), f"w{i}", "worker") for i in (1, 2)]
+    try:
+        runner = spawn(script, database_url, str(log), "starter", "run")
+        out, _ = runner.communicate(timeout=120)
+    finally:
+        (tmp_path / "log.stop").touch()
+        for w in workers:
+            w.communicate(timeout=60)
+    assert runner.returncode == 0 and "BUDGET used=28 max=22" in out, out
+    rows = [ln.split() for ln in lines(log)]
+    assert len({r[1] for r in rows if r[0] == "start"}) == 2  # tasks ran in both workers
+    calls = [r for r in rows if r[0] == "call"]
+    assert len(calls) == math.ceil(22 / 7) == 4, rows
+    assert most_at_once([(float(r[3]), float(r[4])) for r in calls]) == 1
+    assert re.search(r"agent 0\.0\.\d\.1:w", out), out  # a task's agent, past the budget
