@@ -283,15 +283,16 @@ async def dedup_lock_async(app: App, adm: Admission) -> AsyncIterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def keyed_lock_async(app: App, key: str) -> AsyncIterator[None]:
+async def keyed_lock_async(app: App, key: str, shared: bool = True) -> AsyncIterator[None]:
     """Hold ``key``'s lock across processes, from async code: tasks of one loop queue (first
     come, first served) on an asyncio lock of the key; its holder then takes, off the loop,
-    the process's lock of the key and the database's advisory lock (on a connection of
-    :func:`_lock_engine`, never DBOS's pool). Used for dedup keys and token budgets."""
+    the process's lock of the key and, when ``shared``, the database's advisory lock (on a
+    connection of :func:`_lock_engine`, never DBOS's pool). Used for dedup keys and token
+    budgets."""
     with _task_locks.entry((id(asyncio.get_running_loop()), key)) as local:
         async with local:
             with _thread_locks.entry(key) as lock:
-                held = _held(lock, app, key)
+                held = _held(lock, app, key, shared)
                 loop = asyncio.get_running_loop()
                 entering = asyncio.ensure_future(asyncio.to_thread(held.__enter__))
                 try:
@@ -308,8 +309,8 @@ async def keyed_lock_async(app: App, key: str) -> AsyncIterator[None]:
 
 
 @contextlib.contextmanager
-def _held(lock: threading.Lock, app: App, key: str) -> Iterator[None]:
-    with lock, _advisory_lock(app, key):
+def _held(lock: threading.Lock, app: App, key: str, shared: bool = True) -> Iterator[None]:
+    with lock, (_advisory_lock(app, key) if shared else contextlib.nullcontext()):
         yield
 
 

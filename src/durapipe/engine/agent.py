@@ -176,7 +176,7 @@ async def run_agent(ctx: RunContext, node: Agent, path: str, state: State) -> St
             output_schema=schema,
         )
 
-        hold = budget.Turn(ctx.app, ctx.root)
+        hold = budget.Turn(ctx.app, ctx.root, ctx.pipeline.node)
 
         async def ask(request: ModelRequest = request, step: str = step, turn: int = turn,
                       hold: budget.Turn = hold) -> dict[str, Any]:

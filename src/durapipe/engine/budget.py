@@ -19,10 +19,12 @@ A run with a budget makes its model calls one at a time, whatever runs them (``|
 branches, ``map_over`` items at any concurrency, background tasks in any worker process):
 a model step takes the run's lock (:class:`Turn`) inside the step, checks, calls the model,
 and lets go only once its outcome is recorded, so the next call's check counts it. The
-lock is an asyncio lock per run and loop, a process lock per run, and a Postgres advisory
-lock keyed by the app and the root run id (on a connection of durapipe's own small lock
-pool, one per run and process while a call of the run is waiting or running; none on
-SQLite, one process). The stop point is therefore exact: with calls of ``t`` tokens and a
+lock is an asyncio lock per run and loop and a process lock per run: a run's subtrees
+(``|``, ``map_over``) run in the process of their parent, so that covers them. A run whose
+pipeline dispatches background tasks (which a queue may hand to another worker process)
+also takes a Postgres advisory lock keyed by the app and the root run id, on a connection
+of durapipe's own small lock pool (never DBOS's), held by one call of the run per process
+at a time, during the call (none on SQLite, one process). The stop point is therefore exact: with calls of ``t`` tokens and a
 budget ``B``, exactly ``ceil(B / t)`` calls are made (each checked usage ``< B``), the next
 call fails, and every call after it fails without asking the model. Which items made
 those calls is the order in which they reached the lock (first come, first served). Runs
@@ -42,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from ..errors import AppStateError, BudgetExceeded
+from ..ir import Dispatch, Node
 from .admission import MAX_TOKENS, cached_attributes, keyed_lock_async, run_attributes, system_engine
 
 if TYPE_CHECKING:
@@ -115,14 +118,17 @@ class Turn:
     budget takes nothing.
     """
 
-    def __init__(self, app: App, root: str) -> None:
-        self.app, self.root = app, root
+    def __init__(self, app: App, root: str, pipeline: Node) -> None:
+        self.app, self.root, self.pipeline = app, root, pipeline
         self._held: Any = None
 
     async def take(self) -> None:
         if self._held is not None or await limit_of(self.app, self.root) is None:
             return
-        held = keyed_lock_async(self.app, f"budget\x1f{self.app.dbos_name}\x1f{self.root}")
+        # Only background tasks may run in another process (a queue's worker).
+        tasks = any(isinstance(n, Dispatch) for _, n in self.pipeline.walk())
+        held = keyed_lock_async(self.app, f"budget\x1f{self.app.dbos_name}\x1f{self.root}",
+                                shared=tasks)
         await held.__aenter__()
         self._held = held
 
