@@ -181,13 +181,17 @@ async def run_agent(ctx: RunContext, node: Agent, path: str, state: State) -> St
         async def ask(request: ModelRequest = request, step: str = step, turn: int = turn,
                       hold: budget.Turn = hold) -> dict[str, Any]:
             await hold.take()  # a budgeted run's calls go one at a time (see budget.py)
-            await budget.check(ctx.app, ctx.root, step)  # inside the step: replays never re-check
-            return budget.priced(ctx.app, await _call_model(model_ref, request, step, turn, tokens))
+            await hold.check(step)  # inside the step: replays never re-check
+            return hold.made(budget.priced(
+                ctx.app, await _call_model(model_ref, request, step, turn, tokens)))
 
         try:
-            response = ModelResponse.from_json(await run_step(step, node.max_retries, ask))
-        finally:
-            await hold.release()  # after the step's outcome is recorded: the next check sees it
+            out = await run_step(step, node.max_retries, ask)
+        except BaseException:
+            await hold.release(recorded=False)
+            raise
+        await hold.release(recorded=True)  # after the step is recorded: the next check sees it
+        response = ModelResponse.from_json(out)
         if ctx.tracer is not None:
             ctx.tracer.model_call(ctx, node.name, response)
         if response.tool_calls:

@@ -28,7 +28,9 @@ at a time, during the call (none on SQLite, one process). The stop point is ther
 budget ``B``, exactly ``ceil(B / t)`` calls are made (each checked usage ``< B``), the next
 call fails, and every call after it fails without asking the model. Which items made
 those calls is the order in which they reached the lock (first come, first served). Runs
-without a budget take no lock and keep their parallelism.
+without a budget take no lock and keep their parallelism. A run without background tasks
+reads its usage from the database once per process and then counts each recorded call in
+memory, under the lock (:class:`Turn`); one with tasks reads it at every check.
 
 ``prices`` maps a model name to ``(input, output)`` price per million tokens; each model
 step then records ``cost`` (the ``cost`` column of ``durapipe.llm_calls``).
@@ -108,42 +110,86 @@ async def limit_of(app: App, root: str) -> int | None:
     return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
 
 
+# Usage of budgeted runs whose every model call runs in this process (no background
+# tasks), by app and run: seeded from the database at the run's first check here, then
+# counted up as each call's step is recorded, always under the run's lock.
+_totals: dict[str, int] = {}
+
+
 class Turn:
     """One model step's hold on its run's budget lock.
 
     :meth:`take` is called inside the step body (after the step has its operation number,
-    so waiting never changes the numbering; again on a retry, a no-op); :meth:`release`
-    after the step returned or failed, once DBOS or :mod:`.steps` recorded its outcome. A
-    replayed step never calls the body, so it neither waits nor checks. A run without a
-    budget takes nothing.
+    so waiting never changes the numbering; again on a retry, a no-op), then :meth:`check`;
+    :meth:`release` after the step returned or failed, once DBOS or :mod:`.steps` recorded
+    its outcome. A replayed step never calls the body, so it neither waits nor checks. A
+    run without a budget takes nothing.
+
+    A run without background tasks has all its model calls in this process, under the
+    process lock, so its usage is read from the database once (at its first check in the
+    process: after a crash, the recovery reads what was recorded) and then counted up by
+    each call whose step was recorded; a run with tasks, which another process may run,
+    reads the database at every check.
     """
 
     def __init__(self, app: App, root: str, pipeline: Node) -> None:
         self.app, self.root, self.pipeline = app, root, pipeline
+        self.key = f"budget\x1f{app.dbos_name}\x1f{root}"
         self._held: Any = None
+        self._local = False
+        self._made: int | None = None
 
     async def take(self) -> None:
         if self._held is not None or await limit_of(self.app, self.root) is None:
             return
         # Only background tasks may run in another process (a queue's worker).
         tasks = any(isinstance(n, Dispatch) for _, n in self.pipeline.walk())
-        held = keyed_lock_async(self.app, f"budget\x1f{self.app.dbos_name}\x1f{self.root}",
-                                shared=tasks)
+        held = keyed_lock_async(self.app, self.key, shared=tasks)
         await held.__aenter__()
-        self._held = held
+        self._held, self._local = held, not tasks
 
-    async def release(self) -> None:
+    async def check(self, where: str) -> None:
+        """Raise BudgetExceeded when the run has used its budget (inside the step, held)."""
+        limit = await limit_of(self.app, self.root)
+        if limit is None:
+            return
+        used = _totals.get(self.key) if self._local and self._held is not None else None
+        if used is None:
+            used = await asyncio.to_thread(usage, self.app, self.root)
+            if self._local and self._held is not None:
+                if len(_totals) > 10_000:
+                    _totals.clear()
+                _totals[self.key] = used
+        _raise_past(limit, used, self.root, where)
+
+    def made(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Note the tokens of the model call this step made (its body's result)."""
+        self._made = int(record.get("input_tokens") or 0) + int(record.get("output_tokens") or 0)
+        return record
+
+    async def release(self, recorded: bool) -> None:
+        """Let go of the lock; ``recorded``: the step's result was recorded."""
         held, self._held = self._held, None
-        if held is not None:
+        if held is None:
+            return
+        try:
+            if self._local and self.key in _totals:
+                if recorded and self._made is not None:
+                    _totals[self.key] += self._made
+                elif not recorded:  # what was recorded is unknown: read it again next time
+                    del _totals[self.key]
+        finally:
             await held.__aexit__(None, None, None)
 
 
 async def check(app: App, root: str, where: str) -> None:
     """Raise BudgetExceeded when run ``root`` has used its token budget (inside the step)."""
     limit = await limit_of(app, root)
-    if limit is None:
-        return
-    used = await asyncio.to_thread(usage, app, root)
+    if limit is not None:
+        _raise_past(limit, await asyncio.to_thread(usage, app, root), root, where)
+
+
+def _raise_past(limit: int, used: int, root: str, where: str) -> None:
     if used >= limit:
         raise BudgetExceeded(
             f"agent {where}: run {root!r} has used {used} tokens of its budget max_tokens="
