@@ -5,7 +5,7 @@
 
 A run's budget (``start(..., max_tokens=)``, else the app's ``max_tokens``) is recorded on
 the run when it starts (attribute ``durapipe.max_tokens``). Inside every model step, before
-the model is asked, :func:`check` sums the input and output tokens of the model calls
+the model is asked, :meth:`Turn.check` sums the input and output tokens of the model calls
 recorded for the run and for every workflow under it (its subtrees and background tasks,
 found through ``parent_workflow_id``). Once the sum has reached the budget, the step fails
 with :class:`~durapipe.errors.BudgetExceeded` naming the node, the usage and the budget,
@@ -17,20 +17,23 @@ recorded steps back without checking again (the check is inside the step).
 
 A run with a budget makes its model calls one at a time, whatever runs them (``|``
 branches, ``map_over`` items at any concurrency, background tasks in any worker process):
-a model step takes the run's lock (:class:`Turn`) inside the step, checks, calls the model,
-and lets go only once its outcome is recorded, so the next call's check counts it. The
-lock is an asyncio lock per run and loop and a process lock per run: a run's subtrees
+a model step takes the run's lock (:class:`Turn`) inside the step, checks, calls the
+model, and lets go only once its outcome is recorded, so the next call's check counts it.
+The lock is an asyncio lock per run and loop and a process lock per run: a run's subtrees
 (``|``, ``map_over``) run in the process of their parent, so that covers them. A run whose
 pipeline dispatches background tasks (which a queue may hand to another worker process)
 also takes a Postgres advisory lock keyed by the app and the root run id, on a connection
 of durapipe's own small lock pool (never DBOS's), held by one call of the run per process
-at a time, during the call (none on SQLite, one process). The stop point is therefore exact: with calls of ``t`` tokens and a
-budget ``B``, exactly ``ceil(B / t)`` calls are made (each checked usage ``< B``), the next
-call fails, and every call after it fails without asking the model. Which items made
-those calls is the order in which they reached the lock (first come, first served). Runs
-without a budget take no lock and keep their parallelism. A run without background tasks
-reads its usage from the database once per process and then counts each recorded call in
-memory, under the lock (:class:`Turn`); one with tasks reads it at every check.
+at a time, during the call (none on SQLite, one process; that pool opens at most 16
+connections, so a 17th such run calling at once in one process waits for one, and fails
+after SQLAlchemy's 30 s pool timeout). The stop point is therefore
+exact: with calls of ``t`` tokens and a budget ``B``, exactly ``ceil(B / t)`` calls are
+made (each checked usage ``< B``), the next call fails, and every call after it fails
+without asking the model. Which items made those calls is the order in which they reached
+the lock (first come, first served). Runs without a budget take no lock and keep their
+parallelism. A run without background tasks reads its usage from the database once per
+process and then counts each recorded call in memory, under the lock (:class:`Turn`); one
+with tasks reads it at every check.
 
 ``prices`` maps a model name to ``(input, output)`` price per million tokens; each model
 step then records ``cost`` (the ``cost`` column of ``durapipe.llm_calls``).
