@@ -28,7 +28,8 @@ What each option becomes in DBOS 3.4:
   pool, which the lock's holder needs to start the run. On SQLite (one process) only the
   process lock is taken.
 - ``max_tokens``: recorded as attribute ``durapipe.max_tokens`` (the app's ``max_tokens``
-  default when not given), read by :mod:`.budget` before each model call.
+  default when not given), read by :mod:`.budget` before each model call; a budgeted run's
+  model calls take the run's lock (:func:`keyed_lock_async`) one at a time.
 """
 
 from __future__ import annotations
@@ -277,11 +278,21 @@ async def dedup_lock_async(app: App, adm: Admission) -> AsyncIterator[None]:
     if adm.dedup_key is None:
         yield
         return
-    key = _lock_key(app, adm)
+    async with keyed_lock_async(app, _lock_key(app, adm)):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def keyed_lock_async(app: App, key: str, shared: bool = True) -> AsyncIterator[None]:
+    """Hold ``key``'s lock across processes, from async code: tasks of one loop queue (first
+    come, first served) on an asyncio lock of the key; its holder then takes, off the loop,
+    the process's lock of the key and, when ``shared``, the database's advisory lock (on a
+    connection of :func:`_lock_engine`, never DBOS's pool). Used for dedup keys and token
+    budgets."""
     with _task_locks.entry((id(asyncio.get_running_loop()), key)) as local:
         async with local:
             with _thread_locks.entry(key) as lock:
-                held = _held(lock, app, key)
+                held = _held(lock, app, key, shared)
                 loop = asyncio.get_running_loop()
                 entering = asyncio.ensure_future(asyncio.to_thread(held.__enter__))
                 try:
@@ -298,8 +309,8 @@ async def dedup_lock_async(app: App, adm: Admission) -> AsyncIterator[None]:
 
 
 @contextlib.contextmanager
-def _held(lock: threading.Lock, app: App, key: str) -> Iterator[None]:
-    with lock, _advisory_lock(app, key):
+def _held(lock: threading.Lock, app: App, key: str, shared: bool = True) -> Iterator[None]:
+    with lock, (_advisory_lock(app, key) if shared else contextlib.nullcontext()):
         yield
 
 

@@ -176,13 +176,23 @@ async def run_agent(ctx: RunContext, node: Agent, path: str, state: State) -> St
             output_schema=schema,
         )
 
-        async def ask(request: ModelRequest = request, step: str = step,
-                      turn: int = turn) -> dict[str, Any]:
-            await budget.check(ctx.app, ctx.root, step)  # inside the step: replays never re-check
-            return budget.priced(ctx.app, await _call_model(model_ref, request, step, turn, tokens))
+        hold = budget.Turn(ctx.app, ctx.root, ctx.pipeline.node)
+
+        async def ask(request: ModelRequest = request, step: str = step, turn: int = turn,
+                      hold: budget.Turn = hold) -> dict[str, Any]:
+            await hold.take()  # a budgeted run's calls go one at a time (see budget.py)
+            await hold.check(step)  # inside the step: replays never re-check
+            return hold.made(budget.priced(
+                ctx.app, await _call_model(model_ref, request, step, turn, tokens)))
 
         # retries(n) is a durable policy of the whole agent (engine/retry.py), not step retries
-        response = ModelResponse.from_json(await run_step(step, 0, ask))
+        try:
+            out = await run_step(step, 0, ask)
+        except BaseException:
+            await hold.release(recorded=False)
+            raise
+        await hold.release(recorded=True)  # after the step is recorded: the next check sees it
+        response = ModelResponse.from_json(out)
         if ctx.tracer is not None:
             ctx.tracer.model_call(ctx, node.name, response)
         if response.tool_calls:
