@@ -49,7 +49,7 @@ def schedules(ctx: typer.Context, app: AppName = None, database_url: DbUrl = Non
 
 def _steer(name: str, paused: bool, app: str | None, database_url: str | None) -> None:
     with Admin(database_url) as admin:
-        info = set_paused(admin.client, name, paused, app)
+        info = set_paused(admin.client, name, paused, app, url=admin.url)
     out.print(literal(f"schedule {info.app}:{info.name} {'paused' if paused else 'resumed'}"),
               highlight=False)
 

@@ -28,9 +28,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+import sqlalchemy as sa
 from dbos import DBOS
 
 from ..errors import BuildError, OperatorError
+from .admission import system_engine
 from .current import current_app
 from .runs import Pipeline
 from .scope import check_name
@@ -113,15 +115,23 @@ async def fire(scheduled_time: datetime, context: Any) -> None:
     """One tick of a schedule: start its run (idempotent on the run id)."""
     full = f"{context['app']}:{context['schedule']}"
 
+    app = current_app()
+
     async def active() -> bool:
         found = await DBOS.get_schedule_async(full)
-        return found is not None and found.get("status", "ACTIVE") == "ACTIVE"
+        if found is None:
+            return False
+        if found.get("status", "ACTIVE") == "ACTIVE":
+            return True
+        # Paused: a tick due before the pause (fired late, e.g. a backfill after a restart)
+        # still runs; one due at or after it does not.
+        since = await asyncio.to_thread(_paused_at, app, full)
+        return since is not None and _aware(scheduled_time) < since
 
     # DBOS's scheduler sees a pause at its next poll (every 30 s once a worker has run a
-    # minute); a tick fired before then starts nothing. A step: a replay decides the same.
+    # minute); a tick due after the pause starts nothing. A step: a replay decides the same.
     if not await DBOS.run_step_async({"name": "schedule_active"}, active):
         return
-    app = current_app()
     pipeline = Pipeline(app, app.registered(context["pipeline"]))
     run_id = run_id_for(context["schedule"], scheduled_time)
 
@@ -162,8 +172,11 @@ def list_schedules(client: Any, app: str | None = None) -> list[ScheduleInfo]:
     return sorted(out, key=lambda s: (s.app or "", s.name))
 
 
-def set_paused(client: Any, name: str, paused: bool, app: str | None = None) -> ScheduleInfo:
-    """Pause or resume the schedule ``name`` (``<app>:<name>`` or a name unique among apps)."""
+def set_paused(client: Any, name: str, paused: bool, app: str | None = None,
+               url: str | None = None) -> ScheduleInfo:
+    """Pause or resume the schedule ``name`` (``<app>:<name>`` or a name unique among apps).
+    With the database ``url``, the moment of a pause is recorded: a tick due before it that
+    fires late still runs."""
     found = [s for s in list_schedules(client, app)
              if name in (s.name, f"{s.app}:{s.name}")]
     if len(found) != 1:
@@ -172,6 +185,8 @@ def set_paused(client: Any, name: str, paused: bool, app: str | None = None) -> 
         raise OperatorError(f"schedule {name!r} {why} (schedules: {known})", schedule=name)
     info = found[0]
     full = f"{info.app}:{info.name}"
+    if url is not None:
+        _record_pause(url, full, paused)
     if paused:
         client.pause_schedule(full)
     else:
@@ -183,3 +198,46 @@ def set_paused(client: Any, name: str, paused: bool, app: str | None = None) -> 
         client.resume_schedule(full)
     return ScheduleInfo(info.app, info.name, info.pipeline, info.cron,
                         "PAUSED" if paused else "ACTIVE", info.last_fired)
+
+
+# -- when a schedule was paused (durapipe.schedule_pauses, Postgres) ---------------------
+
+_PAUSES = ("CREATE TABLE IF NOT EXISTS durapipe.schedule_pauses (schedule text PRIMARY KEY, "
+           "paused_at timestamptz NOT NULL)")
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)
+
+
+def _record_pause(url: str, full: str, paused: bool) -> None:
+    if not url.startswith(("postgresql://", "postgres://")):
+        return
+    engine = sa.create_engine(url.replace("postgres://", "postgresql://", 1).replace(
+        "postgresql://", "postgresql+psycopg://", 1), poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as con:
+            con.execute(sa.text("CREATE SCHEMA IF NOT EXISTS durapipe"))
+            con.execute(sa.text(_PAUSES))
+            if paused:
+                con.execute(sa.text(
+                    "INSERT INTO durapipe.schedule_pauses VALUES (:s, now()) ON CONFLICT "
+                    "(schedule) DO UPDATE SET paused_at = EXCLUDED.paused_at"), {"s": full})
+            else:
+                con.execute(sa.text("DELETE FROM durapipe.schedule_pauses WHERE schedule = :s"),
+                            {"s": full})
+    finally:
+        engine.dispose()
+
+
+def _paused_at(app: App, full: str) -> datetime | None:
+    """When schedule ``full`` was paused through durapipe; None if unknown (SQLite, or paused
+    with DBOS's own tools)."""
+    if app.database_url.startswith("sqlite"):
+        return None
+    with system_engine(app).connect() as con:
+        if con.execute(sa.text("SELECT to_regclass('durapipe.schedule_pauses')")).scalar() is None:
+            return None
+        at = con.execute(sa.text("SELECT paused_at FROM durapipe.schedule_pauses "
+                                 "WHERE schedule = :s"), {"s": full}).scalar()
+    return _aware(at) if isinstance(at, datetime) else None
