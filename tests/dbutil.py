@@ -144,3 +144,14 @@ def kill_then_recover(script: Path, url: str, log: Path, runs: int, kill_at: int
     assert sum(effects.values()) == len(expected) + len(window)
     assert sql(url, "SELECT count(*) FROM dbos.workflow_status WHERE status <> 'SUCCESS'") == [(0,)]
 
+
+
+def bytes_written(url: str, run_id: str) -> int:
+    """Bytes of inputs and outputs (workflows and steps) a run and its children recorded."""
+    total = 0
+    for table, column in (("workflow_input", "inputs"), ("workflow_output", "output"),
+                          ("operation_outputs", "output")):
+        rows = sql(url, f"SELECT coalesce(sum(length({column})), 0) FROM dbos.{table} "
+                        "WHERE workflow_uuid = %s OR workflow_uuid LIKE %s", run_id, f"{run_id}/%")
+        total += int(rows[0][0])
+    return total

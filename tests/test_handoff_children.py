@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from dbutil import sql, wait_for
+from dbutil import bytes_written, sql, wait_for
 from durapipe import Flow, Step, best_of, fn, race
 from durapipe.engine import handoff
 from durapipe.engine.handoff import Handoff
@@ -20,16 +20,6 @@ S = dict[str, Any]
 DOC = "z" * 1_000_000
 REF = "durapipe:state_ref"
 
-
-def written(url: str, run_id: str) -> int:
-    """Bytes of inputs and outputs (workflows and steps) the run and its children recorded."""
-    total = 0
-    for table, column in (("workflow_input", "inputs"), ("workflow_output", "output"),
-                          ("operation_outputs", "output")):
-        rows = sql(url, f"SELECT coalesce(sum(length({column})), 0) FROM dbos.{table} "
-                        "WHERE workflow_uuid = %s OR workflow_uuid LIKE %s", run_id, f"{run_id}/%")
-        total += int(rows[0][0])
-    return total
 
 
 def child_inputs(url: str, run_id: str) -> list[str]:
@@ -94,7 +84,8 @@ def test_race_flow_best_of_and_timeout_write_one_copy_of_a_large_state(
         assert len(inputs) >= 3 and all(len(i) < 10_000 for i in inputs), (run_id, [len(i) for i in inputs])
         assert all(REF in i for i in inputs), run_id
         # The run's input, its output and one snapshot: 3 MB (a copy per child was 5-6 MB).
-        assert written(database_url, run_id) < 3_300_000, (run_id, written(database_url, run_id))
+        wrote = bytes_written(database_url, run_id)
+        assert wrote < 3_300_000, (run_id, wrote)
     # A Flow's later steps get the reference and the keys the flow wrote before them.
     half = sql(database_url, "SELECT inputs FROM dbos.workflow_input WHERE workflow_uuid LIKE 'flow/%:half'")
     assert REF in half[0][0] and '"size"' in half[0][0]

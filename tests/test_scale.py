@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from dbutil import kill_then_recover, sql
+from dbutil import bytes_written, kill_then_recover, sql
 from durapipe import dispatch, fn, join, map_over
 from durapipe.engine import bounds
 
@@ -93,16 +93,6 @@ def test_big_map_runs_on_bounded_threads_without_pool_timeouts(
     assert not timeouts, timeouts[:3]
 
 
-def _written(url: str, run_id: str) -> int:
-    """Bytes of inputs and step outputs that the run and its children recorded."""
-    total = 0
-    for table, column in (("workflow_input", "inputs"), ("workflow_output", "output"),
-                          ("operation_outputs", "output")):
-        rows = sql(url, f"SELECT coalesce(sum(length({column})), 0) FROM dbos.{table} "
-                        "WHERE workflow_uuid = %s OR workflow_uuid LIKE %s", run_id, f"{run_id}/%")
-        total += int(rows[0][0])
-    return total
-
 
 def _inputs(url: str, run_id: str) -> list[str]:
     rows = sql(url, "SELECT inputs FROM dbos.workflow_input WHERE workflow_uuid LIKE %s",
@@ -140,7 +130,7 @@ def test_children_get_what_they_read_and_bytes_grow_linearly(
             items = [f"{i}{pad}" for i in range(n)]
             out = unknown.run({"items": items}, run_id=f"u{n}").state["out"]
             assert [o["b"] for o in out] == [f"{i}{pad}-{n}".upper() for i in range(n)]
-            sizes[n] = _written(database_url, f"u{n}")
+            sizes[n] = bytes_written(database_url, f"u{n}")
             assert all("durapipe:state_ref" in i for i in _inputs(database_url, f"u{n}"))
         # 4x the items: about 4x the bytes (copies of the state per item would be 16x).
         assert sizes[80] < 5 * sizes[20], sizes
@@ -155,7 +145,7 @@ def test_children_get_what_they_read_and_bytes_grow_linearly(
         state = tasks.run({"doc": doc, "title": "hi"}, run_id="d").state
         assert state["size"] == len(doc) and state["loud"] == "HI"
         # The run's input and output and one snapshot: 3 MB; a copy per task was 12 MB.
-        assert _written(database_url, "d") < 3_500_000
+        assert bytes_written(database_url, "d") < 3_500_000
 
 
 MAP_SCRIPT = Path(__file__).parent / "scripts" / "map_crash.py"
