@@ -144,7 +144,7 @@ def test_resume_after_a_cancel_resumes_the_children_the_cancel_took(
                 handle.result(timeout=30)
             assert set(statuses(database_url, "r1").values()) == {"CANCELLED"}
             admin.resume("r1")  # what `durapipe resume r1` does
-        state = app.get_run("r1").result(timeout=60).state
+        state = handle.result(timeout=60).state  # the handle from start() follows the resumed run
     assert state["bg"] is True and (state.get("ra") or state.get("rb"))
     assert notes.count("first") == 1  # finished before the cancel: not run again
     assert notes.count("bg-end") == 1

@@ -94,6 +94,14 @@ def _raise_run_error(run_id: str, exc: BaseException, recorded: str | None = Non
     raise RunError(f"run {run_id!r} failed: {error_text(exc)}", run_id=run_id) from exc
 
 
+def _resumed_since(exc: BaseException, recorded: str | None) -> bool:
+    """Did this process's execution of the run end cancelled while the run itself was
+    resumed since (the database holds it queued or running again)? Then a handle waits for
+    the resumed run instead of answering with the ended execution."""
+    return ("Cancel" in type(exc).__name__ and not lifecycle.stopping()
+            and recorded in (RunStatus.ENQUEUED.value, RunStatus.PENDING.value))
+
+
 class RunHandle(StreamMixin):
     """A run of a pipeline: its id, status, result and (with dispatch) progress."""
 
@@ -153,7 +161,11 @@ class RunHandle(StreamMixin):
         except BaseException as exc:
             if not isinstance(exc, Exception) and "Cancel" not in type(exc).__name__:
                 raise
-            _raise_run_error(self.run_id, exc, *self._recorded())
+            recorded = self._recorded()
+            if self._handle is not None and _resumed_since(exc, recorded[0]):
+                self._handle = None  # this process's execution ended; the run goes on
+                return self.result(timeout)
+            _raise_run_error(self.run_id, exc, *recorded)
             raise  # unreachable
 
     def _wait(self, timeout: float | None) -> None:
@@ -182,7 +194,11 @@ class RunHandle(StreamMixin):
         except BaseException as exc:
             if not isinstance(exc, Exception) and "Cancel" not in type(exc).__name__:
                 raise
-            _raise_run_error(self.run_id, exc, *await asyncio.to_thread(self._recorded))
+            recorded = await asyncio.to_thread(self._recorded)
+            if self._async_handle is not None and _resumed_since(exc, recorded[0]):
+                self._async_handle = None  # this process's execution ended; the run goes on
+                return await self.result_async(timeout)
+            _raise_run_error(self.run_id, exc, *recorded)
             raise
 
     def cancel(self) -> None:
