@@ -263,3 +263,13 @@ def test_a_second_join_of_a_joined_task_is_a_build_error(make_app: MakeApp) -> N
         app.pipeline("p", dispatch(fn(publish, name="t"), names=["t"]) >> join("t") >> join("t"))
     with pytest.raises(BuildError, match="join 0.2: there is nothing to join here"):
         app.pipeline("q", dispatch(fn(publish, name="t"), names=["t"]) >> join() >> join())
+
+
+def test_a_task_name_joined_may_be_dispatched_again(make_app: MakeApp) -> None:
+    app = make_app()
+    p = app.pipeline("p", dispatch(fn(lambda s: {"first": 1}, name="a"), names=["t"]) >> join()
+                     >> dispatch(fn(lambda s: {"second": s["first"] + 1}, name="b"), names=["t"])
+                     >> join())
+    with app:
+        state = p.run({}, run_id="again").state
+    assert state["first"] == 1 and state["second"] == 2

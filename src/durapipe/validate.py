@@ -129,7 +129,7 @@ class Checker:
                 )
 
     def dispatch(self, node: Dispatch, path: str, avail: Avail) -> Avail:
-        known = {name for name, _, _ in avail.pending} | self.detached | self.joined
+        known = {name for name, _, _ in avail.pending} | self.detached
         pending = list(avail.pending)
         for i, (name, task) in enumerate(zip(node.names, node.tasks, strict=True)):
             if node.detach:
