@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
+import threading
 import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -60,6 +62,8 @@ class ScheduleSpec:
 
 
 _declared: weakref.WeakKeyDictionary[App, dict[str, ScheduleSpec]] = weakref.WeakKeyDictionary()
+_healers: weakref.WeakKeyDictionary[App, threading.Event] = weakref.WeakKeyDictionary()
+log = logging.getLogger("durapipe.schedules")
 
 
 def declare(app: App, pipeline: str, cron: Any, inputs: Any, name: str | None,
@@ -85,24 +89,37 @@ def declare(app: App, pipeline: str, cron: Any, inputs: Any, name: str | None,
 
 
 def apply_declared(app: App) -> None:
-    """Write the schedules declared before launch (call right after ``DBOS.launch``)."""
+    """Write the schedules declared before launch (call right after ``DBOS.launch``), and
+    watch for the tick DBOS's scheduler can miss when its firing (re)starts (:func:`_heal`)."""
+    started: dict[str, str] = {}
     for spec in _declared.get(app, {}).values():
-        _write(app, spec)
+        last = _write(app, spec)
+        if spec.backfill and last:
+            started[spec.dbos_name(app.dbos_name)] = last
+    old = _healers.pop(app, None)
+    if old is not None:
+        old.set()
+    if any(spec.backfill for spec in _declared.get(app, {}).values()):
+        stop = _healers[app] = threading.Event()
+        threading.Thread(target=_heal, args=(app, stop, started), daemon=True,
+                         name="durapipe-schedule-gaps").start()
 
 
-def _write(app: App, spec: ScheduleSpec) -> None:
+def _write(app: App, spec: ScheduleSpec) -> str | None:
+    """Write the schedule unless it is there as declared; return its last tick fired."""
     full = spec.dbos_name(app.dbos_name)
     context = spec.context(app.dbos_name)
     old = DBOS.get_schedule(full)
     if old is not None:
         if (old["workflow_name"] == SCHEDULE_WORKFLOW and old["schedule"] == spec.cron
                 and old["context"] == context and bool(old["automatic_backfill"]) == spec.backfill):
-            return
+            return old.get("last_fired_at") if old.get("status", "ACTIVE") == "ACTIVE" else None
         DBOS.delete_schedule(full)
     DBOS.create_schedule(schedule_name=full, workflow_fn=fire, schedule=spec.cron,
                          context=context, automatic_backfill=spec.backfill)
     if old is not None and old["status"] != "ACTIVE":
         DBOS.pause_schedule(full)
+    return None
 
 
 def run_id_for(schedule: str, tick: Any) -> str:
@@ -241,3 +258,44 @@ def _paused_at(app: App, full: str) -> datetime | None:
         at = con.execute(sa.text("SELECT paused_at FROM durapipe.schedule_pauses "
                                  "WHERE schedule = :s"), {"s": full}).scalar()
     return _aware(at) if isinstance(at, datetime) else None
+
+
+# -- the tick between DBOS's backfill and its firing thread ------------------------------
+
+def _heal(app: App, stop: threading.Event, armed: dict[str, str]) -> None:
+    """Fire the ticks DBOS's scheduler skips when it (re)starts a schedule's firing.
+
+    At a launch, and when a paused schedule is resumed, DBOS backfills the ticks from the
+    last one fired up to its own ``now``, then starts the firing thread, which begins at the
+    tick after its own, later ``now``: a tick falling between the two is fired by neither
+    (one in a few launches of a per-second schedule, on a loaded machine). From each
+    (re)start until the first tick the thread fires (``last_fired_at`` moves), the window is
+    backfilled once more with DBOS's public ``backfill_schedule``; ticks already fired are
+    skipped by their workflow ids. ``armed``: schedule -> its last tick at the (re)start.
+    """
+    seen: dict[str, str] = {name: "ACTIVE" for name in armed}
+    while not stop.wait(0.25):
+        if not app.launched:
+            return
+        try:
+            for spec in list(_declared.get(app, {}).values()):
+                if not spec.backfill:
+                    continue
+                full = spec.dbos_name(app.dbos_name)
+                row = DBOS.get_schedule(full)
+                if row is None:
+                    continue
+                status, last = row.get("status", "ACTIVE"), row.get("last_fired_at")
+                before, seen[full] = seen.get(full), status
+                if status != "ACTIVE" or not last:
+                    armed.pop(full, None)
+                elif before is not None and before != "ACTIVE":
+                    armed[full] = last  # resumed: the resume set the last tick to its time
+                elif full in armed and last != armed[full]:
+                    start = armed.pop(full)
+                    DBOS.backfill_schedule(full, datetime.fromisoformat(start),
+                                           datetime.fromisoformat(last))
+        except Exception as exc:  # the app is stopping, or the database is away: next round
+            if not app.launched:
+                return
+            log.debug("checking the schedules of app %r for skipped ticks: %s", app.name, exc)
