@@ -80,6 +80,20 @@ def all_handed_over(url: str, n: int) -> bool:
                                   for _, s, q in rows)
 
 
+def finish_on_worker(url: str, log: Path, executor: str, run_id: str) -> None:
+    """Start a worker (the process with the pipeline) and wait until it has finished
+    ``run_id`` and nothing of the database is left unfinished."""
+    worker = start("worker", url, log, executor)
+    try:
+        ready(worker)
+        wait_for(lambda: sql(url, "SELECT status FROM dbos.workflow_status WHERE workflow_uuid "
+                                  "= %s", run_id) == [("SUCCESS",)],
+                 timeout=60, what=f"the worker to finish {run_id}")
+        wait_for(lambda: unfinished(url) == [], what="every workflow to finish")
+    finally:
+        stop(worker)
+
+
 def assert_ran_once(log: Path, run_id: str) -> None:
     # step two was interrupted by the kill and ran again; every finished step ran once
     assert {e: count(log, f"{e}:{run_id}") for e in ("one", "two-start", "two", "side", "three")} \
@@ -115,15 +129,7 @@ def test_recovered_run_is_handed_to_the_process_with_its_pipeline(database_url: 
     waiting = json.loads(res.output)["waiting"]
     assert [(w["run_id"], w["pipeline"]) for w in waiting] == [("r1", "slow")]
     # the killed worker's executor restarts: it listens to its shape's queue and finishes both
-    worker = start("worker", database_url, log, "w-1")
-    try:
-        ready(worker)
-        wait_for(lambda: sql(database_url, "SELECT status FROM dbos.workflow_status "
-                                           "WHERE workflow_uuid = 'r1'") == [("SUCCESS",)],
-                 timeout=60, what="the restarted worker to finish r1")
-        wait_for(lambda: unfinished(database_url) == [], what="every workflow to finish")
-    finally:
-        stop(worker)
+    finish_on_worker(database_url, log, "w-1", "r1")
     assert_ran_once(log, "r1")
     handed = stop(bare) + stop(some)
     assert handed.count("handed run r1 ") == 2, handed
@@ -140,15 +146,7 @@ def test_restarted_executor_recovers_while_processes_without_the_pipeline_run(
     ready(some)
     # the dead worker's executor restarts and recovers onto DBOS's internal queue, which
     # all three processes dequeue from: whichever takes the run, it ends on the worker
-    worker = start("worker", database_url, log, "w-1")
-    try:
-        ready(worker)
-        wait_for(lambda: sql(database_url, "SELECT status FROM dbos.workflow_status "
-                                           "WHERE workflow_uuid = 'r2'") == [("SUCCESS",)],
-                 timeout=60, what="the worker to finish r2")
-        wait_for(lambda: unfinished(database_url) == [], what="every workflow to finish")
-    finally:
-        stop(worker)
+    finish_on_worker(database_url, log, "w-1", "r2")
     assert_ran_once(log, "r2")
     others = stop(bare) + stop(some)
     assert "is not a registered workflow function" not in others
@@ -172,14 +170,7 @@ def test_resume_of_a_cancelled_run_reaches_the_process_with_its_pipeline(
                                        "WHERE workflow_uuid = 'r3'")
              == [("ENQUEUED", SHAPE_QUEUE + shape_of(database_url, "r3"))],
              timeout=60, what="the bare process to hand r3 over")
-    worker = start("worker", database_url, log, "w-2")
-    try:
-        ready(worker)
-        wait_for(lambda: sql(database_url, "SELECT status FROM dbos.workflow_status "
-                                           "WHERE workflow_uuid = 'r3'") == [("SUCCESS",)],
-                 timeout=60, what="the worker to finish r3")
-    finally:
-        stop(worker)
+    finish_on_worker(database_url, log, "w-2", "r3")
     assert sql(database_url, "SELECT count(*) FROM dbos.workflow_status WHERE status IN "
                              "('PENDING', 'ENQUEUED')") == [(0,)]
     assert_ran_once(log, "r3")
