@@ -139,16 +139,14 @@ async def observe(node: Any, path: str, run: Callable[[], Any]) -> Any:
     if event_log is None or run_id is None:
         return await run()
     label, kind, ended = node.label, node.kind, "ended:" + path
-    event_log.emit(Pending(run_id, "node_started", path, label, kind, _NO_DATA, time.time(),
-                           "started:" + path))
+    event_log.emit(_started(run_id, path, label, kind))
     began = time.perf_counter()
     try:
         out = await run()
     except BaseException as exc:
         event_log.emit(_failed(run_id, path, label, kind, ended, began, exc))
         raise
-    event_log.emit(Pending(run_id, "node_finished", path, label, kind,
-                           {"duration_ms": _ms(began)}, time.time(), ended))
+    event_log.emit(_finished(run_id, path, label, kind, ended, began))
     return out
 
 
@@ -158,17 +156,25 @@ def observe_sync(node: Any, path: str, run: Callable[[], Any]) -> Any:
     if event_log is None or run_id is None:
         return run()
     label, kind, ended = node.label, node.kind, "ended:" + path
-    event_log.emit(Pending(run_id, "node_started", path, label, kind, _NO_DATA, time.time(),
-                           "started:" + path))
+    event_log.emit(_started(run_id, path, label, kind))
     began = time.perf_counter()
     try:
         out = run()
     except BaseException as exc:
         event_log.emit(_failed(run_id, path, label, kind, ended, began, exc))
         raise
-    event_log.emit(Pending(run_id, "node_finished", path, label, kind,
-                           {"duration_ms": _ms(began)}, time.time(), ended))
+    event_log.emit(_finished(run_id, path, label, kind, ended, began))
     return out
+
+
+def _started(run_id: str, path: str, label: str, kind: str) -> Pending:
+    return Pending(run_id, "node_started", path, label, kind, _NO_DATA, time.time(),
+                   "started:" + path)
+
+
+def _finished(run_id: str, path: str, label: str, kind: str, key: str, began: float) -> Pending:
+    return Pending(run_id, "node_finished", path, label, kind, {"duration_ms": _ms(began)},
+                   time.time(), key)
 
 
 def _failed(run_id: str, path: str, label: str, kind: str, key: str, began: float,
