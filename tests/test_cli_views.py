@@ -14,7 +14,7 @@ import shlex
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,25 +113,32 @@ def test_live_table_and_show_at_each_moment(make_app: Callable[..., App], databa
     assert len(re.findall(r"^0\.4 join +█", res.output, re.M)) == 1  # the join: its start and end events
 
 
-def test_show_with_the_app_marks_the_step_in_flight(database_url: str, tmp_path: Path) -> None:
+@pytest.fixture
+def blog_app(database_url: str) -> Iterator[Any]:
+    """``ops.blog_app`` on this test's database, its held step closed; afterwards released
+    and shut down."""
     sys.path.insert(0, str(Path(__file__).parent))
     from ops import blog_app
 
-    app = blog_app.app
-    app.database_url = database_url
+    blog_app.app.database_url = database_url
     blog_app.release.clear()
-    log = tmp_path / "log"
     try:
-        with app:
-            handle = blog_app.hold.start({"log": str(log)}, run_id="hold-1")
-            wait_for(lambda: log.exists(), what="the held step to start")
-            res = CliRunner().invoke(cli, ["show", "hold-1", "--app", "ops.blog_app",
-                                           "--database-url", database_url], env={"COLUMNS": "200"})
-            blog_app.release.set()
-            handle.result(timeout=30)
+        yield blog_app
     finally:
         blog_app.release.set()
-        app.shutdown()
+        blog_app.app.shutdown()
+
+
+def test_show_with_the_app_marks_the_step_in_flight(blog_app: Any, database_url: str,
+                                                     tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    with blog_app.app:
+        handle = blog_app.hold.start({"log": str(log)}, run_id="hold-1")
+        wait_for(lambda: log.exists(), what="the held step to start")
+        res = CliRunner().invoke(cli, ["show", "hold-1", "--app", "ops.blog_app",
+                                       "--database-url", database_url], env={"COLUMNS": "200"})
+        blog_app.release.set()
+        handle.result(timeout=30)
     assert res.exit_code == 0, res.output
     assert re.search(r"0/2 nodes done · run PENDING", res.output)
     assert re.search(r"0\.0 +│ wait_for_release +│ … RUNNING", res.output), res.output
@@ -139,14 +146,9 @@ def test_show_with_the_app_marks_the_step_in_flight(database_url: str, tmp_path:
 
 
 @pytest.mark.slow
-def test_show_follow_lists_the_step_in_flight(database_url: str, tmp_path: Path) -> None:
+def test_show_follow_lists_the_step_in_flight(blog_app: Any, database_url: str,
+                                               tmp_path: Path) -> None:
     """`durapipe show --follow` in a terminal (a pty) lists the step at work while it works."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from ops import blog_app
-
-    app = blog_app.app
-    app.database_url = database_url
-    blog_app.release.clear()
     log = tmp_path / "log"
     main, child = pty.openpty()
     seen = b""
@@ -161,7 +163,7 @@ def test_show_follow_lists_the_step_in_flight(database_url: str, tmp_path: Path)
         return re.search(pattern, seen) is not None
 
     try:
-        with app:
+        with blog_app.app:
             handle = blog_app.hold.start({"log": str(log)}, run_id="hold-2")
             wait_for(lambda: log.exists(), what="the held step to start")
             env = dict(os.environ, COLUMNS="200", TERM="xterm")
@@ -178,5 +180,4 @@ def test_show_follow_lists_the_step_in_flight(database_url: str, tmp_path: Path)
         blog_app.release.set()
         os.close(child)
         os.close(main)
-        app.shutdown()
     assert b"SUCCESS" in seen
