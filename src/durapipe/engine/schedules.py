@@ -278,11 +278,13 @@ def _heal(app: App, stop: threading.Event, armed: dict[str, str]) -> None:
         if not app.launched:
             return
         try:
-            for spec in list(_declared.get(app, {}).values()):
-                if not spec.backfill:
-                    continue
-                full = spec.dbos_name(app.dbos_name)
-                row = DBOS.get_schedule(full)
+            watched = [spec.dbos_name(app.dbos_name)
+                       for spec in list(_declared.get(app, {}).values()) if spec.backfill]
+            # One read per round for all of them (not one per schedule).
+            rows = {row["schedule_name"]: row for row in DBOS.list_schedules(
+                workflow_name=SCHEDULE_WORKFLOW, schedule_name_prefix=f"{app.dbos_name}:")}
+            for full in watched:
+                row = rows.get(full)
                 if row is None:
                     continue
                 status, last = row.get("status", "ACTIVE"), row.get("last_fired_at")
